@@ -1,0 +1,164 @@
+"""The `qruntime` command. Each subcommand parses its options and calls one library function;
+a QRuntimeError is printed as one line (no traceback) and the exit status is 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Callable, Sequence
+
+from qruntime.errors import QRuntimeError
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} must be >= 1")
+    return value
+
+
+def _group_size(text: str) -> int:
+    value = int(text)
+    if value != -1 and (value < 16 or value & (value - 1)):
+        raise argparse.ArgumentTypeError(f"{text}: choose a power of two >= 16 (32, 64, 128) or -1 for per-channel")
+    return value
+
+
+def cmd_convert(args: argparse.Namespace) -> None:
+    from qruntime.convert import convert_checkpoint
+
+    out = convert_checkpoint(
+        args.src, args.output, source_format=args.source_format, bits=args.bits, group_size=args.group_size,
+        symmetric=args.sym, lm_head_bits=args.lm_head_bits, force=args.force, progress=not args.quiet,
+    )
+    print(f"wrote {out}", file=sys.stderr)
+
+
+def _load(args: argparse.Namespace):
+    import qruntime
+
+    return qruntime.load(args.model, bits=args.bits, group_size=args.group_size, device=args.device,
+                         dtype=args.dtype, max_seq_len=args.max_seq_len)
+
+
+def _sampling(args: argparse.Namespace) -> dict:
+    return dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                repetition_penalty=args.repetition_penalty, seed=args.seed)
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    model = _load(args)
+    prompt = [{"role": "user", "content": args.prompt}] if args.chat else args.prompt
+    for delta in model.generate(prompt, max_new_tokens=args.max_new_tokens, stream=True, **_sampling(args)):
+        sys.stdout.write(delta)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    model = _load(args)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    print("qruntime chat: empty line or Ctrl-D to quit", file=sys.stderr)
+    while True:
+        try:
+            user = input("> ")
+        except EOFError:
+            break
+        if not user.strip():
+            break
+        messages.append({"role": "user", "content": user})
+        reply = []
+        for delta in model.generate(messages, max_new_tokens=args.max_new_tokens, stream=True, **_sampling(args)):
+            reply.append(delta)
+            sys.stdout.write(delta)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        messages.append({"role": "assistant", "content": "".join(reply)})
+
+
+def cmd_inspect(args: argparse.Namespace) -> None:
+    from qruntime.inspect import format_report, inspect_model
+
+    report = inspect_model(args.model)
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from qruntime.demo import run_demo
+
+    run_demo(args.model, bits=args.bits, prompt=args.prompt, max_new_tokens=args.max_new_tokens)
+
+
+def _add_load_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="packed qruntime directory or Hugging Face model directory")
+    p.add_argument("--bits", type=int, choices=(4, 8, 16), default=None,
+                   help="quantize an HF model on the fly with RTN (default: keep its precision)")
+    p.add_argument("--group-size", type=_group_size, default=128)
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--dtype", default=None, choices=("float16", "bfloat16", "float32"))
+    p.add_argument("--max-seq-len", type=_positive_int, default=None, help="KV cache length (default: min(model max, 4096))")
+    p.add_argument("-n", "--max-new-tokens", type=_positive_int, default=128)
+    p.add_argument("--temperature", type=float, default=None, help="0 is greedy (default: generation_config.json)")
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--repetition-penalty", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qruntime", description="Quantized LLM inference runtime")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("convert", help="convert a checkpoint to the packed format")
+    p.add_argument("src", help="source checkpoint (Hugging Face directory)")
+    p.add_argument("-o", "--output", required=True, help="output directory (must not exist unless --force)")
+    p.add_argument("--from", dest="source_format", default=None, help="source format (default: detected): hf")
+    p.add_argument("--bits", type=int, choices=(4, 8, 16), default=4, help="weight bits (16: no quantization)")
+    p.add_argument("--group-size", type=_group_size, default=128, help="columns per scale; -1 per-channel")
+    p.add_argument("--sym", action="store_true", help="symmetric quantization (no zero points); default asymmetric")
+    p.add_argument("--lm-head-bits", type=int, choices=(4, 8, 16), default=None, help="default 8")
+    p.add_argument("--force", action="store_true", help="replace OUTPUT if it exists")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("generate", help="generate text from a prompt (streams to stdout)")
+    _add_load_options(p)
+    p.add_argument("-p", "--prompt", required=True)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="interactive chat with the model's chat template")
+    _add_load_options(p)
+    p.add_argument("--system", default=None, help="system prompt")
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("inspect", help="architecture, per-tensor bits/group, honest BPW, sizes")
+    p.add_argument("model")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=cmd_inspect)
+    p = sub.add_parser("demo", help="convert -> load -> generate end to end (a tiny local model if none is given)")
+    p.add_argument("model", nargs="?", default=None, help="HF model directory (default: build a tiny random one)")
+    p.add_argument("--bits", type=int, choices=(4, 8), default=4)
+    p.add_argument("-p", "--prompt", default="hello world")
+    p.add_argument("-n", "--max-new-tokens", type=_positive_int, default=32)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    func: Callable[[argparse.Namespace], None] = args.func
+    try:
+        func(args)
+    except QRuntimeError as e:
+        print(f"qruntime: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("qruntime: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Generation machinery: static KV cache, sampler, generation loop."""

@@ -1,0 +1,51 @@
+"""The one place codes are packed into and unpacked from the packed format's integer layout.
+
+int4: codes [N, K] uint8 in [0, 16) -> int32 [N, ceil(K/8)], packed along K, low nibble first:
+      word[n, j] = sum_i code[n, 8j + i] << (4 i), i = 0..7 (padding codes are 0).
+int8: codes stored as they are, uint8 [N, K].
+"""
+
+from __future__ import annotations
+
+import torch
+
+_SHIFTS4 = torch.arange(0, 32, 4, dtype=torch.int64)
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """codes: uint8 [N, K] with values < 16 -> int32 [N, ceil(K / 8)]."""
+    if codes.dtype != torch.uint8 or codes.dim() != 2:
+        raise ValueError(f"pack_int4 expects 2-D uint8 codes, got {codes.dtype} {tuple(codes.shape)}")
+    if codes.numel() and int(codes.max()) > 15:
+        raise ValueError("pack_int4: a code is >= 16")
+    n, k = codes.shape
+    pad = (-k) % 8
+    c = torch.nn.functional.pad(codes.to(torch.int64), (0, pad)).view(n, -1, 8)
+    words = (c << _SHIFTS4.to(c.device)).sum(dim=-1)  # < 2^32, fits int64
+    # reinterpret the unsigned 32-bit value as int32 (two's complement wrap)
+    words = torch.where(words >= 2**31, words - 2**32, words)
+    return words.to(torch.int32)
+
+
+def unpack_int4(words: torch.Tensor, k: int) -> torch.Tensor:
+    """int32 [N, ceil(K/8)] -> uint8 codes [N, K]."""
+    n = words.shape[0]
+    w = words.to(torch.int64) & 0xFFFFFFFF
+    codes = (w.unsqueeze(-1) >> _SHIFTS4.to(w.device)) & 0xF
+    return codes.reshape(n, -1)[:, :k].to(torch.uint8)
+
+
+def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    if bits == 4:
+        return pack_int4(codes)
+    if bits == 8:
+        return codes.to(torch.uint8).contiguous()
+    raise ValueError(f"pack: bits={bits}; supported: 4, 8")
+
+
+def unpack(qweight: torch.Tensor, bits: int, k: int) -> torch.Tensor:
+    if bits == 4:
+        return unpack_int4(qweight, k)
+    if bits == 8:
+        return qweight
+    raise ValueError(f"unpack: bits={bits}; supported: 4, 8")
