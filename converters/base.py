@@ -14,9 +14,17 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 @dataclass(frozen=True)
 class Converter:
+    """A reader of one foreign format.
+
+    detect(path) -> bool: cheap check (file magic, config keys), no heavy reads.
+    convert(path, policy=None, progress=True, hash_sources=False, **format_options) -> QuantizedCheckpoint:
+      `policy` (a QuantPolicy or None) says how to quantize weights that arrive as floats; weights
+      that arrive quantized keep their codes. `hash_sources` records each source file's sha256 in
+      `source["files"]`. The result must pass `QuantizedCheckpoint.validate()`.
+    """
+
     name: str
     detect: Callable[[Path], bool]
-    # convert(path, options) -> QuantizedCheckpoint; options are the converter's own keywords
     convert: Callable[..., QuantizedCheckpoint]
 
 

@@ -114,7 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src", help="source checkpoint (Hugging Face directory)")
     p.add_argument("-o", "--output", required=True, help="output directory (must not exist unless --force)")
     p.add_argument("--from", dest="source_format", default=None, help="source format (default: detected): hf")
-    p.add_argument("--bits", type=int, choices=(4, 8, 16), default=4, help="weight bits (16: no quantization)")
+    p.add_argument("--bits", type=int, choices=(4, 8, 16), default=None,
+                   help="quantize float weights to 4 or 8 bits (RTN); 16 or unset keeps the source precision")
     p.add_argument("--group-size", type=_group_size, default=128, help="columns per scale; -1 per-channel")
     p.add_argument("--sym", action="store_true", help="symmetric quantization (no zero points); default asymmetric")
     p.add_argument("--lm-head-bits", type=int, choices=(4, 8, 16), default=None, help="default 8")

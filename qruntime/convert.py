@@ -14,7 +14,7 @@ def convert_checkpoint(
     src: str | Path,
     out: str | Path,
     source_format: str | None = None,
-    bits: int | None = 4,
+    bits: int | None = None,
     group_size: int = 128,
     symmetric: bool = False,
     lm_head_bits: int | None = None,
@@ -22,7 +22,7 @@ def convert_checkpoint(
     progress: bool = True,
 ) -> Path:
     """Converts `src` to the packed format in `out`. The output appears only when complete; `src`
-    is only read. bits None/16 keeps weights unquantized."""
+    is only read. bits None/16 keeps the source's precision; 4/8 quantizes float weights with RTN."""
     src, out = Path(src), Path(out)
     if out.resolve() == src.resolve():
         raise InvalidOptionError(f"{out}: the output must differ from the source")
