@@ -1,0 +1,30 @@
+"""Shared @triton.jit helpers: code unpacking and the exact int -> float trick."""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def int_to_float_exact(q):
+    """int32 q in [0, 2^23) -> float32 q without an I2F conversion.
+
+    Or-ing q into the mantissa of 2^23 (0x4B000000) gives the float 2^23 + q exactly; one FADD
+    removes the 2^23. I2F runs at a quarter of the FP32 rate on Hopper and would cap an int4
+    GEMV below its bandwidth; LOP3 + FADD do not.
+    """
+    return (q | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+
+
+@triton.jit
+def unpack_words(words, BITS: tl.constexpr):
+    """int32 words [..., W] -> codes [..., W, 32 // BITS] as exact float32.
+
+    Element i of a word sits in bits BITS*i .. BITS*i + BITS-1 (low bits first), matching
+    docs/FORMAT.md 4.2 for int4 and little-endian byte order for int8 viewed as int32.
+    """
+    EPW: tl.constexpr = 32 // BITS
+    shifts = tl.arange(0, EPW) * BITS
+    q = (tl.expand_dims(words, len(words.shape)) >> shifts) & ((1 << BITS) - 1)
+    return int_to_float_exact(q)

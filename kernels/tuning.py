@@ -1,0 +1,44 @@
+"""Block sizes per shape, chosen from tables measured on the GPU (benchmarks/tune_gemv.py).
+
+No autotuning at run time: the first token must not wait minutes. A shape missing from the table
+gets the rule below, which the tables were built to refine.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+
+_TABLE = Path(__file__).with_name("tuned_configs.json")
+
+
+@lru_cache(maxsize=1)
+def _table() -> dict:
+    if _TABLE.is_file():
+        return json.loads(_TABLE.read_text())
+    return {}
+
+
+def gemv_config(bits: int, n: int, k: int, m: int) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_K, num_warps) for the GEMV kernel."""
+    key = f"gemv/w{bits}/m{m}/n{n}/k{k}"
+    hit = _table().get(key)
+    if hit:
+        return tuple(hit)
+    block_k = 256 if bits == 4 else 128
+    block_n = 16 if n >= 8192 else 8
+    return block_n, block_k, 4
+
+
+def gemm_config(bits: int, n: int, k: int, m: int) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for the GEMM kernel."""
+    key = f"gemm/w{bits}/m{min(m, 128)}/n{n}/k{k}"
+    hit = _table().get(key)
+    if hit:
+        return tuple(hit)
+    if m <= 16:
+        return 16, 64, 128, 4, 3
+    if m <= 64:
+        return 64, 64, 64, 4, 3
+    return 128, 128, 64, 8, 3
