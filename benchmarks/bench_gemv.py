@@ -20,7 +20,8 @@ import torch
 from gpu_common import dump, environment, measure_read_bandwidth, time_graph
 from qruntime.kernels.gemm import gemm
 from qruntime.kernels.gemv import gemv
-from qruntime.kernels.layout import prepare
+from qruntime.kernels.gemv_splitk import gemv_splitk_accumulate
+from qruntime.kernels.layout import prepare, prepare_splitk
 from qruntime.kernels.reference import linear as ref_linear
 from qruntime.quantizers.rtn import quantize_rtn
 
@@ -56,6 +57,8 @@ def check(bits, group, sym, m, dtype):
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--splitk", action="store_true", help="also sweep the split-K kernel")
+    ap.add_argument("--skip-gemv", action="store_true")
     ap.add_argument("--out", default=".")
     ap.add_argument("--dtype", default="float16")
     args = ap.parse_args()
@@ -74,7 +77,7 @@ def main() -> None:
 
     configs = [(bn, bk, nw) for bn in (4, 8, 16) for bk in (128, 256, 512) for nw in (4, 8)] if args.sweep else [None]
     rows, tuned = [], {}
-    for bits in (4, 8):
+    for bits in (() if args.skip_gemv else (4, 8)):
         for (k, n), m in itertools.product(SHAPES, (1, 16)):
             nbytes_one = n * k * bits // 8
             count = max(2, math.ceil(300e6 / nbytes_one))
@@ -103,7 +106,52 @@ def main() -> None:
                 tuned[f"gemv/w{bits}/m{m}/n{n}/k{k}"] = list(cfg)
             del lins, xs, outs
             torch.cuda.empty_cache()
+    if args.splitk:
+        rows_sk = sweep_splitk(dtype, bw, tuned)
+        rows += rows_sk
     dump(f"{args.out}/gemv.json", dict(env=env, read_bw=bw, correctness=errs, results=rows, tuned=tuned))
+
+
+def sweep_splitk(dtype, bw, tuned):
+    """The split-K kernel over its config space, M = 1 (decode)."""
+    configs = [(bn, bk, it, nw) for bn in (64, 128, 256) for bk in (64, 128) for it in (1, 2, 4) for nw in (2, 4)]
+    rows = []
+    for bits in (4, 8):
+        # correctness first, on awkward sizes
+        torch.manual_seed(bits)
+        w = torch.randn(777, 1000, device="cuda")
+        for group, sym in ((32, True), (128, False), (-1, False)):
+            lin = quantize_rtn(w, bits, group, sym)
+            x = torch.randn(1000, device="cuda", dtype=dtype)
+            ref = ref_linear(x.float()[None], lin)[0]
+            out = torch.zeros(777, device="cuda")
+            gemv_splitk_accumulate(x, prepare_splitk(lin, torch.device("cuda")), out, config=(64, 64, 2, 4))
+            print(f"# splitk w{bits} g{group} rel err {((out - ref).norm() / ref.norm()).item():.2e}")
+        for k, n in SHAPES:
+            count = max(2, math.ceil(300e6 / (n * k * bits // 8)))
+            packed = quantize_rtn(torch.randn(n, k, device="cuda") * 0.02, bits, 128, False)
+            lins = [prepare_splitk(packed, torch.device("cuda")) for _ in range(count)]
+            xs = [torch.randn(k, device="cuda", dtype=dtype) for _ in range(count)]
+            outs = [torch.zeros(n, device="cuda") for _ in range(count)]
+            t0 = lins[0]
+            need = t0.words.numel() * 4 + t0.scales.numel() * 2 + t0.zeros_or_offsets.numel() + k * 2
+            best = None
+            for cfg in configs:
+                try:
+                    t = time_graph([lambda i=i: gemv_splitk_accumulate(xs[i], lins[i], outs[i], config=cfg) for i in range(count)])
+                except Exception as e:
+                    print(f"  skip {cfg}: {type(e).__name__}: {e}"[:200], file=sys.stderr)
+                    continue
+                if best is None or t < best[0]:
+                    best = (t, cfg)
+            t, cfg = best
+            frac = need / t / bw
+            rows.append(dict(kernel="splitk", bits=bits, k=k, n=n, m=1, us=t * 1e6, bytes=need, tbps=need / t / 1e12, frac_of_read_bw=frac, config=cfg))
+            tuned[f"splitk/w{bits}/n{n}/k{k}"] = list(cfg)
+            print(f"splitk w{bits} g128 M= 1 K={k:6d} N={n:6d}: {t * 1e6:8.2f} us  {need / t / 1e12:.3f} TB/s  {100 * frac:5.1f}% of read BW  cfg={cfg}", flush=True)
+            del lins, xs, outs
+            torch.cuda.empty_cache()
+    return rows
 
 
 if __name__ == "__main__":

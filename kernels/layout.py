@@ -15,7 +15,7 @@ import torch
 from qruntime.checkpoint import PackedLinear, effective_group_size
 
 from .gemv import ZERO_FLOAT, ZERO_INT, ZERO_SYMMETRIC
-from .tuning import gemm_config, gemv_config
+from .tuning import gemm_config, gemv_config, splitk_config
 
 _ZERO_MODE_IDS = {"symmetric": ZERO_SYMMETRIC, "int": ZERO_INT, "float": ZERO_FLOAT}
 
@@ -42,6 +42,34 @@ class TritonLinear:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.words, self.scales, self.zeros_or_offsets, self.perm, self.bias)
                    if t is not None)
+
+
+@dataclass
+class SplitKLinear:
+    """Transposed layout for `kernels.gemv_splitk`: words [K/EPW, N], scales/zeros [G, N]."""
+
+    in_features: int
+    out_features: int
+    bits: int
+    group_size_eff: int
+    zero_mode_id: int
+    words: torch.Tensor
+    scales: torch.Tensor
+    zeros_or_offsets: torch.Tensor | None
+    perm: torch.Tensor | None
+
+    def splitk_config(self) -> tuple[int, int, int, int]:
+        return splitk_config(self.bits, self.out_features, self.in_features)
+
+
+def prepare_splitk(lin: PackedLinear, device: torch.device) -> SplitKLinear:
+    t = prepare(lin, device, torch.float32)
+    return SplitKLinear(
+        t.in_features, t.out_features, t.bits, t.group_size_eff, t.zero_mode_id,
+        words=t.words.t().contiguous(), scales=t.scales.t().contiguous(),
+        zeros_or_offsets=None if t.zeros_or_offsets is None else t.zeros_or_offsets.t().contiguous(),
+        perm=t.perm,
+    )
 
 
 def prepare(lin: PackedLinear, device: torch.device, dtype: torch.dtype) -> TritonLinear:

@@ -42,3 +42,11 @@ def gemm_config(bits: int, n: int, k: int, m: int) -> tuple[int, int, int, int, 
     if m <= 64:
         return 64, 64, 64, 4, 3
     return 128, 128, 64, 8, 3
+
+
+def splitk_config(bits: int, n: int, k: int) -> tuple[int, int, int, int]:
+    """(BLOCK_N, BLOCK_K, K_ITERS, num_warps) for the split-K GEMV kernel."""
+    hit = _table().get(f"splitk/w{bits}/n{n}/k{k}")
+    if hit:
+        return tuple(hit)
+    return 128, 128, 2, 4
