@@ -114,7 +114,8 @@ def main() -> None:
 
 def sweep_splitk(dtype, bw, tuned):
     """The split-K kernel over its config space, M = 1 (decode)."""
-    configs = [(bn, bk, it, nw) for bn in (64, 128, 256) for bk in (64, 128) for it in (1, 2, 4) for nw in (2, 4)]
+    configs = [(bn, bk, it, nw, dot) for bn in (64, 128, 256) for bk in (64, 128) for it in (1, 2, 4)
+               for nw in (4,) for dot in (False, True)]
     rows = []
     for bits in (4, 8):
         # correctness first, on awkward sizes
@@ -125,18 +126,20 @@ def sweep_splitk(dtype, bw, tuned):
             x = torch.randn(1000, device="cuda", dtype=dtype)
             ref = ref_linear(x.float()[None], lin)[0]
             out = torch.zeros(777, device="cuda")
-            gemv_splitk_accumulate(x, prepare_splitk(lin, torch.device("cuda")), out, config=(64, 64, 2, 4))
-            print(f"# splitk w{bits} g{group} rel err {((out - ref).norm() / ref.norm()).item():.2e}")
-        for k, n in SHAPES:
+            for dot in (False, True):
+                out.zero_()
+                gemv_splitk_accumulate(x, prepare_splitk(lin, torch.device("cuda")), out, config=(64, 64, 2, 4, dot))
+                print(f"# splitk w{bits} g{group} dot={dot} rel err {((out - ref).norm() / ref.norm()).item():.2e}")
+        for (k, n), m in itertools.product(SHAPES, (1, 16)):
             count = max(2, math.ceil(300e6 / (n * k * bits // 8)))
             packed = quantize_rtn(torch.randn(n, k, device="cuda") * 0.02, bits, 128, False)
             lins = [prepare_splitk(packed, torch.device("cuda")) for _ in range(count)]
-            xs = [torch.randn(k, device="cuda", dtype=dtype) for _ in range(count)]
-            outs = [torch.zeros(n, device="cuda") for _ in range(count)]
+            xs = [torch.randn(m, k, device="cuda", dtype=dtype) for _ in range(count)]
+            outs = [torch.zeros(m, n, device="cuda") for _ in range(count)]
             t0 = lins[0]
-            need = t0.words.numel() * 4 + t0.scales.numel() * 2 + t0.zeros_or_offsets.numel() + k * 2
+            need = t0.words.numel() * 4 + t0.scales.numel() * 2 + t0.zeros_or_offsets.numel() + m * k * 2
             best = None
-            for cfg in configs:
+            for cfg in (configs if m == 1 else [c for c in configs if c[4]]):
                 try:
                     t = time_graph([lambda i=i: gemv_splitk_accumulate(xs[i], lins[i], outs[i], config=cfg) for i in range(count)])
                 except Exception as e:
@@ -146,9 +149,9 @@ def sweep_splitk(dtype, bw, tuned):
                     best = (t, cfg)
             t, cfg = best
             frac = need / t / bw
-            rows.append(dict(kernel="splitk", bits=bits, k=k, n=n, m=1, us=t * 1e6, bytes=need, tbps=need / t / 1e12, frac_of_read_bw=frac, config=cfg))
-            tuned[f"splitk/w{bits}/n{n}/k{k}"] = list(cfg)
-            print(f"splitk w{bits} g128 M= 1 K={k:6d} N={n:6d}: {t * 1e6:8.2f} us  {need / t / 1e12:.3f} TB/s  {100 * frac:5.1f}% of read BW  cfg={cfg}", flush=True)
+            rows.append(dict(kernel="splitk", bits=bits, k=k, n=n, m=m, us=t * 1e6, bytes=need, tbps=need / t / 1e12, frac_of_read_bw=frac, config=cfg))
+            tuned[f"splitk/w{bits}/m{m}/n{n}/k{k}"] = list(cfg)
+            print(f"splitk w{bits} g128 M={m:2d} K={k:6d} N={n:6d}: {t * 1e6:8.2f} us  {need / t / 1e12:.3f} TB/s  {100 * frac:5.1f}% of read BW  cfg={cfg}", flush=True)
             del lins, xs, outs
             torch.cuda.empty_cache()
     return rows

@@ -58,8 +58,8 @@ class SplitKLinear:
     zeros_or_offsets: torch.Tensor | None
     perm: torch.Tensor | None
 
-    def splitk_config(self) -> tuple[int, int, int, int]:
-        return splitk_config(self.bits, self.out_features, self.in_features)
+    def splitk_config(self, m: int = 1) -> tuple[int, int, int, int, bool]:
+        return splitk_config(self.bits, self.out_features, self.in_features, m)
 
 
 def prepare_splitk(lin: PackedLinear, device: torch.device) -> SplitKLinear:

@@ -44,9 +44,9 @@ def gemm_config(bits: int, n: int, k: int, m: int) -> tuple[int, int, int, int, 
     return 128, 128, 64, 8, 3
 
 
-def splitk_config(bits: int, n: int, k: int) -> tuple[int, int, int, int]:
-    """(BLOCK_N, BLOCK_K, K_ITERS, num_warps) for the split-K GEMV kernel."""
-    hit = _table().get(f"splitk/w{bits}/n{n}/k{k}")
+def splitk_config(bits: int, n: int, k: int, m: int = 1) -> tuple[int, int, int, int, bool]:
+    """(BLOCK_N, BLOCK_K, K_ITERS, num_warps, USE_DOT) for the split-K GEMV kernel."""
+    hit = _table().get(f"splitk/w{bits}/m{1 if m == 1 else 16}/n{n}/k{k}")
     if hit:
         return tuple(hit)
-    return 128, 128, 2, 4
+    return 128, 64, 2, 4, bits == 4 or m > 1
