@@ -36,6 +36,7 @@ def _gemv_splitk_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_ITERS: tl.constexpr,
 ):
     EPW: tl.constexpr = 32 // BITS
+    offset: tl.constexpr = 1024.0 if USE_DOT else 0.0  # what the fp16 codes carry besides q
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -57,12 +58,10 @@ def _gemv_splitk_kernel(
         if USE_DOT:
             wf = (codes | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)                    # 1024 + q
             d = tl.dot(x.to(tl.float16), wf)                                                   # [BM, BN]
-            offset: tl.constexpr = 1024.0
             xs = tl.sum(x.to(tl.float16).to(tl.float32), axis=1)                               # what the dot saw
         else:
             q = int_to_float_exact(codes)
             d = tl.sum(x.to(tl.float32)[:, :, None] * q[None, :, :], axis=1)
-            offset: tl.constexpr = 0.0
             xs = tl.sum(x.to(tl.float32), axis=1)
         g = k0 // group_size
         sm = n_ok & ((k0 + tl.zeros([BLOCK_N], dtype=tl.int32)) < K)
