@@ -1,9 +1,11 @@
 """The form in which the Triton kernels read a linear, prepared once at load from a PackedLinear.
 
-int4 `qweight` is already int32 words [N, ceil(K/8)] (docs/FORMAT.md 4.2). int8 `qweight` uint8
-[N, K] is padded to a multiple of 4 columns and viewed as int32 words [N, ceil(K/4)] (little-endian,
-so byte i of a word is column 4j + i: the same "low bits first" order as int4). Both are then
-read by one kernel with BITS as a constexpr.
+The packed format stores int4 as int32 words [N, ceil(K/8)] (docs/FORMAT.md 4.2) and int8 as uint8
+[N, K]. The kernels read them transposed, N contiguous: int8 is padded to a multiple of 4 columns
+and viewed as int32 words (little-endian, so byte i of word j is column 4j + i: the same "low bits
+first" order as int4), then both become words [K / EPW, N]; scales and zeros/offsets become
+[G, N]. One kernel then serves both bit widths with BITS as a constexpr. The repacking costs a
+transpose at load time and nothing per token.
 """
 
 from __future__ import annotations
@@ -14,9 +16,9 @@ import torch
 
 from qruntime.checkpoint import PackedLinear, effective_group_size
 
-from .gemv import ZERO_FLOAT, ZERO_INT, ZERO_SYMMETRIC
-from .tuning import gemm_config, gemv_config, splitk_config
+from .tuning import gemm_config, splitk_config
 
+ZERO_SYMMETRIC, ZERO_INT, ZERO_FLOAT = 0, 1, 2
 _ZERO_MODE_IDS = {"symmetric": ZERO_SYMMETRIC, "int": ZERO_INT, "float": ZERO_FLOAT}
 
 
@@ -27,14 +29,14 @@ class TritonLinear:
     bits: int
     group_size_eff: int
     zero_mode_id: int
-    words: torch.Tensor                    # int32 [N, KW]
-    scales: torch.Tensor                   # [N, G]
-    zeros_or_offsets: torch.Tensor | None  # [N, G] uint8 zeros or float offsets
+    words: torch.Tensor                    # int32 [K / EPW, N]
+    scales: torch.Tensor                   # [G, N]
+    zeros_or_offsets: torch.Tensor | None  # [G, N] uint8 zeros or float offsets
     perm: torch.Tensor | None              # int32 [K]
-    bias: torch.Tensor | None              # [N] compute dtype
+    bias: torch.Tensor | None              # [N]
 
-    def gemv_config(self, m: int) -> tuple[int, int, int]:
-        return gemv_config(self.bits, self.out_features, self.in_features, m)
+    def splitk_config(self, m: int = 1) -> tuple[int, int, int, int, bool]:
+        return splitk_config(self.bits, self.out_features, self.in_features, m)
 
     def gemm_config(self, m: int) -> tuple[int, int, int, int, int]:
         return gemm_config(self.bits, self.out_features, self.in_features, m)
@@ -44,39 +46,11 @@ class TritonLinear:
                    if t is not None)
 
 
-@dataclass
-class SplitKLinear:
-    """Transposed layout for `kernels.gemv_splitk`: words [K/EPW, N], scales/zeros [G, N]."""
-
-    in_features: int
-    out_features: int
-    bits: int
-    group_size_eff: int
-    zero_mode_id: int
-    words: torch.Tensor
-    scales: torch.Tensor
-    zeros_or_offsets: torch.Tensor | None
-    perm: torch.Tensor | None
-
-    def splitk_config(self, m: int = 1) -> tuple[int, int, int, int, bool]:
-        return splitk_config(self.bits, self.out_features, self.in_features, m)
-
-
-def prepare_splitk(lin: PackedLinear, device: torch.device) -> SplitKLinear:
-    t = prepare(lin, device, torch.float32)
-    return SplitKLinear(
-        t.in_features, t.out_features, t.bits, t.group_size_eff, t.zero_mode_id,
-        words=t.words.t().contiguous(), scales=t.scales.t().contiguous(),
-        zeros_or_offsets=None if t.zeros_or_offsets is None else t.zeros_or_offsets.t().contiguous(),
-        perm=t.perm,
-    )
-
-
 def prepare(lin: PackedLinear, device: torch.device, dtype: torch.dtype) -> TritonLinear:
     """PackedLinear (bits 4 or 8) -> TritonLinear on `device`."""
     if lin.bits not in (4, 8):
         raise ValueError(f"prepare: bits={lin.bits}; 16-bit linears use the dense path")
-    words = lin.qweight
+    words = lin.qweight.to(device)
     if lin.bits == 8:
         pad = (-lin.in_features) % 4
         words = torch.nn.functional.pad(words, (0, pad)).contiguous().view(torch.int32)
@@ -87,9 +61,37 @@ def prepare(lin: PackedLinear, device: torch.device, dtype: torch.dtype) -> Trit
         bits=lin.bits,
         group_size_eff=effective_group_size(lin.group_size, lin.in_features),
         zero_mode_id=_ZERO_MODE_IDS[lin.zero_mode],
-        words=words.to(device).contiguous(),
-        scales=lin.scales.to(device).contiguous(),
-        zeros_or_offsets=None if extra is None else extra.to(device).contiguous(),
+        words=words.t().contiguous(),
+        scales=lin.scales.to(device).t().contiguous(),
+        zeros_or_offsets=None if extra is None else extra.to(device).t().contiguous(),
         perm=None if lin.perm is None else lin.perm.to(device=device, dtype=torch.int32),
-        bias=None if lin.bias is None else lin.bias.to(device=device, dtype=dtype),
+        bias=None if lin.bias is None else lin.bias.to(device=device, dtype=torch.float32),
+    )
+
+
+def concat_out_features(lins: list[PackedLinear]) -> PackedLinear:
+    """Stacks linears that read the same input (q/k/v, gate/up) into one, so one launch serves all.
+
+    Possible when they share bits, group size, zero mode and act-order permutation; raises
+    ValueError otherwise (the caller then keeps them separate)."""
+    first = lins[0]
+    for other in lins[1:]:
+        if (other.bits, other.group_size, other.zero_mode, other.in_features) != (first.bits, first.group_size, first.zero_mode, first.in_features):
+            raise ValueError("linears differ in bits/group/zero mode")
+        if (other.perm is None) != (first.perm is None) or (first.perm is not None and not torch.equal(other.perm, first.perm)):
+            raise ValueError("linears differ in act-order permutation")
+
+    def cat(field: str):
+        parts = [getattr(l, field) for l in lins]
+        if all(p is None for p in parts):
+            return None
+        if any(p is None for p in parts):  # e.g. only some have a bias: zero-fill the others
+            parts = [p if p is not None else torch.zeros(l.out_features, dtype=next(q for q in parts if q is not None).dtype)
+                     for p, l in zip(parts, lins)]
+        return torch.cat(parts, dim=0)
+
+    return PackedLinear(
+        first.in_features, sum(l.out_features for l in lins), first.bits, first.group_size,
+        qweight=cat("qweight"), scales=cat("scales"), zeros=cat("zeros"), offsets=cat("offsets"),
+        perm=first.perm, bias=cat("bias"),
     )

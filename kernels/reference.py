@@ -54,3 +54,36 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     xf = x.to(torch.float32)
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return weight * xf.to(x.dtype)
+
+
+def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
+    """[M, 2F] -> silu(gate) * up [M, F]."""
+    g, u = gate_up.float().chunk(2, dim=-1)
+    return torch.nn.functional.silu(g) * u
+
+
+def quantize_kv_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-vector (last dim) int8 quantization: scale = max|x| / 127, codes round(x / scale)."""
+    scale = x.float().abs().amax(-1).clamp(min=1e-8) / 127.0
+    codes = torch.floor(x.float() / scale[..., None] + 0.5).to(torch.int8)
+    return codes, scale
+
+
+def rope_rotate_half(x: torch.Tensor, cos_half: torch.Tensor, sin_half: torch.Tensor) -> torch.Tensor:
+    """x [..., hd] with cos/sin [..., hd/2] (broadcastable): (x1, x2) -> (x1 c - x2 s, x2 c + x1 s)."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat((x1 * cos_half - x2 * sin_half, x2 * cos_half + x1 * sin_half), dim=-1)
+
+
+def attention_over_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
+    """q [M, H, hd] at positions start.. over k, v [KV, S, hd] (dequantized) -> [M, H * hd], fp32, causal."""
+    m, h, hd = q.shape
+    kv = k.shape[0]
+    end = start + m
+    keys = k[:, :end].float().repeat_interleave(h // kv, dim=0)       # [H, end, hd]
+    values = v[:, :end].float().repeat_interleave(h // kv, dim=0)
+    scores = torch.einsum("mhd,hsd->hms", q.float(), keys) * hd ** -0.5
+    visible = torch.arange(end, device=q.device)[None, :] <= (start + torch.arange(m, device=q.device))[:, None]
+    scores = scores.masked_fill(~visible[None], float("-inf"))
+    out = torch.einsum("hms,hsd->mhd", scores.softmax(-1), values)
+    return out.reshape(m, h * hd)

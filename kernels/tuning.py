@@ -20,19 +20,8 @@ def _table() -> dict:
     return {}
 
 
-def gemv_config(bits: int, n: int, k: int, m: int) -> tuple[int, int, int]:
-    """(BLOCK_N, BLOCK_K, num_warps) for the GEMV kernel."""
-    key = f"gemv/w{bits}/m{m}/n{n}/k{k}"
-    hit = _table().get(key)
-    if hit:
-        return tuple(hit)
-    block_k = 256 if bits == 4 else 128
-    block_n = 16 if n >= 8192 else 8
-    return block_n, block_k, 4
-
-
 def gemm_config(bits: int, n: int, k: int, m: int) -> tuple[int, int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for the GEMM kernel."""
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for the whole-K (prefill) kernel."""
     key = f"gemm/w{bits}/m{min(m, 128)}/n{n}/k{k}"
     hit = _table().get(key)
     if hit:
@@ -49,4 +38,6 @@ def splitk_config(bits: int, n: int, k: int, m: int = 1) -> tuple[int, int, int,
     hit = _table().get(f"splitk/w{bits}/m{1 if m == 1 else 16}/n{n}/k{k}")
     if hit:
         return tuple(hit)
-    return 128, 64, 2, 4, bits == 4 or m > 1
+    if m > 1:
+        return 64, 128, 1, 4, True
+    return 128, 64, 2, 2, False

@@ -1,0 +1,154 @@
+"""Dequant-fused matrix multiply over packed int4/int8 weights: y = x @ W.T, x [M, K], W [N, K].
+
+One kernel serves decode (M = 1..16, split over K, fp32 atomics into an accumulator the caller
+owns) and prefill (M large, whole K per program, stored with bias/residual in the epilogue).
+
+Layout read (`kernels.layout.prepare`): the packed format's int32 words transposed to
+[K / EPW, N] (EPW = 32 / bits codes per word, low bits first; N contiguous, so a thread's 16-byte
+load covers 4 consecutive outputs), scales and zeros/offsets transposed to [G, N]. Rows k // EPW
+of a tile repeat EPW times (L1 hits) and each element gets its own shift, so the codes unpack
+straight into a [BLOCK_K, BLOCK_N] tile without a reshape.
+
+Two ways to multiply (USE_DOT):
+- FMA (BLOCK_M = 1): codes -> exact fp32 with the 2^23 mantissa trick (no I2F), multiply-reduce
+  over K inside each thread.
+- DOT: codes -> fp16 "1024 + q" by or-ing them into the mantissa of 1024.0 (0x6400; exact for
+  q < 1024, no conversion instruction), then tensor-core tl.dot. The 1024 is removed together
+  with the zero point: sum x (1024 + q) - (1024 + z) sum x = sum x (q - z).
+Per tile (BLOCK_K stays inside one group), in fp32:
+    D = sum_k x_k q_k,  X = sum_k x_k,   y += s (D - z X)   (symmetric: z = 2^(bits-1))
+                                         y += s D + m X     (float zero mode, m = offset)
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import int_to_float_exact
+
+
+@triton.jit
+def _qmatmul_kernel(
+    x_ptr, w_ptr, s_ptr, z_ptr, perm_ptr, bias_ptr, res_ptr, out_ptr,
+    M, N, K, group_size, stride_xm, stride_wk, stride_sg, stride_om, stride_rm,
+    BITS: tl.constexpr, ZERO_MODE: tl.constexpr, HAS_PERM: tl.constexpr, USE_DOT: tl.constexpr,
+    ATOMIC: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_ITERS: tl.constexpr,
+):
+    EPW: tl.constexpr = 32 // BITS
+    offset: tl.constexpr = 1024.0 if USE_DOT else 0.0  # what the fp16 codes carry besides q
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = n < N
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = rm < M
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if ATOMIC:
+        iters = K_ITERS                      # this program's share of K
+        k_first = pid_k * K_ITERS * BLOCK_K
+    else:
+        iters = tl.cdiv(K, BLOCK_K)          # all of K
+        k_first = 0
+    for it in range(iters):
+        k0 = k_first + it * BLOCK_K
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = k < K
+        w = tl.load(w_ptr + (k // EPW)[:, None] * stride_wk + n[None, :], mask=k_ok[:, None] & n_ok[None, :], other=0)
+        codes = (w >> ((k % EPW) * BITS)[:, None]) & ((1 << BITS) - 1)                       # [BK, BN]
+        if HAS_PERM:
+            src = tl.load(perm_ptr + k, mask=k_ok, other=0)
+        else:
+            src = k
+        if USE_DOT:
+            x = tl.load(x_ptr + rm[:, None] * stride_xm + src[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            x = x.to(tl.float16)
+            d = tl.dot(x, (codes | 0x6400).to(tl.int16).to(tl.float16, bitcast=True))          # [BM, BN]
+            xs = tl.sum(x.to(tl.float32), axis=1)[:, None]                                     # what the dot saw
+        else:  # BLOCK_M == 1: a 2-D multiply-reduce keeps the reduction over K inside each thread
+            x = tl.load(x_ptr + pid_m * stride_xm + src, mask=k_ok, other=0.0).to(tl.float32)
+            d = tl.sum(int_to_float_exact(codes) * x[:, None], axis=0)[None, :]
+            xs = tl.sum(x, axis=0)
+        g = k0 // group_size
+        sm = n_ok & ((k0 + tl.zeros([BLOCK_N], dtype=tl.int32)) < K)
+        s = tl.load(s_ptr + g * stride_sg + n, mask=sm, other=0.0).to(tl.float32)[None, :]
+        if ZERO_MODE == 0:
+            acc += s * (d - (offset + (1 << (BITS - 1))) * xs)
+        elif ZERO_MODE == 1:
+            z = tl.load(z_ptr + g * stride_sg + n, mask=sm, other=0).to(tl.float32)[None, :]
+            acc += s * (d - (offset + z) * xs)
+        else:
+            off = tl.load(z_ptr + g * stride_sg + n, mask=sm, other=0.0).to(tl.float32)[None, :]
+            acc += s * (d - offset * xs) + off * xs
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        if ATOMIC:
+            acc += bias * (pid_k == 0).to(tl.float32)  # added once, by the first K split
+        else:
+            acc += bias
+    omask = m_ok[:, None] & n_ok[None, :]
+    if ATOMIC:
+        tl.atomic_add(out_ptr + rm[:, None] * stride_om + n[None, :], acc, mask=omask, sem="relaxed")
+    else:
+        if HAS_RESIDUAL:
+            acc += tl.load(res_ptr + rm[:, None] * stride_rm + n[None, :], mask=omask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + rm[:, None] * stride_om + n[None, :], acc.to(out_ptr.dtype.element_ty), mask=omask)
+
+
+def _check(x: torch.Tensor, lin) -> torch.Tensor:
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.shape[1] != lin.in_features:
+        raise ValueError(f"qmatmul: x has K={x2.shape[1]}, the weight has in_features={lin.in_features}")
+    if x2.stride(-1) != 1:
+        raise ValueError("qmatmul: x must be contiguous along K")
+    return x2
+
+
+def qmatmul_accumulate(x: torch.Tensor, lin, out: torch.Tensor,
+                       config: tuple[int, int, int, int, bool] | None = None) -> torch.Tensor:
+    """out [M, N] (fp32) += x [M <= 16, K] @ W.T (+ bias), split over K with atomics; returns out."""
+    x2 = _check(x, lin)
+    m, k = x2.shape
+    if m > 16:
+        raise ValueError(f"qmatmul_accumulate: M={m} > 16; use qmatmul")
+    if out.dtype != torch.float32 or out.numel() != m * lin.out_features:
+        raise ValueError(f"qmatmul_accumulate: out must be fp32 [{m}, {lin.out_features}], got {out.dtype} {tuple(out.shape)}")
+    out2 = out.view(m, lin.out_features)
+    bn, bk, iters, nw, use_dot = config or lin.splitk_config(m)
+    use_dot = use_dot or m > 1
+    bk = min(bk, lin.group_size_eff)  # a tile must stay inside one group
+    grid = (1, triton.cdiv(lin.out_features, bn), triton.cdiv(k, bk * iters))
+    _qmatmul_kernel[grid](
+        x2, lin.words, lin.scales, lin.zeros_or_offsets, lin.perm, lin.bias, None, out2,
+        m, lin.out_features, k, lin.group_size_eff, x2.stride(0), lin.words.stride(0), lin.scales.stride(0),
+        out2.stride(0), 0,
+        BITS=lin.bits, ZERO_MODE=lin.zero_mode_id, HAS_PERM=lin.perm is not None, USE_DOT=use_dot,
+        ATOMIC=True, HAS_BIAS=lin.bias is not None, HAS_RESIDUAL=False,
+        BLOCK_M=16 if use_dot else 1, BLOCK_N=bn, BLOCK_K=bk, K_ITERS=iters, num_warps=nw,
+    )
+    return out
+
+
+def qmatmul(x: torch.Tensor, lin, residual: torch.Tensor | None = None, out: torch.Tensor | None = None,
+            config: tuple[int, int, int, int, int] | None = None) -> torch.Tensor:
+    """x [M, K] @ W.T (+ bias) (+ residual) -> [M, N] in x's dtype (or out's); for prefill."""
+    x2 = _check(x, lin)
+    m, k = x2.shape
+    n = lin.out_features
+    if out is None:
+        out = torch.empty((m, n), device=x.device, dtype=x.dtype)
+    bm, bn, bk, nw, ns = config or lin.gemm_config(m)
+    bk = min(bk, lin.group_size_eff)
+    grid = (triton.cdiv(m, bm), triton.cdiv(n, bn), 1)
+    _qmatmul_kernel[grid](
+        x2, lin.words, lin.scales, lin.zeros_or_offsets, lin.perm, lin.bias, residual, out,
+        m, n, k, lin.group_size_eff, x2.stride(0), lin.words.stride(0), lin.scales.stride(0),
+        out.stride(0), 0 if residual is None else residual.stride(0),
+        BITS=lin.bits, ZERO_MODE=lin.zero_mode_id, HAS_PERM=lin.perm is not None, USE_DOT=True,
+        ATOMIC=False, HAS_BIAS=lin.bias is not None, HAS_RESIDUAL=residual is not None,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, K_ITERS=1, num_warps=nw, num_stages=ns,
+    )
+    return out

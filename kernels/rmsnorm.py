@@ -1,0 +1,34 @@
+"""RMSNorm of each row: y = w * x / sqrt(mean(x^2) + eps), in fp32, written in y's dtype.
+
+Reads the fp32 residual stream of the decode step (or any float rows) and writes the fp16/bf16
+input of the next matmul: one pass, one launch.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rmsnorm_kernel(x_ptr, w_ptr, y_ptr, D, stride_x, stride_y, eps, BLOCK_D: tl.constexpr):
+    row = tl.program_id(0)
+    d = tl.arange(0, BLOCK_D)
+    ok = d < D
+    x = tl.load(x_ptr + row * stride_x + d, mask=ok, other=0.0).to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / D + eps)
+    w = tl.load(w_ptr + d, mask=ok, other=0.0).to(tl.float32)
+    tl.store(y_ptr + row * stride_y + d, (x * rstd * w).to(y_ptr.dtype.element_ty), mask=ok)
+
+
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor | None = None,
+            out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """x [M, D] -> [M, D] (out_dtype, default x's)."""
+    m, d = x.shape
+    if weight.shape != (d,):
+        raise ValueError(f"rmsnorm: weight {tuple(weight.shape)} does not match D={d}")
+    if out is None:
+        out = torch.empty((m, d), device=x.device, dtype=out_dtype or x.dtype)
+    _rmsnorm_kernel[(m,)](x, weight, out, d, x.stride(0), out.stride(0), eps, BLOCK_D=triton.next_power_of_2(d))
+    return out

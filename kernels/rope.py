@@ -1,0 +1,107 @@
+"""RoPE for q and k in one pass, writing k and v into the KV cache (fp16, or int8 + scale).
+
+Input: the fused q|k|v matmul output [M, (H + 2 KV) * hd] (fp32 split-K accumulator in decode,
+zeroed after reading when ZERO_INPUT; or fp16/bf16 in prefill), token positions [M] (int32, on the
+device, so a CUDA graph can replay it at any position), cos/sin tables [S_max, hd/2] (fp32,
+rope scaling already applied). One program per (token, head):
+  q heads  -> optional RMSNorm over the head (Qwen3) -> rotate -> q_out [M, H, hd]
+  k heads  -> optional RMSNorm -> rotate -> cache k[kv, pos]   (int8: per-token-per-head scale)
+  v heads  -> cache v[kv, pos]
+Rotation is the "rotate_half" convention: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin).
+int8 cache: scale = max|x| / 127, stored as round(x / scale); dequantized as code * scale.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rope_cache_kernel(
+    qkv_ptr, bias_ptr, pos_ptr, cos_ptr, sin_ptr, qn_ptr, kn_ptr,
+    q_out_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr,
+    stride_qkv, stride_qo, stride_ckv, stride_cs, stride_skv, eps,
+    H: tl.constexpr, KV: tl.constexpr, HD: tl.constexpr,
+    HAS_BIAS: tl.constexpr, QK_NORM: tl.constexpr, INT8: tl.constexpr, ZERO_INPUT: tl.constexpr,
+):
+    m = tl.program_id(0)
+    head = tl.program_id(1)                    # 0..H-1 q, H..H+KV-1 k, then v
+    HALF: tl.constexpr = HD // 2
+    i = tl.arange(0, HALF)
+    base = m * stride_qkv + head * HD
+    x1 = tl.load(qkv_ptr + base + i).to(tl.float32)
+    x2 = tl.load(qkv_ptr + base + HALF + i).to(tl.float32)
+    if HAS_BIAS:
+        x1 += tl.load(bias_ptr + head * HD + i).to(tl.float32)
+        x2 += tl.load(bias_ptr + head * HD + HALF + i).to(tl.float32)
+    if ZERO_INPUT:
+        tl.store(qkv_ptr + base + i, tl.zeros([HALF], dtype=qkv_ptr.dtype.element_ty))
+        tl.store(qkv_ptr + base + HALF + i, tl.zeros([HALF], dtype=qkv_ptr.dtype.element_ty))
+    pos = tl.load(pos_ptr + m)
+    if head < H + KV:                          # q or k: (norm) + rotate
+        if QK_NORM:
+            rstd = 1.0 / tl.sqrt((tl.sum(x1 * x1, axis=0) + tl.sum(x2 * x2, axis=0)) / HD + eps)
+            nw_ptr = qn_ptr if head < H else kn_ptr
+            x1 = x1 * rstd * tl.load(nw_ptr + i).to(tl.float32)
+            x2 = x2 * rstd * tl.load(nw_ptr + HALF + i).to(tl.float32)
+        c = tl.load(cos_ptr + pos * HALF + i)
+        s = tl.load(sin_ptr + pos * HALF + i)
+        y1 = x1 * c - x2 * s
+        y2 = x2 * c + x1 * s
+        if head < H:
+            qo = m * stride_qo + head * HD
+            tl.store(q_out_ptr + qo + i, y1.to(q_out_ptr.dtype.element_ty))
+            tl.store(q_out_ptr + qo + HALF + i, y2.to(q_out_ptr.dtype.element_ty))
+        else:
+            kvh = head - H
+            offs = kvh * stride_ckv + pos * stride_cs
+            if INT8:
+                amax = tl.maximum(tl.max(tl.abs(y1), axis=0), tl.max(tl.abs(y2), axis=0))
+                scale = tl.maximum(amax, 1e-8) / 127.0
+                tl.store(k_cache_ptr + offs + i, tl.floor(y1 / scale + 0.5).to(tl.int8))
+                tl.store(k_cache_ptr + offs + HALF + i, tl.floor(y2 / scale + 0.5).to(tl.int8))
+                tl.store(k_scale_ptr + kvh * stride_skv + pos, scale)
+            else:
+                tl.store(k_cache_ptr + offs + i, y1.to(k_cache_ptr.dtype.element_ty))
+                tl.store(k_cache_ptr + offs + HALF + i, y2.to(k_cache_ptr.dtype.element_ty))
+    else:                                      # v: straight into the cache
+        kvh = head - H - KV
+        offs = kvh * stride_ckv + pos * stride_cs
+        if INT8:
+            amax = tl.maximum(tl.max(tl.abs(x1), axis=0), tl.max(tl.abs(x2), axis=0))
+            scale = tl.maximum(amax, 1e-8) / 127.0
+            tl.store(v_cache_ptr + offs + i, tl.floor(x1 / scale + 0.5).to(tl.int8))
+            tl.store(v_cache_ptr + offs + HALF + i, tl.floor(x2 / scale + 0.5).to(tl.int8))
+            tl.store(v_scale_ptr + kvh * stride_skv + pos, scale)
+        else:
+            tl.store(v_cache_ptr + offs + i, x1.to(v_cache_ptr.dtype.element_ty))
+            tl.store(v_cache_ptr + offs + HALF + i, x2.to(v_cache_ptr.dtype.element_ty))
+
+
+def rope_qkv_to_cache(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                      q_out: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      num_heads: int, num_kv_heads: int, head_dim: int,
+                      bias: torch.Tensor | None = None, q_norm: torch.Tensor | None = None,
+                      k_norm: torch.Tensor | None = None, eps: float = 1e-6,
+                      k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
+                      zero_input: bool = False) -> None:
+    """qkv [M, (H+2KV)*hd] -> q_out [M, H, hd]; k/v written to one layer's cache [KV, S, hd] at positions.
+
+    int8 caches (k_cache.dtype == int8) need k_scale/v_scale [KV, S] fp32."""
+    m = qkv.shape[0]
+    if qkv.shape[1] != (num_heads + 2 * num_kv_heads) * head_dim:
+        raise ValueError(f"rope: qkv width {qkv.shape[1]} != (H + 2KV) * hd")
+    int8 = k_cache.dtype == torch.int8
+    if int8 and (k_scale is None or v_scale is None):
+        raise ValueError("rope: an int8 cache needs k_scale and v_scale")
+    if k_cache.stride(-1) != 1 or k_cache.stride() != v_cache.stride():
+        raise ValueError("rope: k and v caches must share a contiguous [KV, S, hd] layout")
+    _rope_cache_kernel[(m, num_heads + 2 * num_kv_heads)](
+        qkv, bias, positions, cos, sin, q_norm, k_norm, q_out, k_cache, v_cache, k_scale, v_scale,
+        qkv.stride(0), q_out.stride(0), k_cache.stride(0), k_cache.stride(1),
+        0 if k_scale is None else k_scale.stride(0), eps,
+        H=num_heads, KV=num_kv_heads, HD=head_dim, HAS_BIAS=bias is not None, QK_NORM=q_norm is not None,
+        INT8=int8, ZERO_INPUT=zero_input,
+    )
