@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -62,19 +63,36 @@ class Model:
 
     def __init__(self, ckpt: QuantizedCheckpoint, device: str | torch.device | None = None,
                  dtype: str | torch.dtype | None = None, backend: str | None = None,
-                 max_seq_len: int | None = None) -> None:
+                 max_seq_len: int | None = None, kv_cache: str = "auto") -> None:
         self.device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
         self.config = ckpt.config
         self.dtype = _resolve_dtype(dtype, self.device, ckpt.config)
-        self.backend = get_backend(backend or "torch")
+        self.backend_name = backend or ("triton" if self.device.type == "cuda" and _triton_available() else "torch")
+        if self.backend_name not in ("torch", "triton"):
+            raise InvalidOptionError(f"backend={self.backend_name!r}; choose torch or triton")
         self.max_seq_len = max_seq_len or min(ckpt.config.max_position_embeddings, DEFAULT_MAX_SEQ_LEN)
         if self.max_seq_len <= 0:
             raise InvalidOptionError(f"max_seq_len={self.max_seq_len} must be positive")
         self.source = ckpt.source
         self.tokenizer = load_tokenizer(ckpt.tokenizer_files, source=str(ckpt.source.get("path", "checkpoint")))
         self.generation_config = ckpt.generation_config or {}
-        self.module = build_model(ckpt, self.backend, self.device, self.dtype, self.max_seq_len)
-        self.cache = KVCache(ckpt.config, self.max_seq_len, 1, self.device, self.dtype)
+        if kv_cache not in ("auto", "int8"):
+            raise InvalidOptionError(f"kv_cache={kv_cache!r}; choose auto (the compute dtype) or int8")
+        self.runner = self.module = self.cache = None
+        if self.backend_name == "triton":
+            if not _triton_available():
+                raise InvalidOptionError("backend='triton' needs the triton package (pip install triton)")
+            if self.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+                raise InvalidOptionError("backend='triton' needs a CUDA device (or TRITON_INTERPRET=1 for tests)")
+            from qruntime.engine.triton_runner import TritonRunner
+
+            self.runner = TritonRunner(ckpt, self.device, self.dtype, self.max_seq_len, kv_cache_dtype=kv_cache)
+        else:
+            if kv_cache != "auto":
+                raise InvalidOptionError("kv_cache='int8' needs the triton backend")
+            self.backend = get_backend(self.backend_name)
+            self.module = build_model(ckpt, self.backend, self.device, self.dtype, self.max_seq_len)
+            self.cache = KVCache(ckpt.config, self.max_seq_len, 1, self.device, self.dtype)
         self.eos_ids = self._eos_ids()
 
     # ------------------------------------------------------------------ scoring
@@ -82,6 +100,8 @@ class Model:
         """Teacher-forced logits [T, vocab] (float32) for one sequence of token ids."""
         ids = torch.as_tensor(input_ids, dtype=torch.long, device=self.device).reshape(-1)
         self._check_length(ids.numel())
+        if self.runner is not None:
+            return self.runner.prefill(ids, all_logits=True)
         return self.module(ids[None], self.cache, start=0)[0]
 
     # --------------------------------------------------------------- generation
@@ -126,6 +146,8 @@ class Model:
             raise InvalidOptionError("the prompt is empty")
         self._check_length(len(prompt_ids) + max_new_tokens)
         sampler = Sampler(params or SamplingParams(), self.device)
+        if self.runner is not None:
+            return self.runner.generate(list(prompt_ids), max_new_tokens, sampler, self.eos_ids)
         return generate_tokens(self.module, self.cache, list(prompt_ids), max_new_tokens, sampler, self.eos_ids)
 
     def encode(self, prompt_or_messages: str | list[dict[str, Any]]) -> list[int]:
@@ -155,6 +177,14 @@ class Model:
     # ------------------------------------------------------------------ reports
     def memory_report(self) -> dict[str, Any]:
         """Bytes held by weights (by bit width), the KV cache, and in total."""
+        if self.runner is not None:
+            r = self.runner
+            weights = r.weight_nbytes() + sum(t.numel() * t.element_size() for t in (r.embed, r.final_norm))
+            kv = r.cache_nbytes()
+            return {"device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""), "backend": "triton",
+                    "weights_bytes": weights, "linear_bytes": r.weight_nbytes(), "kv_cache_bytes": kv,
+                    "kv_bytes_per_token": kv // self.max_seq_len, "max_seq_len": self.max_seq_len,
+                    "total_bytes": weights + kv}
         seen: set[int] = set()
         by_bits: dict[str, int] = {}
         for module in self.module.modules():
@@ -175,6 +205,7 @@ class Model:
         return {
             "device": str(self.device),
             "dtype": str(self.dtype).replace("torch.", ""),
+            "backend": "torch",
             "weights_bytes": weights,
             "weights_by_kind": by_bits,
             "kv_cache_bytes": kv,
@@ -207,8 +238,20 @@ class Model:
 
 def load(path: str | Path, bits: int | None = None, group_size: int = 128, device: str | torch.device | None = None,
          dtype: str | torch.dtype | None = None, symmetric: bool = False, backend: str | None = None,
-         max_seq_len: int | None = None) -> Model:
+         max_seq_len: int | None = None, kv_cache: str = "auto") -> Model:
     """Loads a packed-format directory, or an HF model directory (quantized on the fly with RTN
-    when `bits` is 4 or 8), and returns a ready Model."""
+    when `bits` is 4 or 8), and returns a ready Model.
+
+    backend: "triton" (default on a CUDA device: fused kernels, decode in a CUDA graph) or
+    "torch" (the plain PyTorch reference; the default on a CPU). kv_cache: "auto" (compute
+    dtype) or "int8" (triton backend; per-token, per-head scales)."""
     ckpt = read_checkpoint(path, bits=bits, group_size=group_size, symmetric=symmetric)
-    return Model(ckpt, device=device, dtype=dtype, backend=backend, max_seq_len=max_seq_len)
+    return Model(ckpt, device=device, dtype=dtype, backend=backend, max_seq_len=max_seq_len, kv_cache=kv_cache)
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True

@@ -1,0 +1,323 @@
+"""The fast engine: the same decoder as `qruntime.model`, scheduled as Triton kernels over static
+buffers, with the whole decode step captured in one CUDA graph.
+
+Decode step (one token, all buffers static, positions and lengths in device memory):
+
+    h (fp32 residual) = embed[token]
+    per layer:  xn = rmsnorm(h)                          (kernels.rmsnorm)
+                qkv += xn @ Wqkv.T                       (kernels.qmatmul, split-K atomics, fused q|k|v)
+                q, cache[pos] = rope(qkv); qkv = 0       (kernels.rope: norm, rotate, int8-quantize, zero)
+                attn = flash_decode(q, cache[:pos+1])    (kernels.flash_decode)
+                h += attn @ Wo.T                         (atomics straight into the residual stream)
+                xn = rmsnorm(h); gu += xn @ Wgu.T        (fused gate|up)
+                act = silu(g) * u; gu = 0                (kernels.swiglu)
+                h += act @ Wd.T
+    logits = rmsnorm(h) @ lm_head.T; token = argmax     (greedy stays on the device)
+
+The split-K matmuls accumulate in fp32 with atomics, so their outputs must start at zero: the
+consumer of each accumulator zeroes it after reading, and the residual stream is itself the
+accumulator of o_proj and down_proj ("h += ..." costs no extra pass). Prefill runs the same kernels
+eagerly on M rows (whole-K matmuls, causal flash attention over the cache).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+from qruntime.checkpoint import PackedLinear, QuantizedCheckpoint
+from qruntime.config import ModelConfig
+from qruntime.kernels.flash_decode import flash_decode
+from qruntime.kernels.layout import concat_out_features, prepare
+from qruntime.kernels.prefill_attention import prefill_attention
+from qruntime.kernels.qmatmul import qmatmul, qmatmul_accumulate
+from qruntime.kernels.rmsnorm import rmsnorm
+from qruntime.kernels.rope import rope_qkv_to_cache
+from qruntime.kernels.swiglu import swiglu
+from qruntime.layers.rotary import inv_frequencies
+
+
+class RunnerLinear:
+    """One linear for the runner: packed (Triton kernels) or 16-bit (cuBLAS)."""
+
+    def __init__(self, packed: PackedLinear, device: torch.device, dtype: torch.dtype) -> None:
+        self.bits = packed.bits
+        self.out_features = packed.out_features
+        if packed.bits == 16:
+            self.weight = packed.qweight.to(device=device, dtype=dtype)
+            self.bias = None if packed.bias is None else packed.bias.to(device=device, dtype=dtype)
+            self.triton = None
+        else:
+            self.triton = prepare(packed, device, dtype)
+
+    def accumulate(self, x: torch.Tensor, out: torch.Tensor) -> None:
+        """out (fp32) += x @ W.T (+ bias); x has at most 16 rows."""
+        if self.triton is not None:
+            qmatmul_accumulate(x, self.triton, out)
+        else:
+            out.add_(torch.nn.functional.linear(x, self.weight, self.bias))
+
+    def matmul(self, x: torch.Tensor, residual: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+        """x @ W.T (+ bias) (+ residual), written to `out` when given."""
+        if self.triton is not None:
+            return qmatmul(x, self.triton, residual=residual, out=out)
+        y = torch.nn.functional.linear(x, self.weight, self.bias)
+        if residual is not None:
+            y = residual + y
+        if out is None:
+            return y
+        out.copy_(y)
+        return out
+
+    def nbytes(self) -> int:
+        if self.triton is not None:
+            return self.triton.nbytes()
+        return self.weight.numel() * self.weight.element_size() + (0 if self.bias is None else self.bias.numel() * self.bias.element_size())
+
+
+def _fused(ckpt: QuantizedCheckpoint, names: list[str]) -> list[PackedLinear]:
+    """The linears stacked into one when their formats agree (one launch), else as they are."""
+    lins = [ckpt.linears[n] for n in names]
+    try:
+        return [concat_out_features(lins)]
+    except ValueError:
+        return lins
+
+
+@dataclass
+class LayerWeights:
+    input_norm: torch.Tensor
+    post_norm: torch.Tensor
+    qkv: list[RunnerLinear]       # one fused linear, or q, k, v when their formats differ
+    o: RunnerLinear
+    gate_up: list[RunnerLinear]
+    down: RunnerLinear
+    q_norm: torch.Tensor | None
+    k_norm: torch.Tensor | None
+
+
+class TritonRunner:
+    def __init__(self, ckpt: QuantizedCheckpoint, device: torch.device, dtype: torch.dtype, max_seq_len: int,
+                 kv_cache_dtype: str = "auto", num_splits: int = 32) -> None:
+        # On a CPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1, tests only) and
+        # the decode step runs eagerly instead of as a CUDA graph.
+        self.use_graph = device.type == "cuda"
+        cfg: ModelConfig = ckpt.config
+        self.cfg, self.device, self.dtype, self.max_seq_len = cfg, device, dtype, max_seq_len
+        self.num_splits = num_splits
+
+        def dense(name: str) -> torch.Tensor:
+            return ckpt.dense[name].to(device=device, dtype=dtype)
+
+        def linears(packed: list[PackedLinear]) -> list[RunnerLinear]:
+            return [RunnerLinear(p, device, dtype) for p in packed]
+
+        self.layers = []
+        for i in range(cfg.num_layers):
+            p = f"model.layers.{i}"
+            self.layers.append(LayerWeights(
+                input_norm=dense(f"{p}.input_layernorm.weight"),
+                post_norm=dense(f"{p}.post_attention_layernorm.weight"),
+                qkv=linears(_fused(ckpt, [f"{p}.self_attn.{x}_proj" for x in "qkv"])),
+                o=RunnerLinear(ckpt.linears[f"{p}.self_attn.o_proj"], device, dtype),
+                gate_up=linears(_fused(ckpt, [f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj"])),
+                down=RunnerLinear(ckpt.linears[f"{p}.mlp.down_proj"], device, dtype),
+                q_norm=dense(f"{p}.self_attn.q_norm.weight") if cfg.qk_norm else None,
+                k_norm=dense(f"{p}.self_attn.k_norm.weight") if cfg.qk_norm else None,
+            ))
+        self.embed = dense("model.embed_tokens.weight")
+        self.final_norm = dense("model.norm.weight")
+        if "lm_head" in ckpt.linears:
+            self.lm_head = RunnerLinear(ckpt.linears["lm_head"], device, dtype)
+        else:  # tied, 16-bit: share the embedding
+            self.lm_head = RunnerLinear(PackedLinear(cfg.hidden_size, cfg.vocab_size, 16, -1, self.embed), device, dtype)
+
+        freqs = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_frequencies(cfg)).to(device)
+        self.cos, self.sin = freqs.cos().contiguous(), freqs.sin().contiguous()
+
+        int8 = kv_cache_dtype == "int8"
+        if kv_cache_dtype not in ("auto", "int8", "fp16", "bf16"):
+            raise ValueError(f"kv_cache_dtype={kv_cache_dtype!r}; choose auto, fp16, bf16 or int8")
+        cache_dtype = torch.int8 if int8 else dtype
+        shape = (cfg.num_layers, cfg.num_kv_heads, max_seq_len, cfg.head_dim)
+        self.k_cache = torch.zeros(shape, device=device, dtype=cache_dtype)
+        self.v_cache = torch.zeros(shape, device=device, dtype=cache_dtype)
+        self.k_scale = torch.zeros(shape[:3], device=device, dtype=torch.float32) if int8 else None
+        self.v_scale = torch.zeros(shape[:3], device=device, dtype=torch.float32) if int8 else None
+        self._allocate_decode_buffers()
+        self.graph: torch.cuda.CUDAGraph | None = None
+
+    # ------------------------------------------------------------------ buffers
+    def _allocate_decode_buffers(self) -> None:
+        cfg, dev = self.cfg, self.device
+        f32 = dict(device=dev, dtype=torch.float32)
+        act = dict(device=dev, dtype=self.dtype)
+        qkv_width = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
+        self.token = torch.zeros(1, device=dev, dtype=torch.long)
+        self.pos = torch.zeros(1, device=dev, dtype=torch.int32)       # position of `token`
+        self.seq_len = torch.ones(1, device=dev, dtype=torch.int32)    # pos + 1
+        self.h = torch.zeros((1, cfg.hidden_size), **f32)
+        self.xn = torch.zeros((1, cfg.hidden_size), **act)
+        self.qkv_acc = torch.zeros((1, qkv_width), **f32)
+        self.q = torch.zeros((1, cfg.num_heads, cfg.head_dim), **act)
+        self.attn = torch.zeros((1, cfg.num_heads * cfg.head_dim), **act)
+        self.gu_acc = torch.zeros((1, 2 * cfg.intermediate_size), **f32)
+        self.act = torch.zeros((1, cfg.intermediate_size), **act)
+        self.logits = torch.zeros((1, cfg.vocab_size), **f32)
+        self.workspace = (torch.empty((self.num_splits, cfg.num_heads, cfg.head_dim), **f32),
+                          torch.empty((self.num_splits, cfg.num_heads), **f32))
+
+    def cache_nbytes(self) -> int:
+        total = 2 * self.k_cache.numel() * self.k_cache.element_size()
+        if self.k_scale is not None:
+            total += 2 * self.k_scale.numel() * 4
+        return total
+
+    def weight_nbytes(self) -> int:
+        lin = sum(l.nbytes() for layer in self.layers for l in (*layer.qkv, layer.o, *layer.gate_up, layer.down))
+        lin += self.lm_head.nbytes() if self.lm_head.weight is not self.embed else 0
+        return lin
+
+    # ----------------------------------------------------------------- pieces
+    def _qkv_to_cache(self, layer_idx: int, qkv: torch.Tensor, positions: torch.Tensor, q_out: torch.Tensor,
+                      zero_input: bool) -> None:
+        cfg, lw = self.cfg, self.layers[layer_idx]
+        rope_qkv_to_cache(
+            qkv, positions, self.cos, self.sin, q_out, self.k_cache[layer_idx], self.v_cache[layer_idx],
+            cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, q_norm=lw.q_norm, k_norm=lw.k_norm, eps=cfg.rms_norm_eps,
+            k_scale=None if self.k_scale is None else self.k_scale[layer_idx],
+            v_scale=None if self.v_scale is None else self.v_scale[layer_idx], zero_input=zero_input,
+        )
+
+    def _scales(self, i: int) -> dict:
+        if self.k_scale is None:
+            return {}
+        return dict(k_scale=self.k_scale[i], v_scale=self.v_scale[i])
+
+    # ------------------------------------------------------------------ decode
+    def _decode_step(self) -> None:
+        cfg = self.cfg
+        self.h.copy_(self.embed.index_select(0, self.token))
+        for i, lw in enumerate(self.layers):
+            rmsnorm(self.h, lw.input_norm, cfg.rms_norm_eps, out=self.xn)
+            self._accumulate_split(lw.qkv, self.xn, self.qkv_acc)
+            self._qkv_to_cache(i, self.qkv_acc, self.pos, self.q, zero_input=True)
+            flash_decode(self.q[0], self.k_cache[i], self.v_cache[i], self.seq_len, self.attn[0],
+                         num_splits=self.num_splits, workspace=self.workspace, **self._scales(i))
+            lw.o.accumulate(self.attn, self.h)
+            rmsnorm(self.h, lw.post_norm, cfg.rms_norm_eps, out=self.xn)
+            self._accumulate_split(lw.gate_up, self.xn, self.gu_acc)
+            swiglu(self.gu_acc, out=self.act, zero_input=True)
+            lw.down.accumulate(self.act, self.h)
+        rmsnorm(self.h, self.final_norm, cfg.rms_norm_eps, out=self.xn)
+        self.logits.zero_()
+        self.lm_head.accumulate(self.xn, self.logits)
+
+    @staticmethod
+    def _accumulate_split(lins: list[RunnerLinear], x: torch.Tensor, out: torch.Tensor) -> None:
+        col = 0
+        for lin in lins:
+            lin.accumulate(x, out[:, col:col + lin.out_features] if len(lins) > 1 else out)
+            col += lin.out_features
+
+    def _advance(self) -> None:
+        self.token.copy_(torch.argmax(self.logits[0]).view(1))
+        self.pos.add_(1)
+        self.seq_len.add_(1)
+
+    def step(self) -> None:
+        """One greedy decode step: the CUDA graph's replay, or the same work eagerly on a CPU."""
+        if not self.use_graph:
+            self._decode_step()
+            self._advance()
+            return
+        if self.graph is None:
+            self.capture()
+        self.graph.replay()
+
+    def capture(self) -> None:
+        """Captures one greedy decode step (step + argmax + position update) in a CUDA graph.
+
+        The warm-up runs the real next step (token/pos already set), so the cache position it
+        writes is the one the first replay rewrites with the same values."""
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        saved = (self.token.clone(), self.pos.clone(), self.seq_len.clone())
+        with torch.cuda.stream(stream):  # warm-up compiles every kernel outside the capture
+            self._decode_step()
+            self._advance()
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self._decode_step()
+            self._advance()
+        # the warm-up and capture wrote one cache position; the next real step rewrites it
+        self.token.copy_(saved[0]); self.pos.copy_(saved[1]); self.seq_len.copy_(saved[2])
+
+    # ------------------------------------------------------------------ prefill
+    def prefill(self, ids: torch.Tensor, start: int = 0, all_logits: bool = False) -> torch.Tensor:
+        """Runs tokens `ids` [M] at positions start..; returns logits [M or 1, vocab] (fp32)."""
+        cfg = self.cfg
+        m = ids.numel()
+        if start + m > self.max_seq_len:
+            raise ValueError(f"prefill: {start + m} positions exceed the cache ({self.max_seq_len})")
+        positions = torch.arange(start, start + m, device=self.device, dtype=torch.int32)
+        h = self.embed.index_select(0, ids).float()
+        q = torch.empty((m, cfg.num_heads, cfg.head_dim), device=self.device, dtype=self.dtype)
+        for i, lw in enumerate(self.layers):
+            xn = rmsnorm(h, lw.input_norm, cfg.rms_norm_eps, out_dtype=self.dtype)
+            qkv = torch.cat([lin.matmul(xn) for lin in lw.qkv], dim=1) if len(lw.qkv) > 1 else lw.qkv[0].matmul(xn)
+            self._qkv_to_cache(i, qkv, positions, q, zero_input=False)
+            attn = prefill_attention(q, self.k_cache[i], self.v_cache[i], start, **self._scales(i))
+            lw.o.matmul(attn, residual=h, out=h)
+            xn = rmsnorm(h, lw.post_norm, cfg.rms_norm_eps, out_dtype=self.dtype)
+            gu = torch.cat([lin.matmul(xn) for lin in lw.gate_up], dim=1) if len(lw.gate_up) > 1 else lw.gate_up[0].matmul(xn)
+            act = swiglu(gu)
+            lw.down.matmul(act, residual=h, out=h)
+        rows = h if all_logits else h[-1:]
+        xn = rmsnorm(rows.contiguous(), self.final_norm, cfg.rms_norm_eps, out_dtype=self.dtype)
+        return self.lm_head.matmul(xn, out=torch.empty((xn.shape[0], cfg.vocab_size), device=self.device, dtype=torch.float32))
+
+    # ---------------------------------------------------------------- generate
+    def generate(self, prompt_ids: list[int], max_new_tokens: int, sampler=None, eos_ids: set[int] = frozenset(),
+                 sync_every: int = 8) -> Iterator[int]:
+        """Yields new tokens. Greedy (sampler None or greedy) replays the graph without a host sync per
+        token: tokens are read back every `sync_every` steps (EOS is checked then; work past an EOS
+        is discarded). Sampling reads the logits back every step."""
+        ids = torch.tensor(prompt_ids, device=self.device, dtype=torch.long)
+        logits = self.prefill(ids)[0]
+        greedy = sampler is None or sampler.params.greedy
+        seen = ids
+        first = int(torch.argmax(logits)) if greedy else sampler(logits, seen)
+        yield first
+        if first in eos_ids or max_new_tokens == 1:
+            return
+        self.token.fill_(first)
+        self.pos.fill_(len(prompt_ids))
+        self.seq_len.fill_(len(prompt_ids) + 1)
+        produced = 1
+        if greedy:
+            buffer = torch.empty(sync_every, device=self.device, dtype=torch.long)
+            while produced < max_new_tokens:
+                n = min(sync_every, max_new_tokens - produced)
+                for j in range(n):
+                    self.step()
+                    buffer[j:j + 1].copy_(self.token)
+                for token in buffer[:n].tolist():
+                    produced += 1
+                    yield token
+                    if token in eos_ids:
+                        return
+        else:
+            while produced < max_new_tokens:
+                self.step()  # its argmax is overwritten by the sampled token below
+                seen = torch.cat([seen, self.token.new_tensor([first])])
+                token = sampler(self.logits[0], seen)
+                self.token.fill_(token)
+                first = token
+                produced += 1
+                yield token
+                if token in eos_ids:
+                    return
