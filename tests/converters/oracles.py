@@ -46,8 +46,8 @@ def autogptq_quant_linear():
 
 def awq_module(dotted: str):
     """An AutoAWQ module (e.g. "awq.modules.linear.gemm") without running `awq/__init__.py`."""
-    root = _package_dir("awq")
     if "awq" not in sys.modules:
+        root = _package_dir("awq")
         stub = types.ModuleType("awq")
         stub.__path__ = [str(root)]  # submodules resolve from the real files; __init__ never runs
         sys.modules["awq"] = stub

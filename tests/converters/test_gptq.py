@@ -33,6 +33,9 @@ def gptq_pack(n, k, bits, group_size, sym, act_order, seed=0, bias=False, zero_g
     if zero_group:  # all-positive group 0 -> asymmetric zero 0, the v1 underflow
         w[:, g_idx == 0] = w[:, g_idx == 0].abs()
     scales, zeros = oracles.gptq_params(w, bits, group_size, sym, g_idx)
+    # GPTQ hands `pack` its quantized-dequantized weight Q (auto_gptq/quantization/gptq.py)
+    s, z = scales[:, g_idx.long()], zeros[:, g_idx.long()]
+    w = ((torch.clamp(torch.round(w.float() / s) + z, 0, 2**bits - 1) - z) * s).half()
     linear = torch.nn.Linear(k, n, bias=bias).half()
     linear.weight.data = w
     QuantLinear = oracles.autogptq_quant_linear()
