@@ -99,3 +99,46 @@ def test_force_format_and_refuse_calibration_method(fp16_dir, tmp_path):
     assert convert(path, source_format="awq", progress=False).source["format"] == "awq"
     with pytest.raises(InvalidOptionError, match="already a awq checkpoint"):
         convert(path, policy=QuantPolicy(4, 32, method="gptq"), progress=False)
+
+
+@pytest.mark.parametrize("fmt,changes,fragment", [
+    ("gptq", {"bits": 3}, "bits=3"),
+    ("gptq", {"bits": 2}, "bits=2"),
+    ("gptq", {"checkpoint_format": "marlin"}, "checkpoint_format='marlin'"),
+    ("gptq", {"group_size": 100}, "group_size=100"),
+    ("awq", {"version": "gemv_fast"}, "version='gemv_fast'"),
+    ("awq", {"bits": 8}, "bits=8"),
+    ("awq", {"zero_point": False}, "zero_point=False"),
+], ids=["gptq-3bit", "gptq-2bit", "gptq-marlin", "gptq-group-100", "awq-gemv_fast", "awq-8bit", "awq-no-zero"])
+def test_unsupported_configs_are_named(fp16_dir, tmp_path, fmt, changes, fragment):
+    import json
+
+    build = (lambda s, o: gptq_model(s, o, 4, 32, False, False, where="config")) if fmt == "gptq" else \
+        (lambda s, o: awq_model(s, o, 32, "gemm"))
+    path = build(fp16_dir("llama"), tmp_path / fmt)
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["quantization_config"].update(changes)
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(QRuntimeError, match=fragment):
+        read_checkpoint(path)
+
+
+def test_config_files_disagree(fp16_dir, tmp_path):
+    import json
+
+    path = gptq_model(fp16_dir("llama"), tmp_path / "g", 4, 32, False, False, where="both")
+    side = json.loads((path / "quantize_config.json").read_text())
+    (path / "quantize_config.json").write_text(json.dumps({**side, "group_size": 64}))
+    with pytest.raises(QRuntimeError, match="group_size"):
+        read_checkpoint(path)
+
+
+def test_missing_scales_in_model_names_tensor(fp16_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    path = gptq_model(fp16_dir("llama"), tmp_path / "g", 4, 32, False, False)
+    state = load_file(path / "model.safetensors")
+    del state["model.layers.1.mlp.down_proj.scales"]
+    save_file(state, str(path / "model.safetensors"))
+    with pytest.raises(QRuntimeError, match="model.layers.1.mlp.down_proj.scales"):
+        read_checkpoint(path)
