@@ -17,7 +17,7 @@ from qruntime.checkpoint import (
     PackedLinear, QuantizedCheckpoint, expected_dense_shapes, expected_linear_shapes, expects_bias,
 )
 from qruntime.config import ModelConfig, from_hf
-from qruntime.errors import CorruptFileError, MissingTensorError, NotAModelError
+from qruntime.errors import CorruptFileError, InvalidOptionError, MissingTensorError, NotAModelError
 from qruntime.format import open_safetensors, read_json, sha256_file
 from qruntime.quantizers.base import QuantPolicy
 from qruntime.quantizers.rtn import quantize_rtn
@@ -25,6 +25,8 @@ from qruntime.quantizers.rtn import quantize_rtn
 from .base import Converter, refuse_pickles, register
 
 INDEX = "model.safetensors.index.json"
+# Side files that mark a quantized checkpoint even when config.json has no quantization_config.
+QUANT_CONFIG_FILES = ("quantize_config.json", "quant_config.json")
 # Files that make up a tokenizer, copied verbatim into the packed directory.
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -36,11 +38,14 @@ LinearQuantizer = Callable[..., PackedLinear]
 
 
 def detect(path: Path) -> bool:
+    """A float HF checkpoint: quantized ones (a `quantization_config`, or AutoGPTQ's separate
+    `quantize_config.json` / AutoAWQ's `quant_config.json`) belong to their own converters."""
     return path.is_dir() and (path / "config.json").is_file() and any(path.glob("*.safetensors")) \
-        and not (path / "quantization.json").exists() and "quantization_config" not in _peek_config(path)
+        and not (path / "quantization.json").exists() and "quantization_config" not in peek_config(path) \
+        and not any((path / f).exists() for f in QUANT_CONFIG_FILES)
 
 
-def _peek_config(path: Path) -> dict[str, Any]:
+def peek_config(path: Path) -> dict[str, Any]:
     try:
         return read_json(path / "config.json")
     except Exception:
@@ -87,6 +92,15 @@ class HFWeights:
         return sorted(set(self.weight_map.values()))
 
 
+def stores_tensor(path: Path, name: str) -> bool:
+    """Whether the checkpoint at `path` holds tensor `name` (reads only the headers)."""
+    weights = HFWeights(path)
+    try:
+        return name in weights
+    finally:
+        weights.close()
+
+
 def read_config(path: Path) -> ModelConfig:
     return from_hf(read_json(path / "config.json"), source=str(path / "config.json"))
 
@@ -105,6 +119,26 @@ def rtn_quantizer(name: str, weight: torch.Tensor, bias: torch.Tensor | None, bi
     return quantize_rtn(weight, bits, group_size, symmetric, bias=bias)
 
 
+# A reader of already-quantized linears (GPTQ, AWQ, compressed-tensors): returns the linear
+# `name` if the checkpoint stores it quantized, None if it stores a float `name.weight`.
+QuantizedReader = Callable[[HFWeights, str], "PackedLinear | None"]
+
+
+def float_linear(weights: HFWeights, config: ModelConfig, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight [N, K], bias [N] or None) of a float linear; a tied lm_head reads the embedding."""
+    if name != "lm_head":
+        src = f"{name}.weight"
+    elif config.tie_word_embeddings:
+        # A tied lm_head is the embedding matrix; it gets its own copy only if quantized.
+        src = "model.embed_tokens.weight"
+    else:
+        src = "lm_head.weight"
+    weight = weights.get(src)
+    # get() raises MissingTensorError for a bias the config promises; an extra one is an error too
+    bias = weights.get(f"{name}.bias") if expects_bias(config, name) or f"{name}.bias" in weights else None
+    return weight, bias
+
+
 def convert(
     path: Path,
     policy: QuantPolicy | None = None,
@@ -112,44 +146,69 @@ def convert(
     hash_sources: bool = False,
     progress: bool = True,
 ) -> QuantizedCheckpoint:
-    """Reads an HF directory; quantizes every linear per `policy` (None keeps all at 16 bits)."""
-    path = Path(path)
+    """Reads an HF directory; quantizes every linear per `policy` (None keeps all at 16 bits).
+    `policy.method` "gptq"/"awq" runs the calibration-based quantizer layer by layer."""
+    return build_checkpoint(Path(path), "hf", policy=policy, quantizer=quantizer,
+                            hash_sources=hash_sources, progress=progress)
+
+
+def build_checkpoint(
+    path: Path,
+    source_format: str,
+    policy: QuantPolicy | None = None,
+    quantizer: LinearQuantizer = rtn_quantizer,
+    read_quantized: QuantizedReader | None = None,
+    lm_head_quantized: bool = False,
+    hash_sources: bool = False,
+    progress: bool = True,
+) -> QuantizedCheckpoint:
+    """The HF directory reader every safetensors-based converter shares.
+
+    Linears that `read_quantized` returns keep their codes; float linears are kept at 16 bits
+    (policy None) or quantized per `policy` (RTN through `quantizer`, or GPTQ/AWQ layer by layer).
+    `lm_head_quantized`: the source stores lm_head quantized (so it is read even when tied).
+    """
     if not (path / "config.json").is_file():
         raise NotAModelError(f"{path}: no config.json; not a Hugging Face model directory")
     if not any(path.glob("*.safetensors")):
         refuse_pickles(path)
         raise NotAModelError(f"{path}: no *.safetensors weight files")
     config = read_config(path)
+    method = "none" if policy is None else policy.method
+    if method in ("gptq", "awq") and read_quantized is not None:
+        raise InvalidOptionError(
+            f"--method {method} quantizes float weights with calibration data; {path} is already a "
+            f"{source_format} checkpoint (convert it without --method, or start from the fp16 model)"
+        )
     weights = HFWeights(path)
     try:
         linears: dict[str, PackedLinear] = {}
-        quantize_lm_head = policy is not None and policy.for_linear("lm_head")[0] != 16
-        names = [n for n, _ in expected_linear_shapes(config, has_lm_head=quantize_lm_head)]
+        dense = {name: weights.get(name) for name, _ in expected_dense_shapes(config)}
+        if method in ("gptq", "awq"):
+            from qruntime.quantizers.layerwise import quantize_layers  # heavy; only for calibration methods
+
+            layer_linears, new_dense = quantize_layers(path, config, weights, dense, policy, progress=progress)
+            linears.update(layer_linears)
+            dense.update(new_dense)  # AWQ folds its scales into the norms
+        quantize_lm_head = lm_head_quantized or (policy is not None and policy.for_linear("lm_head")[0] != 16)
+        names = [n for n, _ in expected_linear_shapes(config, has_lm_head=quantize_lm_head) if n not in linears]
         for name in tqdm(names, desc="linears", unit="layer", disable=not progress):
-            if name != "lm_head":
-                src = f"{name}.weight"
-            elif config.tie_word_embeddings:
-                # A tied lm_head is the embedding matrix; it gets its own copy only if quantized.
-                src = "model.embed_tokens.weight"
-            else:
-                src = "lm_head.weight"
-            weight = weights.get(src)
-            # get() raises MissingTensorError for a bias the config promises; an extra one is an error too
-            bias = weights.get(f"{name}.bias") if expects_bias(config, name) or f"{name}.bias" in weights else None
+            packed = read_quantized(weights, name) if read_quantized is not None else None
+            if packed is not None:
+                linears[name] = packed
+                continue
+            weight, bias = float_linear(weights, config, name)
             bits, group_size = policy.for_linear(name) if policy else (16, -1)
             if bits == 16:
                 linears[name] = PackedLinear(weight.shape[1], weight.shape[0], 16, -1, weight, bias=bias)
             else:
                 linears[name] = quantizer(name, weight, bias, bits, group_size, policy.symmetric)
-        dense = {name: weights.get(name) for name, _ in expected_dense_shapes(config)}
         files = weights.shard_files()
     finally:
         weights.close()
-    source = {
-        "format": "hf",
-        "method": "none" if policy is None else "rtn" if quantizer is rtn_quantizer else getattr(quantizer, "method", "custom"),
-        "path": str(path),
-    }
+    if method == "rtn" and quantizer is not rtn_quantizer:
+        method = getattr(quantizer, "method", "custom")
+    source = {"format": source_format, "method": method, "path": str(path)}
     if hash_sources:
         source["files"] = {f: sha256_file(path / f) for f in files}
     ckpt = QuantizedCheckpoint(

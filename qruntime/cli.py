@@ -25,12 +25,22 @@ def _group_size(text: str) -> int:
     return value
 
 
+def _converter_names() -> list[str]:
+    from qruntime.converters.base import CONVERTERS
+
+    return list(CONVERTERS)
+
+
 def cmd_convert(args: argparse.Namespace) -> None:
     from qruntime.convert import convert_checkpoint
+    from qruntime.quantizers.calibration import Calibration
 
+    calib_given = args.calib is not None or args.calib_samples is not None or args.calib_seqlen is not None
+    calibration = Calibration(args.calib, args.calib_samples or 128, args.calib_seqlen or 512) if calib_given else None
     out = convert_checkpoint(
         args.src, args.output, source_format=args.source_format, bits=args.bits, group_size=args.group_size,
-        symmetric=args.sym, lm_head_bits=args.lm_head_bits, force=args.force, progress=not args.quiet,
+        symmetric=args.sym, lm_head_bits=args.lm_head_bits, method=args.method, act_order=args.act_order,
+        calibration=calibration, force=args.force, progress=not args.quiet,
     )
     print(f"wrote {out}", file=sys.stderr)
 
@@ -111,11 +121,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("convert", help="convert a checkpoint to the packed format")
-    p.add_argument("src", help="source checkpoint (Hugging Face directory)")
+    p.add_argument("src", help="source checkpoint (Hugging Face fp16/bf16, GPTQ, AWQ or compressed-tensors directory)")
     p.add_argument("-o", "--output", required=True, help="output directory (must not exist unless --force)")
-    p.add_argument("--from", dest="source_format", default=None, help="source format (default: detected): hf")
+    p.add_argument("--from", dest="source_format", default=None, choices=_converter_names(),
+                   help="source format (default: detected from the config)")
     p.add_argument("--bits", type=int, choices=(4, 8, 16), default=None,
-                   help="quantize float weights to 4 or 8 bits (RTN); 16 or unset keeps the source precision")
+                   help="quantize float weights to 4 or 8 bits; 16 or unset keeps the source precision")
+    p.add_argument("--method", choices=("rtn", "gptq", "awq"), default="rtn",
+                   help="how float weights are quantized: rtn (no data), gptq or awq (calibration text)")
+    p.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns in decreasing Hessian order")
+    p.add_argument("--calib", default=None, help="calibration text file for gptq/awq (default: built-in text)")
+    p.add_argument("--calib-samples", type=_positive_int, default=None, help="calibration windows (default 128)")
+    p.add_argument("--calib-seqlen", type=_positive_int, default=None, help="tokens per window (default 512)")
     p.add_argument("--group-size", type=_group_size, default=128, help="columns per scale; -1 per-channel")
     p.add_argument("--sym", action="store_true", help="symmetric quantization (no zero points); default asymmetric")
     p.add_argument("--lm-head-bits", type=int, choices=(4, 8, 16), default=None, help="default 8")

@@ -8,6 +8,7 @@ from qruntime import format as packed_format
 from qruntime.converters import base as converters
 from qruntime.errors import InvalidOptionError
 from qruntime.quantizers.base import QuantPolicy
+from qruntime.quantizers.calibration import Calibration
 
 
 def convert_checkpoint(
@@ -18,17 +19,29 @@ def convert_checkpoint(
     group_size: int = 128,
     symmetric: bool = False,
     lm_head_bits: int | None = None,
+    method: str = "rtn",
+    act_order: bool = False,
+    calibration: Calibration | None = None,
     force: bool = False,
     progress: bool = True,
 ) -> Path:
     """Converts `src` to the packed format in `out`. The output appears only when complete; `src`
-    is only read. bits None/16 keeps the source's precision; 4/8 quantizes float weights with RTN."""
+    is only read. bits None/16 keeps the source's precision; 4/8 quantizes float weights with
+    `method` (rtn, or gptq/awq with `calibration` text, layer by layer)."""
     src, out = Path(src), Path(out)
     if out.resolve() == src.resolve():
         raise InvalidOptionError(f"{out}: the output must differ from the source")
-    policy = None if bits in (None, 16) else QuantPolicy(bits, group_size, symmetric, lm_head_bits)
-    if policy is None and lm_head_bits not in (None, 16):
-        raise InvalidOptionError("--lm-head-bits needs --bits 4 or 8")
+    if bits in (None, 16):
+        if method != "rtn" or act_order or calibration is not None:
+            raise InvalidOptionError(f"--method {method} / --act-order / --calib need --bits 4 or 8")
+        if lm_head_bits not in (None, 16):
+            raise InvalidOptionError("--lm-head-bits needs --bits 4 or 8")
+        policy = None
+    else:
+        if method != "rtn" and calibration is None:
+            calibration = Calibration()
+        policy = QuantPolicy(bits, group_size, symmetric, lm_head_bits, method=method, act_order=act_order,
+                             calibration=calibration)
     packed_format.check_output_free(out, force)  # fail before the (long) conversion, not after it
     ckpt = converters.convert(src, source_format=source_format, policy=policy, hash_sources=True, progress=progress)
     with packed_format.atomic_output_dir(out, force=force) as tmp:

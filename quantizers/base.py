@@ -8,6 +8,9 @@ Policy (stated in README and FORMAT.md):
   unquantized). A tied lm_head that is quantized gets its own packed copy; the embedding is kept.
 - embeddings and norms stay 16-bit: decode gathers one embedding row per token, so quantizing the
   table saves memory but no bandwidth.
+- `method` picks how decoder linears are quantized: "rtn" (round to nearest, no data), "gptq" or
+  "awq" (calibration data, layer by layer; `calibration` says which text). lm_head is quantized
+  with RTN by every method (at 8 bits by default the method makes no measurable difference).
 """
 
 from __future__ import annotations
@@ -16,7 +19,10 @@ from dataclasses import dataclass
 
 from qruntime.errors import InvalidOptionError
 
+from .calibration import Calibration
+
 SUPPORTED_BITS = (4, 8)
+METHODS = ("rtn", "gptq", "awq")
 
 
 @dataclass(frozen=True)
@@ -26,8 +32,17 @@ class QuantPolicy:
     symmetric: bool = False  # asymmetric RTN loses less at 4 bits; zeros cost 1/16 bit per weight at g128
     lm_head_bits: int | None = None  # None: 8 (see module docstring)
     lm_head_group_size: int | None = None  # None: same as group_size
+    method: str = "rtn"
+    act_order: bool = False  # GPTQ only: quantize columns in decreasing Hessian-diagonal order
+    calibration: Calibration | None = None  # GPTQ/AWQ: None means Calibration() (the built-in text)
 
     def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise InvalidOptionError(f"method={self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.act_order and self.method != "gptq":
+            raise InvalidOptionError("act_order is a GPTQ option; use it with method='gptq'")
+        if self.calibration is not None and self.method == "rtn":
+            raise InvalidOptionError("calibration data is used by --method gptq or awq, not rtn")
         if self.bits not in SUPPORTED_BITS:
             raise InvalidOptionError(f"bits={self.bits} is not supported; choose 4 or 8 (or 16 for no quantization)")
         check_group_size(self.group_size)

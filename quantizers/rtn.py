@@ -27,6 +27,40 @@ def _grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
     return torch.nn.functional.pad(w, (0, pad)).view(n, -1, group_size)
 
 
+def rtn_params(w: torch.Tensor, bits: int, symmetric: bool, scale_dtype: torch.dtype = torch.float16
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group (scales in `scale_dtype`, float32 integer zero points) over the last dim of `w`.
+
+    Shared by RTN, GPTQ (one group at a time) and AWQ's search (fake quantization), so every
+    method makes codes the same way from a group's range.
+    """
+    qmax = 2**bits - 1
+    if symmetric:
+        amax = w.abs().amax(dim=-1)
+        scales = (amax / (2 ** (bits - 1) - 1)).clamp(min=_MIN_SCALE).to(scale_dtype)
+        zeros = torch.full_like(amax, 2 ** (bits - 1))
+    else:
+        wmin = w.amin(dim=-1).clamp(max=0)
+        wmax = w.amax(dim=-1).clamp(min=0)
+        scales = ((wmax - wmin) / qmax).clamp(min=_MIN_SCALE).to(scale_dtype)
+        zeros = torch.round(-wmin / scales.to(torch.float32)).clamp(0, qmax)
+    return scales, zeros
+
+
+def rtn_codes(w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int) -> torch.Tensor:
+    """q = clamp(round(w / s) + z, 0, 2^b - 1) as float32; scales/zeros broadcast against w."""
+    return (torch.round(w / scales.to(torch.float32)) + zeros).clamp(0, 2**bits - 1)
+
+
+def fake_quantize_rtn(weight: torch.Tensor, bits: int, group_size: int, symmetric: bool) -> torch.Tensor:
+    """The float32 weight RTN's codes dequantize to (what quantize_rtn stores, unpacked)."""
+    n, k = weight.shape
+    w = _grouped(weight.detach().to(torch.float32), effective_group_size(group_size, k))
+    scales, zeros = rtn_params(w, bits, symmetric)
+    s, z = scales.to(torch.float32).unsqueeze(-1), zeros.unsqueeze(-1)
+    return (s * (rtn_codes(w, s, z, bits) - z)).view(n, -1)[:, :k]
+
+
 def quantize_rtn(
     weight: torch.Tensor,
     bits: int,
@@ -39,21 +73,8 @@ def quantize_rtn(
     n, k = weight.shape
     gs = effective_group_size(group_size, k)
     w = _grouped(weight.detach().to(torch.float32), gs)
-    qmax = 2**bits - 1
-    if symmetric:
-        amax = w.abs().amax(dim=-1)
-        scales = (amax / (2 ** (bits - 1) - 1)).clamp(min=_MIN_SCALE).to(scale_dtype)
-        s = scales.to(torch.float32).unsqueeze(-1)
-        codes = (torch.round(w / s) + 2 ** (bits - 1)).clamp(0, qmax)
-        zeros = None
-    else:
-        wmin = w.amin(dim=-1).clamp(max=0)
-        wmax = w.amax(dim=-1).clamp(min=0)
-        scales = ((wmax - wmin) / qmax).clamp(min=_MIN_SCALE).to(scale_dtype)
-        s = scales.to(torch.float32)
-        zeros = torch.round(-wmin / s).clamp(0, qmax)
-        codes = (torch.round(w / s.unsqueeze(-1)) + zeros.unsqueeze(-1)).clamp(0, qmax)
-        zeros = zeros.to(torch.uint8)
+    scales, zeros = rtn_params(w, bits, symmetric, scale_dtype)
+    codes = rtn_codes(w, scales.unsqueeze(-1), zeros.unsqueeze(-1), bits)
     codes = codes.view(n, -1)[:, :k].to(torch.uint8)
     return PackedLinear(
         in_features=k,
@@ -62,6 +83,6 @@ def quantize_rtn(
         group_size=group_size,
         qweight=pack(codes, bits),
         scales=scales.contiguous(),
-        zeros=zeros,
+        zeros=None if symmetric else zeros.to(torch.uint8),
         bias=None if bias is None else bias.detach().clone(),
     )

@@ -53,3 +53,24 @@ def test_chat_reads_stdin_until_eof(tiny_model_dir):
                           input="hello\nand again\n", capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("> ") >= 2
+
+
+def test_convert_method_gptq_awq_from_shell(tiny_model_dir, tmp_path):
+    calib = tmp_path / "calib.txt"
+    calib.write_text("hello world, this is a tiny tokenizer for tests. " * 40)
+    for method in ("gptq", "awq"):
+        out = tmp_path / method
+        proc = run_cli("convert", tiny_model_dir("llama"), "-o", out, "--bits", "4", "--group-size", "32",
+                       "--method", method, "--calib", calib, "--calib-samples", "4", "--calib-seqlen", "32",
+                       *(["--act-order"] if method == "gptq" else []))
+        assert proc.returncode == 0, proc.stderr
+        assert f"{method} layers" in proc.stderr  # the per-layer progress bar
+        report = json.loads(run_cli("inspect", out, "--json").stdout)
+        assert report["source"]["method"] == method
+    proc = run_cli("convert", tiny_model_dir("llama"), "-o", tmp_path / "x", "--method", "gptq")
+    assert proc.returncode == 2 and "need --bits 4 or 8" in proc.stderr
+    proc = run_cli("convert", tiny_model_dir("llama"), "-o", tmp_path / "y", "--bits", "4", "--act-order")
+    assert proc.returncode == 2 and "act_order is a GPTQ option" in proc.stderr
+    proc = run_cli("convert", tiny_model_dir("llama"), "-o", tmp_path / "z", "--bits", "4", "--method", "awq",
+                   "--calib-seqlen", "100000")
+    assert proc.returncode == 2 and "fewer than --calib-seqlen" in proc.stderr

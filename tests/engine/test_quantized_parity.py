@@ -5,22 +5,7 @@ import torch
 
 import qruntime
 import tiny_models
-from qruntime.kernels.reference import dequantize_original_order
 from qruntime.runtime import read_checkpoint
-
-
-def reference_logits(path, ckpt, ids):
-    """HF's model with every linear replaced by the dequantization of our packed weight."""
-    hf = tiny_models.hf_model(path)
-    state = hf.state_dict()
-    for name, lin in ckpt.linears.items():
-        state[f"{name}.weight"] = dequantize_original_order(lin)
-    if "lm_head" in ckpt.linears and hf.config.tie_word_embeddings:
-        hf.config.tie_word_embeddings = False  # the quantized lm_head is a separate copy
-        hf.lm_head.weight = torch.nn.Parameter(hf.lm_head.weight.detach().clone())
-    hf.load_state_dict(state, strict=False)
-    with torch.no_grad():
-        return hf(ids[None]).logits[0].float()
 
 
 @pytest.mark.parametrize("variant", ["llama", "qwen2", "qwen3"])
@@ -31,7 +16,7 @@ def test_rtn_logits_equal_dequantized_reference(tiny_model_dir, variant, bits, g
     assert all(l.bits == (8 if n == "lm_head" else bits) for n, l in ckpt.linears.items())
     model = qruntime.Model(ckpt, device="cpu", dtype=torch.float32)
     ids = torch.randint(5, tiny_models.VOCAB, (40,), generator=torch.Generator().manual_seed(2))
-    ref = reference_logits(path, ckpt, ids)
+    ref = tiny_models.reference_logits(path, ckpt, ids)
     err = (model.logits(ids) - ref).abs().max().item()
     assert err < 1e-4, err
     # and quantization did change the model (the reference is not the fp32 model)
