@@ -15,6 +15,12 @@ sys.path.insert(0, str(Path(__file__).parent / "converters"))
 import tiny_models  # noqa: E402
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Without a GPU the Triton kernels run in Triton's interpreter; the flag is read when a kernel is
+# defined, so it is set before anything imports qruntime.kernels.
+import torch  # noqa: E402
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")

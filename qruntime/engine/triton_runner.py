@@ -177,7 +177,8 @@ class TritonRunner:
 
     def weight_nbytes(self) -> int:
         lin = sum(l.nbytes() for layer in self.layers for l in (*layer.qkv, layer.o, *layer.gate_up, layer.down))
-        lin += self.lm_head.nbytes() if self.lm_head.weight is not self.embed else 0
+        tied = self.lm_head.triton is None and self.lm_head.weight is self.embed
+        lin += 0 if tied else self.lm_head.nbytes()
         return lin
 
     # ----------------------------------------------------------------- pieces

@@ -1,0 +1,84 @@
+"""kernels.qmatmul (split-K decode GEMV and prefill GEMM) against kernels.reference.linear."""
+
+import pytest
+import torch
+
+from qruntime.checkpoint import PackedLinear
+from qruntime.kernels.layout import concat_out_features, prepare
+from qruntime.kernels.qmatmul import qmatmul, qmatmul_accumulate
+from qruntime.kernels.reference import linear as ref_linear
+from qruntime.quantizers.rtn import quantize_rtn
+from tolerances import assert_close
+
+# (M, N, K): one row / a few / 16 rows; N and K not multiples of the blocks; K inside one group or many
+SHAPES = {"m1-n33-k100": (1, 33, 100), "m3-n17-k64": (3, 17, 64), "m16-n40-k200": (16, 40, 200)}
+
+
+def make_linear(n, k, bits, group, zero_mode, act_order=False, bias=True, seed=0) -> PackedLinear:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g)
+    lin = quantize_rtn(w, bits, group, symmetric=zero_mode == "symmetric",
+                       bias=torch.randn(n, generator=g) if bias else None)
+    if zero_mode == "float":  # GGUF-style: w = s q + m with m = -s z (any float offset works)
+        lin.offsets = (-lin.scales.float() * lin.zeros.float() + 0.01).to(torch.float16)
+        lin.zeros = None
+    if act_order:
+        lin.perm = torch.randperm(k, generator=g).to(torch.int32)
+    lin.validate("test")
+    return lin
+
+
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+@pytest.mark.parametrize("group", [32, 128, -1], ids=["g32", "g128", "per-channel"])
+@pytest.mark.parametrize("zero_mode", ["symmetric", "int", "float"])
+@pytest.mark.parametrize("bits", [4, 8], ids=["int4", "int8"])
+def test_qmatmul_paths_match_reference(bits, zero_mode, group, shape):
+    m, n, k = shape
+    lin = make_linear(n, k, bits, group, zero_mode, seed=m + n)
+    t = prepare(lin, torch.device("cpu"), torch.float32)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(1))
+    ref = ref_linear(x, lin)
+
+    # decode: accumulates onto what `out` holds (poisoned with a known start, not zeros)
+    start = torch.randn(m, n)
+    for use_dot in ([False, True] if m == 1 else [True]):
+        out = start.clone()
+        qmatmul_accumulate(x, t, out, config=(16, 32, 2, 4, use_dot))
+        assert_close(out - start, ref, "fp16_dot" if use_dot else "fp32")
+
+    # prefill: stores, with the residual in the epilogue; NaN poison catches unwritten elements
+    residual = torch.randn(m, n)
+    out = torch.full((m, n), float("nan"))
+    qmatmul(x, t, residual=residual, out=out, config=(16, 16, 32, 4, 1))
+    assert_close(out, ref + residual, "fp16_dot")
+
+
+@pytest.mark.parametrize("bits", [4, 8], ids=["int4", "int8"])
+def test_act_order_permutation_applied_in_kernel(bits):
+    lin = make_linear(24, 96, bits, 32, "int", act_order=True)
+    t = prepare(lin, torch.device("cpu"), torch.float32)
+    x = torch.randn(1, 96)
+    out = torch.zeros(1, 24)
+    qmatmul_accumulate(x, t, out, config=(16, 32, 1, 4, False))
+    assert_close(out, ref_linear(x, lin), "fp32")
+    y = qmatmul(torch.randn(5, 96), t, config=(16, 16, 32, 4, 1))
+    assert y.shape == (5, 24)
+
+
+def test_concat_out_features_is_row_stacking():
+    a, b = make_linear(16, 64, 4, 32, "int", seed=1), make_linear(8, 64, 4, 32, "int", seed=2, bias=False)
+    fused = concat_out_features([a, b])
+    x = torch.randn(2, 64)
+    torch.testing.assert_close(ref_linear(x, fused), torch.cat([ref_linear(x, a), ref_linear(x, b)], dim=1))
+    with pytest.raises(ValueError, match="differ"):
+        concat_out_features([a, make_linear(8, 64, 8, 32, "int")])
+
+
+def test_rejects_bad_shapes():
+    t = prepare(make_linear(16, 64, 4, 32, "int"), torch.device("cpu"), torch.float32)
+    with pytest.raises(ValueError, match="K=65"):
+        qmatmul(torch.randn(2, 65), t)
+    with pytest.raises(ValueError, match="fp32"):
+        qmatmul_accumulate(torch.randn(1, 64), t, torch.zeros(1, 16, dtype=torch.float16))
+    with pytest.raises(ValueError, match="M=17"):
+        qmatmul_accumulate(torch.randn(17, 64), t, torch.zeros(17, 16))
