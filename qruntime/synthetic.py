@@ -1,0 +1,85 @@
+"""Random-weight checkpoints with the exact shapes of real models, built directly on a device.
+
+`synthetic:llama3.1-8b` and friends let benchmarks run offline: decode speed depends on the bytes
+read, not on trained values. Quantized linears get random codes and realistic scales (no RTN pass,
+so an 8B model is ready in seconds).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from qruntime.checkpoint import PackedLinear, QuantizedCheckpoint, expected_dense_shapes, expected_linear_shapes, expects_bias
+from qruntime.config import ModelConfig, RopeScaling
+from qruntime.errors import InvalidOptionError
+from qruntime.quantizers.packing import pack
+
+_LLAMA3_ROPE = RopeScaling(type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                           original_max_position_embeddings=8192)
+
+PRESETS: dict[str, dict] = {
+    "llama3.1-8b": dict(family="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32,
+                        num_heads=32, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-5, rope_theta=500000.0,
+                        max_position_embeddings=131072, rope_scaling=_LLAMA3_ROPE, torch_dtype="bfloat16"),
+    "llama3.2-1b": dict(family="llama", vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_layers=16,
+                        num_heads=32, num_kv_heads=8, head_dim=64, rms_norm_eps=1e-5, rope_theta=500000.0,
+                        max_position_embeddings=131072, rope_scaling=RopeScaling(**{**_LLAMA3_ROPE.__dict__, "factor": 32.0}),
+                        tie_word_embeddings=True, torch_dtype="bfloat16"),
+    "qwen2.5-7b": dict(family="qwen2", vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_layers=28,
+                       num_heads=28, num_kv_heads=4, head_dim=128, rms_norm_eps=1e-6, rope_theta=1000000.0,
+                       max_position_embeddings=32768, qkv_bias=True, torch_dtype="bfloat16"),
+}
+
+
+def parse_spec(spec: str) -> str:
+    name = spec.split(":", 1)[1] if spec.startswith("synthetic:") else spec
+    if name not in PRESETS:
+        raise InvalidOptionError(f"unknown synthetic model {spec!r}; known: {', '.join('synthetic:' + p for p in PRESETS)}")
+    return name
+
+
+def synthetic_config(spec: str, num_layers: int | None = None) -> ModelConfig:
+    fields = dict(PRESETS[parse_spec(spec)])
+    if num_layers is not None:
+        fields["num_layers"] = num_layers
+    return ModelConfig(**fields)
+
+
+def _random_linear(name: str, n: int, k: int, bits: int, group_size: int, cfg: ModelConfig,
+                   device: torch.device, dtype: torch.dtype, gen: torch.Generator) -> PackedLinear:
+    std = 0.02
+    bias = (torch.randn(n, device=device, generator=gen) * std).to(dtype) if expects_bias(cfg, name) else None
+    if bits == 16:
+        return PackedLinear(k, n, 16, -1, (torch.randn(n, k, device=device, generator=gen) * std).to(dtype), bias=bias)
+    groups = -(-k // group_size)
+    codes = torch.randint(0, 2**bits, (n, k), device=device, dtype=torch.uint8, generator=gen)
+    # scale so that s * (q - z) has about the std of a trained weight
+    scales = torch.full((n, groups), std / (2 ** bits / 3.46), device=device, dtype=torch.float16)
+    zeros = torch.full((n, groups), 2 ** (bits - 1), device=device, dtype=torch.uint8)
+    return PackedLinear(k, n, bits, group_size, pack(codes, bits), scales=scales, zeros=zeros, bias=bias)
+
+
+def synthetic_checkpoint(spec: str, bits: int = 16, group_size: int = 128, device: str | torch.device = "cuda",
+                         dtype: torch.dtype = torch.bfloat16, num_layers: int | None = None, lm_head_bits: int | None = None,
+                         seed: int = 0) -> QuantizedCheckpoint:
+    """A random model of `spec`'s exact shapes. bits 4/8 quantize the decoder linears (lm_head at
+    `lm_head_bits`, default 8 as qruntime's policy); 16 keeps everything in `dtype`."""
+    if bits not in (4, 8, 16):
+        raise InvalidOptionError(f"bits={bits}; choose 4, 8 or 16")
+    device = torch.device(device)
+    cfg = synthetic_config(spec, num_layers)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    head_bits = bits if bits == 16 else (lm_head_bits or 8)
+    linears = {}
+    for name, (n, k) in expected_linear_shapes(cfg, has_lm_head=head_bits != 16 or not cfg.tie_word_embeddings):
+        b = head_bits if name == "lm_head" else bits
+        linears[name] = _random_linear(name, n, k, b, group_size, cfg, device, dtype, gen)
+    dense = {}
+    for name, shape in expected_dense_shapes(cfg):
+        if name.endswith("norm.weight"):
+            dense[name] = torch.ones(shape, device=device, dtype=dtype)
+        else:
+            dense[name] = (torch.randn(shape, device=device, generator=gen) * 0.02).to(dtype)
+    ckpt = QuantizedCheckpoint(config=cfg, linears=linears, dense=dense, source={"format": "synthetic", "spec": spec})
+    ckpt.validate()
+    return ckpt
