@@ -28,3 +28,11 @@ def unpack_words(words, BITS: tl.constexpr):
     shifts = tl.arange(0, EPW) * BITS
     q = (tl.expand_dims(words, len(words.shape)) >> shifts) & ((1 << BITS) - 1)
     return int_to_float_exact(q)
+
+
+@triton.jit
+def int8_to_fp16_exact(codes):
+    """int8 codes -> fp16 without an I2F conversion: (code + 128) or-ed into the mantissa of 1024.0
+    is the fp16 1152 + code exactly; one subtraction leaves the code."""
+    biased = (codes.to(tl.int16) + 128) | 0x6400
+    return biased.to(tl.float16, bitcast=True) - 1152.0

@@ -15,13 +15,15 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import int8_to_fp16_exact
+
 
 @triton.jit
 def _flash_decode_kernel(
     q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, seqlen_ptr, o_ptr, lse_ptr,
     stride_qh, stride_ckv, stride_cs, stride_skv, sm_scale,
     H: tl.constexpr, G: tl.constexpr, HD: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, INT8: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, INT8: tl.constexpr, PRECISION: tl.constexpr,
 ):
     kvh = tl.program_id(0)
     split = tl.program_id(1)
@@ -46,7 +48,9 @@ def _flash_decode_kernel(
         s = s0 + tl.arange(0, BLOCK_S)
         s_ok = s < end
         k = tl.load(k_ptr + kv_base + s[:, None] * stride_cs + d[None, :], mask=s_ok[:, None], other=0)
-        scores = tl.dot(q, tl.trans(k.to(q.dtype)))                                  # [BG, BS]
+        if INT8:
+            k = int8_to_fp16_exact(k)
+        scores = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PRECISION)                                  # [BG, BS]
         if INT8:
             scores *= tl.load(ks_ptr + kvh * stride_skv + s, mask=s_ok, other=0.0)[None, :]
         scores = tl.where(s_ok[None, :], scores * sm_scale, float("-inf"))
@@ -56,8 +60,9 @@ def _flash_decode_kernel(
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v = tl.load(v_ptr + kv_base + s[:, None] * stride_cs + d[None, :], mask=s_ok[:, None], other=0)
         if INT8:
+            v = int8_to_fp16_exact(v)
             p = p * tl.load(vs_ptr + kvh * stride_skv + s, mask=s_ok, other=0.0)[None, :]
-        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
+        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=PRECISION)
         m_i = m_new
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -108,6 +113,7 @@ def flash_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
         hd ** -0.5,
         H=h, G=g, HD=hd, BLOCK_G=max(16, triton.next_power_of_2(g)), BLOCK_S=block_s,
         NUM_SPLITS=num_splits, INT8=int8,
+        PRECISION="ieee" if k_cache.dtype == torch.float32 else "tf32",  # fp32 caches: exact dots
     )
     _combine_kernel[(h,)](o, lse, out, H=h, HD=hd, NUM_SPLITS=num_splits)
     return out

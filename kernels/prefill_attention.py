@@ -10,12 +10,14 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import int8_to_fp16_exact
+
 
 @triton.jit
 def _prefill_attention_kernel(
     q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, out_ptr,
     M, start, stride_qm, stride_qh, stride_ckv, stride_cs, stride_skv, stride_om, sm_scale,
-    G: tl.constexpr, HD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, INT8: tl.constexpr,
+    G: tl.constexpr, HD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, INT8: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
@@ -38,7 +40,9 @@ def _prefill_attention_kernel(
         j = j0 + tl.arange(0, BLOCK_N)
         j_ok = j < last
         k = tl.load(k_ptr + kv_base + j[:, None] * stride_cs + d[None, :], mask=j_ok[:, None], other=0)
-        scores = tl.dot(q, tl.trans(k.to(q.dtype)))
+        if INT8:
+            k = int8_to_fp16_exact(k)
+        scores = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PRECISION)
         if INT8:
             scores *= tl.load(ks_ptr + kvh * stride_skv + j, mask=j_ok, other=0.0)[None, :]
         visible = j_ok[None, :] & (j[None, :] <= q_pos[:, None])
@@ -49,8 +53,9 @@ def _prefill_attention_kernel(
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v = tl.load(v_ptr + kv_base + j[:, None] * stride_cs + d[None, :], mask=j_ok[:, None], other=0)
         if INT8:
+            v = int8_to_fp16_exact(v)
             p = p * tl.load(vs_ptr + kvh * stride_skv + j, mask=j_ok, other=0.0)[None, :]
-        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
+        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=PRECISION)
         m_i = m_new
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     tl.store(out_ptr + i[:, None] * stride_om + h * HD + d[None, :], out.to(out_ptr.dtype.element_ty), mask=i_ok[:, None])
@@ -75,5 +80,6 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         m, start, q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1),
         0 if k_scale is None else k_scale.stride(0), out.stride(0), hd ** -0.5,
         G=h // kv, HD=hd, BLOCK_M=block_m, BLOCK_N=block_n, INT8=int8,
+        PRECISION="ieee" if k_cache.dtype == torch.float32 else "tf32",  # fp32 caches: exact dots
     )
     return out

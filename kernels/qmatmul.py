@@ -30,6 +30,45 @@ from ._common import int_to_float_exact
 
 
 @triton.jit
+def _accumulate_tile(acc, k0, x_ptr, w_ptr, s_ptr, z_ptr, perm_ptr, rm, m_ok, n, n_ok, pid_m,
+                     K, group_size, stride_xm, stride_wk, stride_sg,
+                     BITS: tl.constexpr, ZERO_MODE: tl.constexpr, HAS_PERM: tl.constexpr, USE_DOT: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc [BLOCK_M, BLOCK_N] += x[:, k0:k0+BLOCK_K] @ W[n, k0:k0+BLOCK_K].T for one tile inside one group."""
+    EPW: tl.constexpr = 32 // BITS
+    offset: tl.constexpr = 1024.0 if USE_DOT else 0.0  # what the fp16 codes carry besides q
+    k = k0 + tl.arange(0, BLOCK_K)
+    k_ok = k < K
+    w = tl.load(w_ptr + (k // EPW)[:, None] * stride_wk + n[None, :], mask=k_ok[:, None] & n_ok[None, :], other=0)
+    codes = (w >> ((k % EPW) * BITS)[:, None]) & ((1 << BITS) - 1)                           # [BK, BN]
+    if HAS_PERM:
+        src = tl.load(perm_ptr + k, mask=k_ok, other=0)
+    else:
+        src = k
+    if USE_DOT:
+        x = tl.load(x_ptr + rm[:, None] * stride_xm + src[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        x = x.to(tl.float16)
+        d = tl.dot(x, (codes | 0x6400).to(tl.int16).to(tl.float16, bitcast=True))              # [BM, BN]
+        xs = tl.sum(x.to(tl.float32), axis=1)[:, None]                                         # what the dot saw
+    else:  # BLOCK_M == 1: a 2-D multiply-reduce keeps the reduction over K inside each thread
+        x = tl.load(x_ptr + pid_m * stride_xm + src, mask=k_ok, other=0.0).to(tl.float32)
+        d = tl.sum(int_to_float_exact(codes) * x[:, None], axis=0)[None, :]
+        xs = tl.sum(x, axis=0)
+    g = k0 // group_size
+    sm = n_ok & ((k0 + tl.zeros([BLOCK_N], dtype=tl.int32)) < K)
+    s = tl.load(s_ptr + g * stride_sg + n, mask=sm, other=0.0).to(tl.float32)[None, :]
+    if ZERO_MODE == 0:
+        acc += s * (d - (offset + (1 << (BITS - 1))) * xs)
+    elif ZERO_MODE == 1:
+        z = tl.load(z_ptr + g * stride_sg + n, mask=sm, other=0).to(tl.float32)[None, :]
+        acc += s * (d - (offset + z) * xs)
+    else:
+        off = tl.load(z_ptr + g * stride_sg + n, mask=sm, other=0.0).to(tl.float32)[None, :]
+        acc += s * (d - offset * xs) + off * xs
+    return acc
+
+
+@triton.jit
 def _qmatmul_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, perm_ptr, bias_ptr, res_ptr, out_ptr,
     M, N, K, group_size, stride_xm, stride_wk, stride_sg, stride_om, stride_rm,
@@ -37,8 +76,6 @@ def _qmatmul_kernel(
     ATOMIC: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_ITERS: tl.constexpr,
 ):
-    EPW: tl.constexpr = 32 // BITS
-    offset: tl.constexpr = 1024.0 if USE_DOT else 0.0  # what the fp16 codes carry besides q
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -47,42 +84,16 @@ def _qmatmul_kernel(
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = rm < M
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    if ATOMIC:
-        iters = K_ITERS                      # this program's share of K
-        k_first = pid_k * K_ITERS * BLOCK_K
-    else:
-        iters = tl.cdiv(K, BLOCK_K)          # all of K
-        k_first = 0
-    for it in range(iters):
-        k0 = k_first + it * BLOCK_K
-        k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = k < K
-        w = tl.load(w_ptr + (k // EPW)[:, None] * stride_wk + n[None, :], mask=k_ok[:, None] & n_ok[None, :], other=0)
-        codes = (w >> ((k % EPW) * BITS)[:, None]) & ((1 << BITS) - 1)                       # [BK, BN]
-        if HAS_PERM:
-            src = tl.load(perm_ptr + k, mask=k_ok, other=0)
-        else:
-            src = k
-        if USE_DOT:
-            x = tl.load(x_ptr + rm[:, None] * stride_xm + src[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-            x = x.to(tl.float16)
-            d = tl.dot(x, (codes | 0x6400).to(tl.int16).to(tl.float16, bitcast=True))          # [BM, BN]
-            xs = tl.sum(x.to(tl.float32), axis=1)[:, None]                                     # what the dot saw
-        else:  # BLOCK_M == 1: a 2-D multiply-reduce keeps the reduction over K inside each thread
-            x = tl.load(x_ptr + pid_m * stride_xm + src, mask=k_ok, other=0.0).to(tl.float32)
-            d = tl.sum(int_to_float_exact(codes) * x[:, None], axis=0)[None, :]
-            xs = tl.sum(x, axis=0)
-        g = k0 // group_size
-        sm = n_ok & ((k0 + tl.zeros([BLOCK_N], dtype=tl.int32)) < K)
-        s = tl.load(s_ptr + g * stride_sg + n, mask=sm, other=0.0).to(tl.float32)[None, :]
-        if ZERO_MODE == 0:
-            acc += s * (d - (offset + (1 << (BITS - 1))) * xs)
-        elif ZERO_MODE == 1:
-            z = tl.load(z_ptr + g * stride_sg + n, mask=sm, other=0).to(tl.float32)[None, :]
-            acc += s * (d - (offset + z) * xs)
-        else:
-            off = tl.load(z_ptr + g * stride_sg + n, mask=sm, other=0.0).to(tl.float32)[None, :]
-            acc += s * (d - offset * xs) + off * xs
+    if ATOMIC:  # this program's K_ITERS tiles, unrolled so their loads are in flight together
+        for it in tl.static_range(K_ITERS):
+            acc = _accumulate_tile(acc, (pid_k * K_ITERS + it) * BLOCK_K, x_ptr, w_ptr, s_ptr, z_ptr, perm_ptr,
+                                   rm, m_ok, n, n_ok, pid_m, K, group_size, stride_xm, stride_wk, stride_sg,
+                                   BITS, ZERO_MODE, HAS_PERM, USE_DOT, BLOCK_N, BLOCK_K)
+    else:  # all of K
+        for k0 in range(0, K, BLOCK_K):
+            acc = _accumulate_tile(acc, k0, x_ptr, w_ptr, s_ptr, z_ptr, perm_ptr,
+                                   rm, m_ok, n, n_ok, pid_m, K, group_size, stride_xm, stride_wk, stride_sg,
+                                   BITS, ZERO_MODE, HAS_PERM, USE_DOT, BLOCK_N, BLOCK_K)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         if ATOMIC:
