@@ -1,7 +1,7 @@
 """The form in which the Triton kernels read a linear, prepared once at load from a PackedLinear.
 
 The packed format stores int4 as int32 words [N, ceil(K/8)] (docs/FORMAT.md 4.2) and int8 as uint8
-[N, K]. The kernels read them transposed, N contiguous: int8 is padded to a multiple of 4 columns
+[N, K]. The kernels read them transposed, N contiguous, int4 nibbles pair-interleaved (below): int8 is padded to a multiple of 4 columns
 and viewed as int32 words (little-endian, so byte i of word j is column 4j + i: the same "low bits
 first" order as int4), then both become words [K / EPW, N]; scales and zeros/offsets become
 [G, N]. One kernel then serves both bit widths with BITS as a constexpr. The repacking costs a
@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from qruntime.checkpoint import PackedLinear, effective_group_size
+from qruntime.quantizers.packing import pack_int4, unpack_int4
 
 from .tuning import gemm_config, splitk_config
 
@@ -46,11 +47,26 @@ class TritonLinear:
                    if t is not None)
 
 
+# int4: within each block of 8 columns, columns 2i and 2i+1 go to nibbles i and i + 4, so that one
+# "& 0x000F000F" yields the fp16x2 pair (q_2i, q_2i+1) matching two adjacent fp16 activations.
+_NIBBLE_SOURCE = torch.tensor([0, 2, 4, 6, 1, 3, 5, 7])
+
+
+def _pair_interleave_int4(words: torch.Tensor, k: int) -> torch.Tensor:
+    codes = unpack_int4(words, k)
+    pad = (-k) % 8
+    codes = torch.nn.functional.pad(codes, (0, pad)).view(codes.shape[0], -1, 8)
+    codes = codes[:, :, _NIBBLE_SOURCE.to(codes.device)].reshape(codes.shape[0], -1)
+    return pack_int4(codes)
+
+
 def prepare(lin: PackedLinear, device: torch.device, dtype: torch.dtype) -> TritonLinear:
     """PackedLinear (bits 4 or 8) -> TritonLinear on `device`."""
     if lin.bits not in (4, 8):
         raise ValueError(f"prepare: bits={lin.bits}; 16-bit linears use the dense path")
     words = lin.qweight.to(device)
+    if lin.bits == 4:
+        words = _pair_interleave_int4(words, lin.in_features)
     if lin.bits == 8:
         pad = (-lin.in_features) % 4
         words = torch.nn.functional.pad(words, (0, pad)).contiguous().view(torch.int32)

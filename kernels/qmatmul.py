@@ -22,11 +22,80 @@ Per tile (BLOCK_K stays inside one group), in fp32:
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
 from ._common import int_to_float_exact
+
+
+@triton.jit
+def _nibble_slot(k, BITS: tl.constexpr):
+    """Where column k sits in its word. int8: byte k % 4. int4 (pair-interleaved layout, see
+    kernels.layout): columns 2i and 2i+1 of each block of 8 sit in nibbles i and i + 4."""
+    if BITS == 4:
+        c = k % 8
+        return c // 2 + 4 * (c % 2)
+    else:
+        return k % 4
+
+
+_DOT8_F16X2 = """
+{
+.reg .b32 m, msk, t0, t1, t2, t3, acc;
+.reg .b16 lo, hi;
+.reg .f32 flo, fhi;
+mov.b32 m, 0x64006400;
+mov.b32 msk, 0x000F000F;
+lop3.b32 t0, $1, msk, m, 0xEA;
+shr.u32 t1, $1, 4;
+lop3.b32 t1, t1, msk, m, 0xEA;
+shr.u32 t2, $1, 8;
+lop3.b32 t2, t2, msk, m, 0xEA;
+shr.u32 t3, $1, 12;
+lop3.b32 t3, t3, msk, m, 0xEA;
+sub.f16x2 t0, t0, m;
+sub.f16x2 t1, t1, m;
+sub.f16x2 t2, t2, m;
+sub.f16x2 t3, t3, m;
+mul.rn.f16x2 acc, t0, $2;
+fma.rn.f16x2 acc, t1, $3, acc;
+fma.rn.f16x2 acc, t2, $4, acc;
+fma.rn.f16x2 acc, t3, $5, acc;
+mov.b32 {lo, hi}, acc;
+cvt.f32.f16 flo, lo;
+cvt.f32.f16 fhi, hi;
+add.f32 $0, flo, fhi;
+}
+"""
+
+
+@triton.jit
+def _dot8(w, xp0, xp1, xp2, xp3, EMULATE: tl.constexpr):
+    """sum_{j<8} q_j x_j for each int4 word w (pair-interleaved) and its 8 fp16 activations, given as
+    four int32 words each holding the fp16 pair (x_2i, x_2i+1).
+
+    On the GPU: nibble pairs (i, i + 4) become fp16x2 (1024 + q) with one LOP3 (or-ing into the
+    mantissa of 1024.0), one HSUB2 removes the 1024, and four HFMA2 multiply-add two products each:
+    about 2.4 instructions per weight instead of 5 for the fp32 path. The 8 products accumulate in
+    fp16 (relative error ~1e-3 of the word's partial sum) and leave as one fp32.
+    EMULATE computes the same sum in plain Triton for the CPU interpreter (which cannot run PTX)."""
+    if EMULATE:
+        return _pair(w, xp0, 0) + _pair(w, xp1, 1) + _pair(w, xp2, 2) + _pair(w, xp3, 3)
+    else:
+        return tl.inline_asm_elementwise(_DOT8_F16X2, "=f,r,r,r,r,r", [w, xp0, xp1, xp2, xp3],
+                                         dtype=tl.float32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _pair(w, xp, i: tl.constexpr):
+    q_lo = ((w >> (4 * i)) & 0xF).to(tl.float32)
+    q_hi = ((w >> (4 * i + 16)) & 0xF).to(tl.float32)
+    x_lo = (xp & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    x_hi = ((xp >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    return q_lo * x_lo + q_hi * x_hi
 
 
 @triton.jit
@@ -40,7 +109,7 @@ def _accumulate_tile(acc, k0, x_ptr, w_ptr, s_ptr, z_ptr, perm_ptr, rm, m_ok, n,
     k = k0 + tl.arange(0, BLOCK_K)
     k_ok = k < K
     w = tl.load(w_ptr + (k // EPW)[:, None] * stride_wk + n[None, :], mask=k_ok[:, None] & n_ok[None, :], other=0)
-    codes = (w >> ((k % EPW) * BITS)[:, None]) & ((1 << BITS) - 1)                           # [BK, BN]
+    codes = (w >> (_nibble_slot(k, BITS) * BITS)[:, None]) & ((1 << BITS) - 1)                # [BK, BN]
     if HAS_PERM:
         src = tl.load(perm_ptr + k, mask=k_ok, other=0)
     else:
@@ -54,6 +123,13 @@ def _accumulate_tile(acc, k0, x_ptr, w_ptr, s_ptr, z_ptr, perm_ptr, rm, m_ok, n,
         x = tl.load(x_ptr + pid_m * stride_xm + src, mask=k_ok, other=0.0).to(tl.float32)
         d = tl.sum(int_to_float_exact(codes) * x[:, None], axis=0)[None, :]
         xs = tl.sum(x, axis=0)
+    return _apply_group(acc, d, xs, k0, K, group_size, s_ptr, z_ptr, n, n_ok, stride_sg, BITS, ZERO_MODE, offset, BLOCK_N)
+
+
+@triton.jit
+def _apply_group(acc, d, xs, k0, K, group_size, s_ptr, z_ptr, n, n_ok, stride_sg,
+                 BITS: tl.constexpr, ZERO_MODE: tl.constexpr, offset: tl.constexpr, BLOCK_N: tl.constexpr):
+    """acc += the tile's contribution given D = sum x (offset + q) and X = sum x (see module doc)."""
     g = k0 // group_size
     sm = n_ok & ((k0 + tl.zeros([BLOCK_N], dtype=tl.int32)) < K)
     s = tl.load(s_ptr + g * stride_sg + n, mask=sm, other=0.0).to(tl.float32)[None, :]
@@ -66,6 +142,41 @@ def _accumulate_tile(acc, k0, x_ptr, w_ptr, s_ptr, z_ptr, perm_ptr, rm, m_ok, n,
         off = tl.load(z_ptr + g * stride_sg + n, mask=sm, other=0.0).to(tl.float32)[None, :]
         acc += s * (d - offset * xs) + off * xs
     return acc
+
+
+@triton.jit
+def _qgemv_int4_kernel(
+    x_ptr, xw_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr,
+    N, K, group_size, stride_wk, stride_sg,
+    ZERO_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, EMULATE: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_ITERS: tl.constexpr,
+):
+    """Decode GEMV for int4, M = 1, fp16 x with K % 8 == 0, no act-order: out (fp32) += x @ W.T.
+
+    Reads each word once ([BLOCK_K / 8, BLOCK_N] tile) and multiplies it by its 8 activations with
+    packed fp16x2 arithmetic (`_dot8`); x is also read as int32 words `xw` of fp16 pairs."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = n < N
+    acc = tl.zeros([1, BLOCK_N], dtype=tl.float32)
+    RW: tl.constexpr = BLOCK_K // 8
+    for it in tl.static_range(K_ITERS):
+        k0 = (pid_k * K_ITERS + it) * BLOCK_K
+        r = k0 // 8 + tl.arange(0, RW)
+        r_ok = r < K // 8
+        w = tl.load(w_ptr + r[:, None] * stride_wk + n[None, :], mask=r_ok[:, None] & n_ok[None, :], other=0)
+        xp0 = tl.broadcast_to(tl.load(xw_ptr + r * 4 + 0, mask=r_ok, other=0)[:, None], (RW, BLOCK_N))
+        xp1 = tl.broadcast_to(tl.load(xw_ptr + r * 4 + 1, mask=r_ok, other=0)[:, None], (RW, BLOCK_N))
+        xp2 = tl.broadcast_to(tl.load(xw_ptr + r * 4 + 2, mask=r_ok, other=0)[:, None], (RW, BLOCK_N))
+        xp3 = tl.broadcast_to(tl.load(xw_ptr + r * 4 + 3, mask=r_ok, other=0)[:, None], (RW, BLOCK_N))
+        d = tl.sum(_dot8(w, xp0, xp1, xp2, xp3, EMULATE), axis=0)[None, :]
+        k = k0 + tl.arange(0, BLOCK_K)
+        xs = tl.sum(tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32), axis=0)
+        acc = _apply_group(acc, d, xs, k0, K, group_size, s_ptr, z_ptr, n, n_ok, stride_sg, 4, ZERO_MODE, 0.0, BLOCK_N)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :] * (pid_k == 0).to(tl.float32)
+    tl.atomic_add(out_ptr + n[None, :], acc, mask=n_ok[None, :], sem="relaxed")
 
 
 @triton.jit
@@ -109,6 +220,15 @@ def _qmatmul_kernel(
         tl.store(out_ptr + rm[:, None] * stride_om + n[None, :], acc.to(out_ptr.dtype.element_ty), mask=omask)
 
 
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _packed_fp16_path(x2: torch.Tensor, lin) -> bool:
+    """Whether the fp16x2 int4 GEMV applies: one fp16 row, K % 8 == 0, no act-order."""
+    return (lin.bits == 4 and x2.shape[0] == 1 and x2.dtype == torch.float16 and lin.in_features % 8 == 0
+            and lin.perm is None and x2.is_contiguous())
+
+
 def _check(x: torch.Tensor, lin) -> torch.Tensor:
     x2 = x.reshape(-1, x.shape[-1])
     if x2.shape[1] != lin.in_features:
@@ -119,8 +239,12 @@ def _check(x: torch.Tensor, lin) -> torch.Tensor:
 
 
 def qmatmul_accumulate(x: torch.Tensor, lin, out: torch.Tensor,
-                       config: tuple[int, int, int, int, bool] | None = None) -> torch.Tensor:
-    """out [M, N] (fp32) += x [M <= 16, K] @ W.T (+ bias), split over K with atomics; returns out."""
+                       config: tuple[int, int, int, int, bool | str] | None = None) -> torch.Tensor:
+    """out [M, N] (fp32) += x [M <= 16, K] @ W.T (+ bias), split over K with atomics; returns out.
+
+    config = (BLOCK_N, BLOCK_K, K_ITERS, num_warps, path) with path False (fp32 FMA, M = 1), True
+    (tensor cores) or "f16x2" (packed-fp16 int4 GEMV, M = 1, fp16 x, K % 8 == 0, no act-order;
+    otherwise the FMA path)."""
     x2 = _check(x, lin)
     m, k = x2.shape
     if m > 16:
@@ -129,7 +253,16 @@ def qmatmul_accumulate(x: torch.Tensor, lin, out: torch.Tensor,
         raise ValueError(f"qmatmul_accumulate: out must be fp32 [{m}, {lin.out_features}], got {out.dtype} {tuple(out.shape)}")
     out2 = out.view(m, lin.out_features)
     bn, bk, iters, nw, use_dot = config or lin.splitk_config(m)
-    use_dot = use_dot or m > 1
+    if _packed_fp16_path(x2, lin) and use_dot == "f16x2":
+        bk = min(bk, lin.group_size_eff)
+        _qgemv_int4_kernel[(triton.cdiv(lin.out_features, bn), triton.cdiv(k, bk * iters))](
+            x2, x2.view(torch.int32), lin.words, lin.scales, lin.zeros_or_offsets, lin.bias, out2,
+            lin.out_features, k, lin.group_size_eff, lin.words.stride(0), lin.scales.stride(0),
+            ZERO_MODE=lin.zero_mode_id, HAS_BIAS=lin.bias is not None, EMULATE=_INTERPRET,
+            BLOCK_N=bn, BLOCK_K=bk, K_ITERS=iters, num_warps=nw,
+        )
+        return out
+    use_dot = use_dot is True or m > 1
     bk = min(bk, lin.group_size_eff)  # a tile must stay inside one group
     grid = (1, triton.cdiv(lin.out_features, bn), triton.cdiv(k, bk * iters))
     _qmatmul_kernel[grid](
