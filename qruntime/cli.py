@@ -8,7 +8,7 @@ import json
 import sys
 from typing import Callable, Sequence
 
-from qruntime.errors import QRuntimeError
+from qruntime.errors import InvalidOptionError, QRuntimeError
 
 
 def _positive_int(text: str) -> int:
@@ -28,9 +28,13 @@ def _group_size(text: str) -> int:
 def cmd_convert(args: argparse.Namespace) -> None:
     from qruntime.convert import convert_checkpoint
 
+    source = args.source_format or [None]
+    if len(source) > 2 or (len(source) == 2 and source[0] != "gguf"):
+        raise InvalidOptionError(f"--from {' '.join(source)}: expected a format, or `gguf QUANT` (e.g. gguf q4_k_m)")
     out = convert_checkpoint(
-        args.src, args.output, source_format=args.source_format, bits=args.bits, group_size=args.group_size,
+        args.src, args.output, source_format=source[0], bits=args.bits, group_size=args.group_size,
         symmetric=args.sym, lm_head_bits=args.lm_head_bits, force=args.force, progress=not args.quiet,
+        quant_type=source[1] if len(source) == 2 else None, requantize=args.requantize,
     )
     print(f"wrote {out}", file=sys.stderr)
 
@@ -111,9 +115,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("convert", help="convert a checkpoint to the packed format")
-    p.add_argument("src", help="source checkpoint (Hugging Face directory)")
+    p.add_argument("src", help="source checkpoint: Hugging Face directory, GGUF file, directory of GGUF files, "
+                               "or a Hugging Face repo id with --from gguf QUANT")
     p.add_argument("-o", "--output", required=True, help="output directory (must not exist unless --force)")
-    p.add_argument("--from", dest="source_format", default=None, help="source format (default: detected): hf")
+    p.add_argument("--from", dest="source_format", nargs="+", metavar="FORMAT", default=None,
+                   help="source format (default: detected): hf, or gguf [QUANT] where QUANT is a llama.cpp "
+                        "type (q4_k_m, q8_0, ...) picking that file in a directory or repo")
+    p.add_argument("--requantize", action="store_true",
+                   help="GGUF: dequantize tensor types the packed format cannot hold (IQ*, TQ*, ...) and "
+                        "re-quantize them with RTN at --bits (default int4, group 32); lossy, and said so")
     p.add_argument("--bits", type=int, choices=(4, 8, 16), default=None,
                    help="quantize float weights to 4 or 8 bits (RTN); 16 or unset keeps the source precision")
     p.add_argument("--group-size", type=_group_size, default=128, help="columns per scale; -1 per-channel")

@@ -13,6 +13,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import tiny_models  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).parent / "converters"))
+from gguf_fixtures import gguf_zoo  # noqa: E402,F401  (session fixture: GGUF files made by llama.cpp)
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
