@@ -28,7 +28,7 @@ from ..base import Converter, register
 from . import metadata, tokenizer
 from .reader import GGUFFile, peek_magic, read_gguf
 from .select import local_file
-from .tensors import dequantized, float_tensor, foreign_dequantized, quantized_linear
+from .tensors import any_float, dequantized, float_tensor, foreign_dequantized, quantized_linear
 from .types import FLOAT_TYPES, QUANT_TYPES, SUPPORTED
 
 log = logging.getLogger("qruntime")
@@ -72,7 +72,7 @@ class _Builder:
         info = self.f.tensors[gguf_weight]
         rows = metadata.unpermute_rows(self.arch, hf + ".weight", self.cfg)
         bias_name = gguf_weight[: -len("weight")] + "bias"
-        bias = float_tensor(self.f, self.f.tensors[bias_name], rows) if bias_name in self.f.tensors else None
+        bias = any_float(self.f, self.f.tensors[bias_name], rows) if bias_name in self.f.tensors else None
         if info.ggml_type in QUANT_TYPES:  # keep llama.cpp's codes
             lin = quantized_linear(self.f, info, rows)
             lin.bias = bias
@@ -115,15 +115,16 @@ def read_checkpoint(f: GGUFFile, policy: QuantPolicy | None = None, requantize: 
     dense = {}
     for hf, _ in expected_dense_shapes(cfg):
         info = f.tensors[metadata.gguf_name(hf)]
-        if info.ggml_type in FLOAT_TYPES:
-            dense[hf] = float_tensor(f, info)
-        elif info.ggml_type in QUANT_TYPES:
+        if hf == "model.embed_tokens.weight" and info.ggml_type in QUANT_TYPES:
             dense[hf] = dequantized(f, info, EMBEDDING_DTYPE)
-        else:
+        elif hf == "model.embed_tokens.weight" and info.ggml_type not in FLOAT_TYPES:  # --requantize
             dense[hf] = foreign_dequantized(f, info).to(EMBEDDING_DTYPE)
+        else:
+            dense[hf] = any_float(f, info)
 
+    file_type = f.get("general.file_type")
     source = {"format": "gguf", "method": "rtn" if build.rtn_used else "none", "path": f.source,
-              "gguf_file_type": f.get("general.file_type")}
+              "gguf_file_type": file_type if isinstance(file_type, int) else None}
     if foreign:
         source["requantized"] = {n: f.tensors[n].type_name for n in foreign}
         log.warning("qruntime: --requantize: %d tensors (%s) were dequantized and re-quantized with RTN; their "

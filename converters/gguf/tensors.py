@@ -112,6 +112,16 @@ def dequantized(f: GGUFFile, info: TensorInfo, dtype: torch.dtype, rows: np.ndar
     return out.reshape(torch_shape(info))
 
 
+def any_float(f: GGUFFile, info: TensorInfo, rows: np.ndarray | None = None) -> torch.Tensor:
+    """A small tensor (norm, bias) as floats whatever its type: float types keep their dtype,
+    others are dequantized to float32."""
+    if info.ggml_type in FLOAT_TYPES:
+        return float_tensor(f, info, rows)
+    if info.ggml_type in QUANT_TYPES:
+        return dequantized(f, info, torch.float32, rows)
+    return foreign_dequantized(f, info, rows)
+
+
 def foreign_dequantized(f: GGUFFile, info: TensorInfo, rows: np.ndarray | None = None) -> torch.Tensor:
     """float32 weights of a type we do not map (IQ*, TQ*, ...), via gguf-py's dequantizer (the
     `--requantize` path)."""

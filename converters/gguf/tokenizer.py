@@ -14,6 +14,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from qruntime.errors import CorruptFileError, UnsupportedFormatError
 
 from .reader import GGUFFile
@@ -27,6 +29,25 @@ EOG_TEXTS = ("<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftex
              "_<EOT>", "<|end_of_text|>", "<｜end▁of▁sentence｜>")
 
 
+def _strings(f: GGUFFile, key: str) -> list[str] | None:
+    """A string-array key, or None; any other type is a corrupt file (not a crash later)."""
+    value = f.get(key)
+    if value is not None and not isinstance(value, list):
+        raise CorruptFileError(f"{f.source}: {key} is {f.metadata_types.get(key)}, expected array[string]")
+    return value
+
+
+def _numbers(f: GGUFFile, key: str, n: int) -> list | None:
+    """A numeric-array key of length n (per-token types or scores), or None."""
+    value = f.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, np.ndarray) or len(value) != n:
+        raise CorruptFileError(f"{f.source}: {key} must be a numeric array of {n} values, found "
+                               f"{f.metadata_types.get(key)} of {len(value) if hasattr(value, '__len__') else 1}")
+    return value.tolist()
+
+
 def _token_id(f: GGUFFile, key: str, n_vocab: int) -> int | None:
     value = f.get(f"tokenizer.ggml.{key}")
     if value is None:
@@ -38,13 +59,13 @@ def _token_id(f: GGUFFile, key: str, n_vocab: int) -> int | None:
 
 def special_ids(f: GGUFFile) -> tuple[int | None, list[int]]:
     """(BOS id, end-of-generation ids) as llama.cpp derives them."""
-    tokens = f.get("tokenizer.ggml.tokens") or []
+    tokens = _strings(f, "tokenizer.ggml.tokens") or []
     n = len(tokens)
     bos = _token_id(f, "bos_token_id", n)
     eos = [i for i in (_token_id(f, k, n) for k in ("eos_token_id", "eot_token_id", "eom_token_id")) if i is not None]
-    types = f.get("tokenizer.ggml.token_type")
-    if types is not None and len(types) == n:
-        eos += [i for i, t in enumerate(tokens) if t in EOG_TEXTS and int(types[i]) == TOKEN_CONTROL]
+    types = _numbers(f, "tokenizer.ggml.token_type", n)
+    if types is not None:
+        eos += [i for i, t in enumerate(tokens) if t in EOG_TEXTS and types[i] == TOKEN_CONTROL]
     return bos, list(dict.fromkeys(eos))
 
 
@@ -58,13 +79,17 @@ def _adds_bos(f: GGUFFile, model: str) -> bool:
 
 def _tokenizer_dict(f: GGUFFile, model: str) -> dict[str, Any]:
     """The field names transformers' GGUF tokenizer builders read."""
-    d: dict[str, Any] = {"tokenizer_type": model, "tokens": list(f.get("tokenizer.ggml.tokens") or [])}
-    for key, name in (("pre", "pre_tokenizer_type"), ("merges", "merges"), ("add_space_prefix", "add_prefix_space")):
-        if f.get(f"tokenizer.ggml.{key}") is not None:
-            d[name] = f.get(f"tokenizer.ggml.{key}")
-    for key, name in (("scores", "scores"), ("token_type", "token_type")):
-        if f.get(f"tokenizer.ggml.{key}") is not None:
-            d[name] = [x.item() for x in f.get(f"tokenizer.ggml.{key}")]
+    tokens = _strings(f, "tokenizer.ggml.tokens") or []
+    d: dict[str, Any] = {"tokenizer_type": model, "tokens": tokens}
+    if isinstance(f.get("tokenizer.ggml.pre"), str):
+        d["pre_tokenizer_type"] = f.get("tokenizer.ggml.pre")
+    if isinstance(f.get("tokenizer.ggml.add_space_prefix"), bool):
+        d["add_prefix_space"] = f.get("tokenizer.ggml.add_space_prefix")
+    if _strings(f, "tokenizer.ggml.merges") is not None:
+        d["merges"] = f.get("tokenizer.ggml.merges")
+    for key in ("scores", "token_type"):
+        if (values := _numbers(f, f"tokenizer.ggml.{key}", len(tokens))) is not None:
+            d[key] = values
     return d
 
 
@@ -74,7 +99,7 @@ def build_tokenizer_files(f: GGUFFile, arch: str) -> dict[str, bytes]:
     model = f.get("tokenizer.ggml.model")
     if model is None:
         return {}
-    if not f.get("tokenizer.ggml.tokens"):
+    if not isinstance(model, str) or not _strings(f, "tokenizer.ggml.tokens"):
         raise CorruptFileError(f"{f.source}: tokenizer.ggml.model is {model!r} but tokenizer.ggml.tokens is missing")
     from tokenizers import processors
     from transformers import PreTrainedTokenizerFast

@@ -137,8 +137,8 @@ def _rewrite(src, out, drop=(), kv=None, retype=None, add=None):
         if not name.startswith("GGUF.") and name != "general.alignment":
             sub = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
             w.add_key_value(name, field.contents(), field.types[0], sub_type=sub)
-    for name, (value, vtype) in (kv or {}).items():
-        w.add_key_value(name, value, vtype)
+    for name, (value, vtype, *sub) in (kv or {}).items():
+        w.add_key_value(name, value, vtype, sub_type=sub[0] if sub else None)
     for t in reader.tensors:
         if t.name in drop:
             continue
@@ -168,6 +168,9 @@ MODEL_CASES = {
     "eps-negative": (dict(kv={"llama.attention.layer_norm_rms_epsilon": (-1.0, V.FLOAT32)}), CorruptFileError),
     "rope-yarn": (dict(kv={"llama.rope.scaling.type": ("yarn", V.STRING)}), UnsupportedArchitectureError),
     "eos-id-out-of-range": (dict(kv={"tokenizer.ggml.eos_token_id": (10**6, V.UINT32)}), CorruptFileError),
+    "token-types-not-numbers": (dict(kv={"tokenizer.ggml.token_type": (["x"] * 384, V.ARRAY, V.STRING)}),
+                                CorruptFileError),
+    "merges-not-strings": (dict(kv={"tokenizer.ggml.merges": ([1, 2], V.ARRAY, V.UINT32)}), CorruptFileError),
     "wrong-shape": (dict(retype={"blk.0.attn_norm.weight": np.ones(255, np.float32)}), ShapeMismatchError),
     "rope-freqs-wrong-size": (dict(retype={"rope_freqs.weight": np.ones(31, np.float32)}), ShapeMismatchError),
 }
