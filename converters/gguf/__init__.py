@@ -63,8 +63,8 @@ def _check_types(f: GGUFFile, names: list[str], requantize: bool) -> list[str]:
 class _Builder:
     """Builds each linear from its GGUF tensor per the source type and the policy."""
 
-    def __init__(self, f: GGUFFile, cfg: ModelConfig, policy: QuantPolicy | None, requantize: bool) -> None:
-        self.f, self.cfg, self.policy, self.requantize = f, cfg, policy, requantize
+    def __init__(self, f: GGUFFile, cfg: ModelConfig, policy: QuantPolicy | None) -> None:
+        self.f, self.cfg, self.policy = f, cfg, policy
         self.arch = cfg.family
         self.rtn_used = False  # any linear re-quantized or quantized from floats (source method "rtn")
 
@@ -105,7 +105,7 @@ def read_checkpoint(f: GGUFFile, policy: QuantPolicy | None = None, requantize: 
     cfg = metadata.model_config(f, bos, eos)
     expected = metadata.check_tensors(f, cfg)
     foreign = _check_types(f, list(expected), requantize)
-    build = _Builder(f, cfg, policy, requantize)
+    build = _Builder(f, cfg, policy)
 
     head = build.lm_head_source()
     names = [n for n, _ in expected_linear_shapes(cfg, has_lm_head=head is not None)]
@@ -127,8 +127,10 @@ def read_checkpoint(f: GGUFFile, policy: QuantPolicy | None = None, requantize: 
               "gguf_file_type": file_type if isinstance(file_type, int) else None}
     if foreign:
         source["requantized"] = {n: f.tensors[n].type_name for n in foreign}
-        log.warning("qruntime: --requantize: %d tensors (%s) were dequantized and re-quantized with RTN; their "
-                    "GGUF codes are not kept", len(foreign), ", ".join(sorted(set(source["requantized"].values()))))
+        p = policy or REQUANTIZE_DEFAULT
+        log.warning("qruntime: --requantize: %d tensors (%s) were dequantized and re-quantized with RTN (int%d, group "
+                    "%d); their GGUF codes are not kept", len(foreign),
+                    ", ".join(sorted(set(source["requantized"].values()))), p.bits, p.group_size)
     ckpt = QuantizedCheckpoint(config=cfg, linears=linears, dense=dense,
                                generation_config=tokenizer.generation_config(f), source=source)
     ckpt.validate()

@@ -95,3 +95,25 @@ def test_float_gguf_follows_bits_policy(gguf_zoo):
     lin = ckpt.linears["model.layers.0.mlp.up_proj"]
     assert (lin.bits, lin.group_size, ckpt.source["method"]) == (4, 64, "rtn")
     assert ckpt.linears["lm_head"].bits == 8  # the policy's lm_head rule
+
+
+def test_hub_repo_id_path_gives_clean_errors(monkeypatch, tmp_path):
+    """The hub path cannot run offline; its selection and failure handling can."""
+    import huggingface_hub
+
+    from qruntime.converters.gguf.select import hub_file, looks_like_repo_id
+    from qruntime.errors import ModelNotFoundError
+
+    assert looks_like_repo_id("bartowski/Llama-3.2-1B-Instruct-GGUF") and not looks_like_repo_id("a/b/c")
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", lambda repo: ["m-Q4_K_M.gguf", "m-Q8_0.gguf"])
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda repo, name: str(tmp_path / name))
+    assert hub_file("o/m", "q8_0").name == "m-Q8_0.gguf"
+    with pytest.raises(NotAModelError, match="no GGUF file of type Q6_K"):
+        hub_file("o/m", "q6_k")
+
+    def offline(repo):
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", offline)
+    with pytest.raises(ModelNotFoundError, match="download the .gguf file and pass its path"):
+        hub_file("o/m", "q8_0")
