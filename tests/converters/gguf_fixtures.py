@@ -94,7 +94,7 @@ def _add_tokenizer(w, src: Path, pre: str, add_bos: bool) -> None:
 
 def write_gguf(src: Path, out: Path, dtype: str = "F32", pre: str = "gpt-2", add_bos: bool = False,
                override: dict[str, np.ndarray] | None = None) -> Path:
-    """HF checkpoint dir `src` (tiny llama/qwen2/qwen3) -> a GGUF file of F32 or F16 weights.
+    """HF checkpoint dir `src` (tiny llama/qwen2/qwen3) -> a GGUF file of F32, F16 or BF16 weights.
     `override`: GGUF name -> F32 array already in GGUF layout, written instead of the HF tensor."""
     import gguf
     from safetensors.numpy import load_file
@@ -116,7 +116,8 @@ def write_gguf(src: Path, out: Path, dtype: str = "F32", pre: str = "gpt-2", add
     w.add_rope_dimension_count(head_dim)
     w.add_rope_freq_base(cfg.rope_theta)
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    w.add_file_type(gguf.LlamaFileType.ALL_F32 if dtype == "F32" else gguf.LlamaFileType.MOSTLY_F16)
+    w.add_file_type({"F32": gguf.LlamaFileType.ALL_F32, "F16": gguf.LlamaFileType.MOSTLY_F16,
+                     "BF16": gguf.LlamaFileType.MOSTLY_BF16}[dtype])
     _add_tokenizer(w, src, pre, add_bos)
 
     tensors = load_file(str(src / "model.safetensors"))
@@ -131,7 +132,11 @@ def write_gguf(src: Path, out: Path, dtype: str = "F32", pre: str = "gpt-2", add
         if override is not None:
             t = override[_gguf_name(name)]
         # like llama.cpp's converter: 1-D tensors (norms, biases) stay F32
-        w.add_tensor(_gguf_name(name), t.astype(np.float16) if dtype == "F16" and t.ndim == 2 else t)
+        if dtype == "BF16" and t.ndim == 2:  # gguf-py rounds to bf16 as ggml does; written as raw words
+            bf16 = gguf.GGMLQuantizationType.BF16
+            w.add_tensor(_gguf_name(name), gguf.quants.quantize(t, bf16), raw_dtype=bf16)
+        else:
+            w.add_tensor(_gguf_name(name), t.astype(np.float16) if dtype == "F16" and t.ndim == 2 else t)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -212,7 +217,7 @@ class GGUFZoo:
     def file(self, model: str, ftype: str) -> Path:
         def make() -> Path:
             out = self.root / f"tiny-{model}-{ftype}.gguf"
-            if ftype in ("F32", "F16"):
+            if ftype in ("F32", "F16", "BF16"):
                 return write_gguf(self.hf(model), out, ftype, **self._write_options(model))
             return quantize(self.file(model, "F32"), out, ftype)
         return self._once(("file", model, ftype), make)

@@ -31,7 +31,8 @@ F32_BOUND = 1e-5                       # same math in float32 on both sides
 FIDELITY = {"exact": 2e-3, "k": 1e-2}  # see the module docstring
 K_FILE_TYPES = {"Q2_K", "Q3_K_M", "Q4_K_M", "Q5_K_M", "Q6_K"}
 CASES = ([(m, t) for m in ("llama", "qwen2") for t in ("F32", "F16", *QUANT_FILE_TYPES)]
-         + [("qwen3", t) for t in ("F32", "Q8_0", "Q4_K_M")] + [("llama2", t) for t in ("F32", "Q4_K_M")])
+         + [("qwen3", t) for t in ("F32", "Q8_0", "Q4_K_M")] + [("llama2", t) for t in ("F32", "Q4_K_M")]
+         + [("qwen2", "BF16")])
 
 
 def _llama(path, **kw):

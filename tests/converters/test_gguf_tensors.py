@@ -22,7 +22,7 @@ EXACT_TYPES = {"F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"}
 K_TYPES = {"Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"}
 FP16_EPS = 2.0**-11        # half an fp16 ulp, relative (normal range)
 FP16_SUBNORMAL = 2.0**-25  # half the fp16 subnormal spacing, absolute
-FILES = [(m, t) for m in ("llama", "qwen2") for t in ("F32", "F16", *QUANT_FILE_TYPES)]
+FILES = [(m, t) for m in ("llama", "qwen2") for t in ("F32", "F16", *QUANT_FILE_TYPES)] + [("qwen2", "BF16")]
 
 
 def _report(name: str, diff: np.ndarray, bound: np.ndarray | float) -> str:
@@ -101,5 +101,5 @@ def test_fixture_files_hold_the_types_under_test(gguf_zoo):
     for model, ftype in FILES:
         for t in gguf.GGUFReader(str(gguf_zoo.file(model, ftype))).tensors:
             seen.setdefault(t.tensor_type.name, set()).add(f"{model}-{ftype}")
-    assert {"F32", "F16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"} <= set(seen)
+    assert {"F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"} <= set(seen)
     assert "qwen2-Q4_K_M" in seen["Q5_0"] or "qwen2-Q4_K_M" in seen["Q5_1"] or "qwen2-Q4_K_M" in seen["Q8_0"]
