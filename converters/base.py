@@ -78,3 +78,4 @@ def convert(path: Path, source_format: str | None = None, **options) -> Quantize
 # Converters register on import; keep this list the single place that names them.
 from . import hf  # noqa: E402,F401
 from . import gptq, awq, compressed_tensors  # noqa: E402,F401  (after hf: they reuse its reader)
+from . import gguf  # noqa: E402,F401

@@ -8,7 +8,7 @@ import json
 import sys
 from typing import Callable, Sequence
 
-from qruntime.errors import QRuntimeError
+from qruntime.errors import InvalidOptionError, QRuntimeError
 
 
 def _positive_int(text: str) -> int:
@@ -37,10 +37,16 @@ def cmd_convert(args: argparse.Namespace) -> None:
 
     calib_given = args.calib is not None or args.calib_samples is not None or args.calib_seqlen is not None
     calibration = Calibration(args.calib, args.calib_samples or 128, args.calib_seqlen or 512) if calib_given else None
+    source = args.source_format or [None]
+    formats = _converter_names()
+    if len(source) > 2 or (len(source) == 2 and source[0] != "gguf") or (source[0] is not None and source[0] not in formats):
+        raise InvalidOptionError(f"--from {' '.join(source)}: expected one of {', '.join(formats)}, or `gguf QUANT` "
+                                 "(e.g. gguf q4_k_m)")
     out = convert_checkpoint(
-        args.src, args.output, source_format=args.source_format, bits=args.bits, group_size=args.group_size,
+        args.src, args.output, source_format=source[0], bits=args.bits, group_size=args.group_size,
         symmetric=args.sym, lm_head_bits=args.lm_head_bits, method=args.method, act_order=args.act_order,
         calibration=calibration, force=args.force, progress=not args.quiet,
+        quant_type=source[1] if len(source) == 2 else None, requantize=args.requantize,
     )
     print(f"wrote {out}", file=sys.stderr)
 
@@ -121,10 +127,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("convert", help="convert a checkpoint to the packed format")
-    p.add_argument("src", help="source checkpoint (Hugging Face fp16/bf16, GPTQ, AWQ or compressed-tensors directory)")
+    p.add_argument("src", help="source checkpoint: Hugging Face fp16/bf16, GPTQ, AWQ or compressed-tensors "
+                               "directory, GGUF file, directory of GGUF files, or a Hugging Face repo id with --from gguf QUANT")
     p.add_argument("-o", "--output", required=True, help="output directory (must not exist unless --force)")
-    p.add_argument("--from", dest="source_format", default=None, choices=_converter_names(),
-                   help="source format (default: detected from the config)")
+    p.add_argument("--from", dest="source_format", nargs="+", metavar="FORMAT", default=None,
+                   help=f"source format (default: detected): {', '.join(_converter_names())}; for gguf an optional "
+                        "QUANT (a llama.cpp type: q4_k_m, q8_0, ...) picks that file in a directory or repo")
+    p.add_argument("--requantize", action="store_true",
+                   help="GGUF: dequantize tensor types the packed format cannot hold (IQ*, TQ*, ...) and "
+                        "re-quantize them with RTN at --bits (default int4, group 32); lossy, and said so")
     p.add_argument("--bits", type=int, choices=(4, 8, 16), default=None,
                    help="quantize float weights to 4 or 8 bits; 16 or unset keeps the source precision")
     p.add_argument("--method", choices=("rtn", "gptq", "awq"), default="rtn",

@@ -15,7 +15,7 @@ from .errors import UnsupportedArchitectureError
 
 SUPPORTED_FAMILIES = ("llama", "qwen2", "qwen3")
 # rope types the engine implements; anything else is refused rather than silently ignored.
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "frequency_factors")
 
 
 @dataclass
@@ -28,6 +28,10 @@ class RopeScaling:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+    # frequency_factors only: inverse frequency i is divided by factors[i] (head_dim / 2 values).
+    # GGUF stores llama3 scaling this way (`rope_freqs.weight`); keeping the file's numbers makes
+    # the engine rotate exactly as llama.cpp does.
+    factors: list[float] | None = None
 
 
 @dataclass
@@ -68,6 +72,17 @@ class ModelConfig:
             raise UnsupportedArchitectureError(
                 f"rope scaling type {self.rope_scaling.type!r} is not supported; supported: "
                 f"{', '.join(SUPPORTED_ROPE_TYPES)}"
+            )
+        rs = self.rope_scaling
+        if rs is not None and (rs.type == "frequency_factors") != (rs.factors is not None):
+            raise UnsupportedArchitectureError("rope scaling: `factors` is required by, and only allowed with, "
+                                               "type 'frequency_factors'")
+        if rs is not None and rs.factors is not None and (
+            len(rs.factors) != self.head_dim // 2 or not all(x > 0 for x in rs.factors)
+        ):
+            raise UnsupportedArchitectureError(
+                f"rope scaling: {len(rs.factors)} frequency factors, expected head_dim / 2 = {self.head_dim // 2} "
+                "positive values"
             )
 
     # -- (de)serialization of the normalized config (the packed format's config.json) --

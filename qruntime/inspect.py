@@ -38,8 +38,12 @@ def inspect_model(path: str | Path) -> dict[str, Any]:
         specs = {n[: -len(".weight")]: None for n, h in headers.items() if n.endswith("proj.weight") or n == "lm_head.weight"}
         source = {"format": "hf"}
         fmt = "hf safetensors"
+    elif converters.detect_format(path) == "gguf":
+        from qruntime.converters.gguf.inspect import inspect_gguf
+
+        return inspect_gguf(path)
     else:
-        raise NotAModelError(f"{path}: inspect reads packed and Hugging Face directories")
+        raise NotAModelError(f"{path}: inspect reads packed and Hugging Face directories and GGUF files")
 
     rows = []
     for name, spec in specs.items():
@@ -73,6 +77,10 @@ def inspect_model(path: str | Path) -> dict[str, Any]:
 
 
 def format_report(report: dict[str, Any]) -> str:
+    if report["format"].startswith("gguf"):
+        from qruntime.converters.gguf.inspect import format_gguf_report
+
+        return format_gguf_report(report)
     c = report["config"]
     lines = [
         f"{report['path']}: {report['format']} (source: {report['source'].get('format', '?')}"

@@ -14,6 +14,9 @@ sys.path.insert(0, str(Path(__file__).parent / "converters"))
 
 import tiny_models  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).parent / "converters"))
+from gguf_fixtures import gguf_zoo  # noqa: E402,F401  (session fixture: GGUF files made by llama.cpp)
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Without a GPU the Triton kernels run in Triton's interpreter; the flag is read when a kernel is
 # defined, so it is set before anything imports qruntime.kernels.

@@ -1,7 +1,8 @@
 """Rotary position embedding, HF "rotate_half" convention (first half / second half of each head).
 
 Frequencies follow transformers' rope initialisation for the types we support: default,
-linear (positions divided by `factor`) and llama3 (per-frequency smooth interpolation).
+linear (positions divided by `factor`), llama3 (per-frequency smooth interpolation) and
+frequency_factors (explicit per-frequency divisors, how GGUF files carry llama3 scaling).
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ def inv_frequencies(cfg: ModelConfig) -> torch.Tensor:
         return inv_freq
     if rs.type == "linear":
         return inv_freq / rs.factor
+    if rs.type == "frequency_factors":  # explicit per-frequency divisors (GGUF rope_freqs), as llama.cpp
+        return inv_freq / torch.tensor(rs.factors, dtype=torch.float32)
     # llama3: long wavelengths are divided by `factor`, short ones kept, the band between blended.
     low_freq_wavelen = rs.original_max_position_embeddings / rs.low_freq_factor
     high_freq_wavelen = rs.original_max_position_embeddings / rs.high_freq_factor
