@@ -57,13 +57,13 @@ class RunnerLinear:
         if self.triton is not None:
             qmatmul_accumulate(x, self.triton, out)
         else:
-            out.add_(torch.nn.functional.linear(x, self.weight, self.bias))
+            out.add_(torch.nn.functional.linear(x.to(self.weight.dtype), self.weight, self.bias))
 
     def matmul(self, x: torch.Tensor, residual: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
         """x @ W.T (+ bias) (+ residual), written to `out` when given."""
         if self.triton is not None:
             return qmatmul(x, self.triton, residual=residual, out=out)
-        y = torch.nn.functional.linear(x, self.weight, self.bias)
+        y = torch.nn.functional.linear(x.to(self.weight.dtype), self.weight, self.bias)
         if residual is not None:
             y = residual + y
         if out is None:
@@ -153,7 +153,9 @@ class TritonRunner:
     def _allocate_decode_buffers(self) -> None:
         cfg, dev = self.cfg, self.device
         f32 = dict(device=dev, dtype=torch.float32)
-        act = dict(device=dev, dtype=self.dtype)
+        # the matmul inputs are fp16 whatever the model dtype: the int4 GEMV multiplies packed fp16
+        # pairs, and the tensor-core paths convert to fp16 anyway
+        act = dict(device=dev, dtype=torch.float16)
         qkv_width = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
         self.token = torch.zeros(1, device=dev, dtype=torch.long)
         self.pos = torch.zeros(1, device=dev, dtype=torch.int32)       # position of `token`
@@ -161,7 +163,7 @@ class TritonRunner:
         self.h = torch.zeros((1, cfg.hidden_size), **f32)
         self.xn = torch.zeros((1, cfg.hidden_size), **act)
         self.qkv_acc = torch.zeros((1, qkv_width), **f32)
-        self.q = torch.zeros((1, cfg.num_heads, cfg.head_dim), **act)
+        self.q = torch.zeros((1, cfg.num_heads, cfg.head_dim), device=dev, dtype=self.dtype)
         self.attn = torch.zeros((1, cfg.num_heads * cfg.head_dim), **act)
         self.gu_acc = torch.zeros((1, 2 * cfg.intermediate_size), **f32)
         self.act = torch.zeros((1, cfg.intermediate_size), **act)
