@@ -42,7 +42,7 @@ def _nibble_slot(k, BITS: tl.constexpr):
         return k % 4
 
 
-_DOT8_F16X2 = """
+_DOT8_F16X2 = tl.constexpr("""
 {
 .reg .b32 m, msk, t0, t1, t2, t3, acc;
 .reg .b16 lo, hi;
@@ -69,7 +69,7 @@ cvt.f32.f16 flo, lo;
 cvt.f32.f16 fhi, hi;
 add.f32 $0, flo, fhi;
 }
-"""
+""")
 
 
 @triton.jit
