@@ -155,7 +155,8 @@ class TritonRunner:
         f32 = dict(device=dev, dtype=torch.float32)
         # the matmul inputs are fp16 whatever the model dtype: the int4 GEMV multiplies packed fp16
         # pairs, and the tensor-core paths convert to fp16 anyway
-        act = dict(device=dev, dtype=torch.float16)
+        # (an fp32 model keeps fp32 inputs: that mode exists to compare against the reference)
+        act = dict(device=dev, dtype=torch.float32 if self.dtype == torch.float32 else torch.float16)
         qkv_width = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
         self.token = torch.zeros(1, device=dev, dtype=torch.long)
         self.pos = torch.zeros(1, device=dev, dtype=torch.int32)       # position of `token`

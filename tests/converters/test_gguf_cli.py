@@ -41,7 +41,7 @@ def test_convert_dir_picks_quant_type_case_insensitively(gguf_zoo, tmp_path):
     assert_clean_cli_error(run_cli("convert", d, "-o", tmp_path / "o3"), "holds 2 GGUF files")
     assert_clean_cli_error(run_cli("convert", d, "--from", "gguf", "q4_k", "-o", tmp_path / "o4"),
                            "not a llama.cpp quant type")
-    assert_clean_cli_error(run_cli("convert", d, "--from", "hf", "q8_0", "-o", tmp_path / "o5"), "expected a format")
+    assert_clean_cli_error(run_cli("convert", d, "--from", "hf", "q8_0", "-o", tmp_path / "o5"), "expected one of")
 
 
 @pytest.mark.parametrize("name,expected", [
