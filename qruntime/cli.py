@@ -93,6 +93,40 @@ def cmd_chat(args: argparse.Namespace) -> None:
         messages.append({"role": "assistant", "content": "".join(reply)})
 
 
+def cmd_bench(args: argparse.Namespace) -> None:
+    import torch
+
+    from qruntime.bench.measure import parse_context_range
+    from qruntime.bench.report import markdown, plot, write_json
+    from qruntime.bench.run import BenchOptions, parse_size, run_bench, run_compare
+
+    try:
+        contexts = parse_context_range(args.context)
+    except ValueError as e:
+        raise InvalidOptionError(str(e)) from None
+    weights = args.weights.split(",") if args.weights else None
+    if weights and any(w not in ("w16", "w8", "w4") for w in weights):
+        raise InvalidOptionError(f"--weights {args.weights}: choose from w16, w8, w4")
+    kvs = args.kv.split(",")
+    if any(k not in ("kv16", "kv8") for k in kvs):
+        raise InvalidOptionError(f"--kv {args.kv}: choose from kv16, kv8")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    opts = BenchOptions(weights=weights, kvs=kvs, contexts=contexts, prompt=args.prompt, repeat=args.repeat,
+                        memory_budget=parse_size(args.memory_budget) if args.memory_budget else None,
+                        device=device, dtype=None, group_size=args.group_size)
+    if args.compare:
+        report = run_compare(args.models, opts, text=args.text, ctx=args.eval_ctx)
+    else:
+        if args.text:
+            raise InvalidOptionError("--text goes with --compare (perplexity/KL across checkpoints)")
+        report = run_bench(args.models, opts, peers=args.peer or [])
+    print(markdown(report))
+    if args.json:
+        write_json(report, args.json)
+    if args.plot:
+        plot(report, args.plot)
+
+
 def cmd_inspect(args: argparse.Namespace) -> None:
     from qruntime.inspect import format_report, inspect_model
 
@@ -161,6 +195,25 @@ def build_parser() -> argparse.ArgumentParser:
     _add_load_options(p)
     p.add_argument("--system", default=None, help="system prompt")
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("bench", help="decode latency vs theory (B, W), TTFT, max context on a memory budget")
+    p.add_argument("models", nargs="+", metavar="MODEL",
+                   help="packed dir, HF dir, or synthetic:llama3.1-8b | synthetic:llama3.2-1b | synthetic:qwen2.5-7b")
+    p.add_argument("--weights", default=None, help="comma list of w16,w8,w4 (synthetic/HF sources; default all for synthetic)")
+    p.add_argument("--kv", default="kv16", help="comma list of kv16,kv8 (kv8 needs a GPU)")
+    p.add_argument("--context", default="0:8192:512", help="START:STOP:STEP context lengths of the decode curve")
+    p.add_argument("--prompt", type=int, default=512, help="prompt length for TTFT (0 skips it)")
+    p.add_argument("--repeat", type=_positive_int, default=5, help="timed repeats after warm-up")
+    p.add_argument("--memory-budget", default=None, help="cap the allocator, e.g. 24GB, to emulate a smaller card")
+    p.add_argument("--group-size", type=_group_size, default=128)
+    p.add_argument("--peer", action="append", help="hf, or llama.cpp=PATH_TO_llama-bench (GGUF models)")
+    p.add_argument("--compare", action="store_true", help="one table across converted checkpoints of one model")
+    p.add_argument("--text", default=None, help="with --compare: text file for perplexity and KL vs the first model")
+    p.add_argument("--eval-ctx", type=_positive_int, default=512, help="with --text: perplexity chunk length")
+    p.add_argument("--device", default=None)
+    p.add_argument("--json", default=None, help="write the full report as JSON")
+    p.add_argument("--plot", default=None, help="write latency vs context (PNG)")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("inspect", help="architecture, per-tensor bits/group, honest BPW, sizes")
     p.add_argument("model")
