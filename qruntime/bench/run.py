@@ -219,7 +219,8 @@ def run_bench(models: list[str], opts: BenchOptions, peers: list[str], progress:
         total = torch.cuda.get_device_properties(opts.device).total_memory
         if opts.memory_budget > total:
             raise InvalidOptionError(f"--memory-budget {opts.memory_budget / 1e9:.1f} GB exceeds the card's {total / 1e9:.1f} GB")
-        torch.cuda.set_per_process_memory_fraction(opts.memory_budget / total, opts.device)
+        index = opts.device.index if opts.device.index is not None else torch.cuda.current_device()
+        torch.cuda.set_per_process_memory_fraction(opts.memory_budget / total, index)
     bandwidth = measure_read_bandwidth(opts.device, gib=2.0 if opts.device.type == "cuda" else 0.25)
     card = torch.cuda.get_device_name(opts.device) if opts.device.type == "cuda" else "cpu"
     datasheet = next((v for k, v in DATASHEET_BANDWIDTH.items() if k.lower() in card.lower()), None)
