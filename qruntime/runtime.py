@@ -63,7 +63,7 @@ class Model:
 
     def __init__(self, ckpt: QuantizedCheckpoint, device: str | torch.device | None = None,
                  dtype: str | torch.dtype | None = None, backend: str | None = None,
-                 max_seq_len: int | None = None, kv_cache: str = "auto") -> None:
+                 max_seq_len: int | None = None, kv_cache: str = "auto", consume: bool = False) -> None:
         self.device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
         self.config = ckpt.config
         self.dtype = _resolve_dtype(dtype, self.device, ckpt.config)
@@ -86,7 +86,8 @@ class Model:
                 raise InvalidOptionError("backend='triton' needs a CUDA device (or TRITON_INTERPRET=1 for tests)")
             from qruntime.engine.triton_runner import TritonRunner
 
-            self.runner = TritonRunner(ckpt, self.device, self.dtype, self.max_seq_len, kv_cache_dtype=kv_cache)
+            self.runner = TritonRunner(ckpt, self.device, self.dtype, self.max_seq_len, kv_cache_dtype=kv_cache,
+                                       consume=consume)
         else:
             if kv_cache != "auto":
                 raise InvalidOptionError("kv_cache='int8' needs the triton backend")

@@ -101,13 +101,12 @@ def _build_model(ckpt: QuantizedCheckpoint, kv: str, opts: BenchOptions, wanted_
     while True:
         try:
             model = Model(ckpt, device=opts.device, dtype=opts.dtype, backend=backend, max_seq_len=length,
-                          kv_cache="int8" if kv == "kv8" else "auto")
+                          kv_cache="int8" if kv == "kv8" else "auto", consume=backend == "triton")
             break
         except torch.OutOfMemoryError:
-            _free()
-            length = int(length * 0.95)
-            if length < wanted_len:
-                raise InvalidOptionError(f"the model and a {wanted_len}-token cache do not fit the memory budget") from None
+            raise InvalidOptionError(
+                f"the model and a {length}-token cache (predicted to fit) do not fit the memory budget"
+            ) from None
     # the model's own figure: the cache's real dtype (fp32 on a CPU) and the int8 scales
     info["kv_bytes_per_token"] = model.memory_report()["kv_bytes_per_token"]
     if opts.memory_budget:

@@ -100,7 +100,9 @@ class LayerWeights:
 
 class TritonRunner:
     def __init__(self, ckpt: QuantizedCheckpoint, device: torch.device, dtype: torch.dtype, max_seq_len: int,
-                 kv_cache_dtype: str = "auto", num_splits: int = 32) -> None:
+                 kv_cache_dtype: str = "auto", num_splits: int = 32, consume: bool = False) -> None:
+        """consume=True empties `ckpt.linears` layer by layer as the weights are re-laid, so peak
+        memory stays near one copy of the model (fusing q|k|v and gate|up copies them)."""
         # On a CPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1, tests only) and
         # the decode step runs eagerly instead of as a CUDA graph.
         self.use_graph = device.type == "cuda"
@@ -127,6 +129,9 @@ class TritonRunner:
                 q_norm=dense(f"{p}.self_attn.q_norm.weight") if cfg.qk_norm else None,
                 k_norm=dense(f"{p}.self_attn.k_norm.weight") if cfg.qk_norm else None,
             ))
+            if consume:
+                for name in [n for n in ckpt.linears if n.startswith(f"{p}.")]:
+                    del ckpt.linears[name]
         self.embed = dense("model.embed_tokens.weight")
         self.final_norm = dense("model.norm.weight")
         if "lm_head" in ckpt.linears:
