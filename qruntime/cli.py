@@ -94,6 +94,11 @@ def cmd_chat(args: argparse.Namespace) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
+    import os
+
+    # Growable segments keep a tight --memory-budget from failing on fragmentation; read when the
+    # CUDA allocator starts, which has not happened yet in this process.
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     import torch
 
     from qruntime.bench.measure import parse_context_range

@@ -45,12 +45,18 @@ def synthetic_config(spec: str, num_layers: int | None = None) -> ModelConfig:
     return ModelConfig(**fields)
 
 
+def _randn(shape, std: float, device, dtype, gen) -> torch.Tensor:
+    """Normal values made in `dtype` and scaled in place: no fp32 temporaries (they would
+    fragment a tight memory budget)."""
+    return torch.randn(shape, device=device, dtype=dtype, generator=gen).mul_(std)
+
+
 def _random_linear(name: str, n: int, k: int, bits: int, group_size: int, cfg: ModelConfig,
                    device: torch.device, dtype: torch.dtype, gen: torch.Generator) -> PackedLinear:
     std = 0.02
-    bias = (torch.randn(n, device=device, generator=gen) * std).to(dtype) if expects_bias(cfg, name) else None
+    bias = _randn((n,), std, device, dtype, gen) if expects_bias(cfg, name) else None
     if bits == 16:
-        return PackedLinear(k, n, 16, -1, (torch.randn(n, k, device=device, generator=gen) * std).to(dtype), bias=bias)
+        return PackedLinear(k, n, 16, -1, _randn((n, k), std, device, dtype, gen), bias=bias)
     groups = -(-k // group_size)
     codes = torch.randint(0, 2**bits, (n, k), device=device, dtype=torch.uint8, generator=gen)
     # scale so that s * (q - z) has about the std of a trained weight
@@ -79,7 +85,7 @@ def synthetic_checkpoint(spec: str, bits: int = 16, group_size: int = 128, devic
         if name.endswith("norm.weight"):
             dense[name] = torch.ones(shape, device=device, dtype=dtype)
         else:
-            dense[name] = (torch.randn(shape, device=device, generator=gen) * 0.02).to(dtype)
+            dense[name] = _randn(shape, 0.02, device, dtype, gen)
     ckpt = QuantizedCheckpoint(config=cfg, linears=linears, dense=dense, source={"format": "synthetic", "spec": spec})
     ckpt.validate()
     return ckpt
