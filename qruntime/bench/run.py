@@ -162,8 +162,8 @@ def hf_peer(spec: str, opts: BenchOptions, new_tokens: int = 64) -> dict:
                       tie_word_embeddings=cfg.tie_word_embeddings)
         hf_cfg = (transformers.Qwen2Config if cfg.family == "qwen2" else transformers.LlamaConfig)(**kwargs)
         dtype = torch.bfloat16 if opts.device.type == "cuda" else torch.float32
-        with opts.device:
-            model = transformers.AutoModelForCausalLM.from_config(hf_cfg).to(dtype).eval()
+        with opts.device:  # made directly in its dtype: an fp32 copy of 8B would not fit a 24 GB budget
+            model = transformers.AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype).eval()
         vocab = cfg.vocab_size
     elif (Path(spec) / "config.json").is_file() and not (Path(spec) / "quantization.json").is_file():
         model = transformers.AutoModelForCausalLM.from_pretrained(spec).to(opts.device).eval()
