@@ -36,3 +36,30 @@ def int8_to_fp16_exact(codes):
     is the fp16 1152 + code exactly; one subtraction leaves the code."""
     biased = (codes.to(tl.int16) + 128) | 0x6400
     return biased.to(tl.float16, bitcast=True) - 1152.0
+
+
+@triton.jit
+def attend_block(q, m_i, l_i, acc, k_ptr, v_ptr, ks_ptr, vs_ptr, kv_base, scale_base, j, j_ok, visible, d,
+                 stride_cs, sm_scale, INT8: tl.constexpr, PRECISION: tl.constexpr):
+    """One online-softmax step of flash attention over cache positions j (shared by decode and
+    prefill): scores of q against K[j], running max m_i, running sum l_i, output acc.
+
+    int8 caches: K and V become fp16 exactly (int8_to_fp16_exact); their per-position scales are
+    applied to the scores and to the probabilities, not to every element."""
+    k = tl.load(k_ptr + kv_base + j[:, None] * stride_cs + d[None, :], mask=j_ok[:, None], other=0)
+    if INT8:
+        k = int8_to_fp16_exact(k)
+    scores = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PRECISION)
+    if INT8:
+        scores *= tl.load(ks_ptr + scale_base + j, mask=j_ok, other=0.0)[None, :]
+    scores = tl.where(visible, scores * sm_scale, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+    p = tl.exp(scores - m_new[:, None])
+    alpha = tl.exp(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    v = tl.load(v_ptr + kv_base + j[:, None] * stride_cs + d[None, :], mask=j_ok[:, None], other=0)
+    if INT8:
+        v = int8_to_fp16_exact(v)
+        p = p * tl.load(vs_ptr + scale_base + j, mask=j_ok, other=0.0)[None, :]
+    acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=PRECISION)
+    return m_new, l_i, acc

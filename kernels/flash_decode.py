@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import int8_to_fp16_exact
+from ._common import attend_block
 
 
 @triton.jit
@@ -47,23 +47,8 @@ def _flash_decode_kernel(
     for s0 in range(start, end, BLOCK_S):
         s = s0 + tl.arange(0, BLOCK_S)
         s_ok = s < end
-        k = tl.load(k_ptr + kv_base + s[:, None] * stride_cs + d[None, :], mask=s_ok[:, None], other=0)
-        if INT8:
-            k = int8_to_fp16_exact(k)
-        scores = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PRECISION)                                  # [BG, BS]
-        if INT8:
-            scores *= tl.load(ks_ptr + kvh * stride_skv + s, mask=s_ok, other=0.0)[None, :]
-        scores = tl.where(s_ok[None, :], scores * sm_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-        p = tl.exp(scores - m_new[:, None])
-        alpha = tl.exp(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_ptr + kv_base + s[:, None] * stride_cs + d[None, :], mask=s_ok[:, None], other=0)
-        if INT8:
-            v = int8_to_fp16_exact(v)
-            p = p * tl.load(vs_ptr + kvh * stride_skv + s, mask=s_ok, other=0.0)[None, :]
-        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=PRECISION)
-        m_i = m_new
+        m_i, l_i, acc = attend_block(q, m_i, l_i, acc, k_ptr, v_ptr, ks_ptr, vs_ptr, kv_base, kvh * stride_skv,
+                                     s, s_ok, s_ok[None, :], d, stride_cs, sm_scale, INT8, PRECISION)
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), m_i + tl.log(tl.where(empty, 1.0, l_i)))

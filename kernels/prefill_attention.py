@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import int8_to_fp16_exact
+from ._common import attend_block
 
 
 @triton.jit
@@ -39,24 +39,9 @@ def _prefill_attention_kernel(
     for j0 in range(0, last, BLOCK_N):
         j = j0 + tl.arange(0, BLOCK_N)
         j_ok = j < last
-        k = tl.load(k_ptr + kv_base + j[:, None] * stride_cs + d[None, :], mask=j_ok[:, None], other=0)
-        if INT8:
-            k = int8_to_fp16_exact(k)
-        scores = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PRECISION)
-        if INT8:
-            scores *= tl.load(ks_ptr + kvh * stride_skv + j, mask=j_ok, other=0.0)[None, :]
         visible = j_ok[None, :] & (j[None, :] <= q_pos[:, None])
-        scores = tl.where(visible, scores * sm_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-        p = tl.exp(scores - m_new[:, None])
-        alpha = tl.exp(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_ptr + kv_base + j[:, None] * stride_cs + d[None, :], mask=j_ok[:, None], other=0)
-        if INT8:
-            v = int8_to_fp16_exact(v)
-            p = p * tl.load(vs_ptr + kvh * stride_skv + j, mask=j_ok, other=0.0)[None, :]
-        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=PRECISION)
-        m_i = m_new
+        m_i, l_i, acc = attend_block(q, m_i, l_i, acc, k_ptr, v_ptr, ks_ptr, vs_ptr, kv_base, kvh * stride_skv,
+                                     j, j_ok, visible, d, stride_cs, sm_scale, INT8, PRECISION)
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     tl.store(out_ptr + i[:, None] * stride_om + h * HD + d[None, :], out.to(out_ptr.dtype.element_ty), mask=i_ok[:, None])
 

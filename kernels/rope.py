@@ -56,28 +56,26 @@ def _rope_cache_kernel(
             tl.store(q_out_ptr + qo + HALF + i, y2.to(q_out_ptr.dtype.element_ty))
         else:
             kvh = head - H
-            offs = kvh * stride_ckv + pos * stride_cs
-            if INT8:
-                amax = tl.maximum(tl.max(tl.abs(y1), axis=0), tl.max(tl.abs(y2), axis=0))
-                scale = tl.maximum(amax, 1e-8) / 127.0
-                tl.store(k_cache_ptr + offs + i, tl.floor(y1 / scale + 0.5).to(tl.int8))
-                tl.store(k_cache_ptr + offs + HALF + i, tl.floor(y2 / scale + 0.5).to(tl.int8))
-                tl.store(k_scale_ptr + kvh * stride_skv + pos, scale)
-            else:
-                tl.store(k_cache_ptr + offs + i, y1.to(k_cache_ptr.dtype.element_ty))
-                tl.store(k_cache_ptr + offs + HALF + i, y2.to(k_cache_ptr.dtype.element_ty))
+            _store_cache(k_cache_ptr, k_scale_ptr, kvh * stride_skv + pos, kvh * stride_ckv + pos * stride_cs, i,
+                         y1, y2, HALF, INT8)
     else:                                      # v: straight into the cache
         kvh = head - H - KV
-        offs = kvh * stride_ckv + pos * stride_cs
-        if INT8:
-            amax = tl.maximum(tl.max(tl.abs(x1), axis=0), tl.max(tl.abs(x2), axis=0))
-            scale = tl.maximum(amax, 1e-8) / 127.0
-            tl.store(v_cache_ptr + offs + i, tl.floor(x1 / scale + 0.5).to(tl.int8))
-            tl.store(v_cache_ptr + offs + HALF + i, tl.floor(x2 / scale + 0.5).to(tl.int8))
-            tl.store(v_scale_ptr + kvh * stride_skv + pos, scale)
-        else:
-            tl.store(v_cache_ptr + offs + i, x1.to(v_cache_ptr.dtype.element_ty))
-            tl.store(v_cache_ptr + offs + HALF + i, x2.to(v_cache_ptr.dtype.element_ty))
+        _store_cache(v_cache_ptr, v_scale_ptr, kvh * stride_skv + pos, kvh * stride_ckv + pos * stride_cs, i,
+                     x1, x2, HALF, INT8)
+
+
+@triton.jit
+def _store_cache(cache_ptr, scale_ptr, scale_off, offs, i, x1, x2, HALF: tl.constexpr, INT8: tl.constexpr):
+    """Writes one head vector (two halves) at cache offset `offs`; int8: with its scale."""
+    if INT8:
+        amax = tl.maximum(tl.max(tl.abs(x1), axis=0), tl.max(tl.abs(x2), axis=0))
+        scale = tl.maximum(amax, 1e-8) / 127.0
+        tl.store(cache_ptr + offs + i, tl.floor(x1 / scale + 0.5).to(tl.int8))
+        tl.store(cache_ptr + offs + HALF + i, tl.floor(x2 / scale + 0.5).to(tl.int8))
+        tl.store(scale_ptr + scale_off, scale)
+    else:
+        tl.store(cache_ptr + offs + i, x1.to(cache_ptr.dtype.element_ty))
+        tl.store(cache_ptr + offs + HALF + i, x2.to(cache_ptr.dtype.element_ty))
 
 
 def rope_qkv_to_cache(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
