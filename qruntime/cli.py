@@ -132,6 +132,30 @@ def cmd_bench(args: argparse.Namespace) -> None:
         plot(report, args.plot)
 
 
+def cmd_eval(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from qruntime.errors import ModelNotFoundError
+    from qruntime.evaluate import kl_divergence, perplexity
+
+    if not Path(args.text).is_file():
+        raise ModelNotFoundError(f"{args.text}: no such text file")
+    text = Path(args.text).read_text(encoding="utf-8")
+    model = _load(args)
+    if args.kl_base:
+        import qruntime
+
+        base = qruntime.load(args.kl_base, device=args.device, dtype=args.dtype)
+        result = kl_divergence(model, base, text, ctx=args.ctx, max_chunks=args.max_chunks)
+    else:
+        result = perplexity(model, text, ctx=args.ctx, max_chunks=args.max_chunks)
+    result.update(model=str(args.model), base=args.kl_base, text=str(args.text))
+    for key, value in result.items():
+        print(f"{key:16s} {value:.6g}" if isinstance(value, float) else f"{key:16s} {value}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+
+
 def cmd_inspect(args: argparse.Namespace) -> None:
     from qruntime.inspect import format_report, inspect_model
 
@@ -219,6 +243,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, help="write the full report as JSON")
     p.add_argument("--plot", default=None, help="write latency vs context (PNG)")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("eval", help="perplexity (llama.cpp protocol) and KL divergence against a base model")
+    _add_load_options(p)
+    p.add_argument("--text", required=True, help="UTF-8 text file to score")
+    p.add_argument("--ctx", type=_positive_int, default=512, help="chunk length; the second half of each is scored")
+    p.add_argument("--kl-base", default=None, help="base (e.g. fp16) model: report KL(base || MODEL) and top-1 agreement")
+    p.add_argument("--max-chunks", type=_positive_int, default=None)
+    p.add_argument("--json", default=None, help="write the results as JSON")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("inspect", help="architecture, per-tensor bits/group, honest BPW, sizes")
     p.add_argument("model")
