@@ -68,7 +68,13 @@ def gptq_quantize(
     if perm is not None:
         w, h = w[:, perm], h[perm][:, perm]
     h += damp * torch.mean(torch.diag(h)) * torch.eye(k, device=w.device)
-    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    try:
+        u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    except torch.linalg.LinAlgError:
+        raise InvalidOptionError(
+            f"GPTQ: the Hessian of a [{n}, {k}] linear is not positive definite even with damp={damp}; "
+            "use more or longer calibration samples (--calib-samples, --calib-seqlen)"
+        ) from None
 
     codes = torch.zeros(n, k, dtype=torch.uint8, device=w.device)
     g = -(-k // gs)
