@@ -28,7 +28,7 @@ SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (4096, 128256), (4096, 614
 
 
 def configs(m: int, bits: int):
-    paths = [True] if m > 1 else ([False, "f16x2"] if bits == 4 else [False])
+    paths = [True] if m > 1 else [False, "f16x2"]
     return [(bn, bk, it, nw, p) for bn in (64, 128, 256) for bk in (64, 128) for it in (1, 2, 4) for nw in (2, 4)
             for p in paths]
 
@@ -46,7 +46,7 @@ def main() -> None:
     for bits in args.bits:
         # correctness of every path on awkward sizes first
         w = torch.randn(777, 1000, device="cuda")
-        for group, sym, path in itertools.product((32, 128, -1), (True, False), [False, True] + (["f16x2"] if bits == 4 else [])):
+        for group, sym, path in itertools.product((32, 128, -1), (True, False), [False, True, "f16x2"]):
             lin = quantize_rtn(w, bits, group, sym)
             x = torch.randn(1, 1000, device="cuda", dtype=torch.float16)
             out = torch.zeros(1, 777, device="cuda")

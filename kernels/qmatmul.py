@@ -72,6 +72,52 @@ add.f32 $0, flo, fhi;
 """)
 
 
+_DOT4_I8_F16X2 = tl.constexpr("""
+{
+.reg .b32 m, c, sel0, sel1, t0, t1, acc;
+.reg .b16 lo, hi;
+.reg .f32 flo, fhi;
+mov.b32 m, 0x64806480;
+mov.b32 c, 0x64646464;
+mov.b32 sel0, 0x4140;
+mov.b32 sel1, 0x4342;
+prmt.b32 t0, $1, c, sel0;
+prmt.b32 t1, $1, c, sel1;
+sub.f16x2 t0, t0, m;
+sub.f16x2 t1, t1, m;
+mul.rn.f16x2 acc, t0, $2;
+fma.rn.f16x2 acc, t1, $3, acc;
+mov.b32 {lo, hi}, acc;
+cvt.f32.f16 flo, lo;
+cvt.f32.f16 fhi, hi;
+add.f32 $0, flo, fhi;
+}
+""")
+
+
+@triton.jit
+def _dot4_i8(w, xp0, xp1, EMULATE: tl.constexpr):
+    """sum_{j<4} (q_j - 128) x_j for each int8 word w (byte j = column 4r + j) and its 4 fp16
+    activations as two int32 words of fp16 pairs. On the GPU, PRMT places bytes (0, 1) and (2, 3)
+    into the mantissas of an fp16x2 1024.0 (exact 1024 + q), one HSUB2 of 1152 leaves q - 128
+    exactly, and two HFMA2 multiply-add: ~2 instructions per weight. Subtracting 128 before the
+    products keeps the fp16 partial sums small (no cancellation against 128 * sum x later)."""
+    if EMULATE:
+        return _pair8(w, xp0, 0) + _pair8(w, xp1, 1)
+    else:
+        return tl.inline_asm_elementwise(_DOT4_I8_F16X2, "=f,r,r,r", [w, xp0, xp1],
+                                         dtype=tl.float32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _pair8(w, xp, j: tl.constexpr):
+    q_lo = ((w >> (16 * j)) & 0xFF).to(tl.float32) - 128.0
+    q_hi = ((w >> (16 * j + 8)) & 0xFF).to(tl.float32) - 128.0
+    x_lo = (xp & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    x_hi = ((xp >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    return q_lo * x_lo + q_hi * x_hi
+
+
 @triton.jit
 def _dot8(w, xp0, xp1, xp2, xp3, EMULATE: tl.constexpr):
     """sum_{j<8} q_j x_j for each int4 word w (pair-interleaved) and its 8 fp16 activations, given as
@@ -145,87 +191,52 @@ def _apply_group(acc, d, xs, k0, K, group_size, s_ptr, z_ptr, n, n_ok, stride_sg
 
 
 @triton.jit
-def _qgemv_int4_kernel(
+def _qgemv_f16x2_kernel(
     x_ptr, xw_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr,
     N, K, group_size, stride_wk, stride_sg,
-    ZERO_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, EMULATE: tl.constexpr,
+    BITS: tl.constexpr, ZERO_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, EMULATE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_ITERS: tl.constexpr,
 ):
-    """Decode GEMV for int4, M = 1, fp16 x with K % 8 == 0, no act-order: out (fp32) += x @ W.T.
+    """Decode GEMV, M = 1, fp16 x, no act-order: out (fp32) += x @ W.T with packed fp16x2 math.
 
-    Reads each word once ([BLOCK_K / 8, BLOCK_N] tile) and multiplies it by its 8 activations with
-    packed fp16x2 arithmetic (`_dot8`); x is also read as int32 words `xw` of fp16 pairs."""
+    Reads each word once ([BLOCK_K / EPW, BLOCK_N] tile) and multiplies it by its EPW activations
+    (`_dot8` for int4, `_dot4_i8` for int8); x is also read as int32 words `xw` of fp16 pairs."""
+    EPW: tl.constexpr = 32 // BITS
+    RW: tl.constexpr = BLOCK_K // EPW
+    offset: tl.constexpr = 0.0 if BITS == 4 else -128.0  # int8 products are formed with q - 128
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < N
     acc = tl.zeros([1, BLOCK_N], dtype=tl.float32)
-    RW: tl.constexpr = BLOCK_K // 8
     for it in tl.static_range(K_ITERS):
         k0 = (pid_k * K_ITERS + it) * BLOCK_K
-        r = k0 // 8 + tl.arange(0, RW)
-        r_ok = r < K // 8
+        r = k0 // EPW + tl.arange(0, RW)
+        r_ok = r < K // EPW
         w = tl.load(w_ptr + r[:, None] * stride_wk + n[None, :], mask=r_ok[:, None] & n_ok[None, :], other=0)
-        xp0 = tl.broadcast_to(tl.load(xw_ptr + r * 4 + 0, mask=r_ok, other=0)[:, None], (RW, BLOCK_N))
-        xp1 = tl.broadcast_to(tl.load(xw_ptr + r * 4 + 1, mask=r_ok, other=0)[:, None], (RW, BLOCK_N))
-        xp2 = tl.broadcast_to(tl.load(xw_ptr + r * 4 + 2, mask=r_ok, other=0)[:, None], (RW, BLOCK_N))
-        xp3 = tl.broadcast_to(tl.load(xw_ptr + r * 4 + 3, mask=r_ok, other=0)[:, None], (RW, BLOCK_N))
-        d = tl.sum(_dot8(w, xp0, xp1, xp2, xp3, EMULATE), axis=0)[None, :]
+        PAIRS: tl.constexpr = EPW // 2
+        xp0 = tl.broadcast_to(tl.load(xw_ptr + r * PAIRS + 0, mask=r_ok, other=0)[:, None], (RW, BLOCK_N))
+        xp1 = tl.broadcast_to(tl.load(xw_ptr + r * PAIRS + 1, mask=r_ok, other=0)[:, None], (RW, BLOCK_N))
+        if BITS == 4:
+            xp2 = tl.broadcast_to(tl.load(xw_ptr + r * PAIRS + 2, mask=r_ok, other=0)[:, None], (RW, BLOCK_N))
+            xp3 = tl.broadcast_to(tl.load(xw_ptr + r * PAIRS + 3, mask=r_ok, other=0)[:, None], (RW, BLOCK_N))
+            d = tl.sum(_dot8(w, xp0, xp1, xp2, xp3, EMULATE), axis=0)[None, :]
+        else:
+            d = tl.sum(_dot4_i8(w, xp0, xp1, EMULATE), axis=0)[None, :]
         k = k0 + tl.arange(0, BLOCK_K)
         xs = tl.sum(tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32), axis=0)
-        acc = _apply_group(acc, d, xs, k0, K, group_size, s_ptr, z_ptr, n, n_ok, stride_sg, 4, ZERO_MODE, 0.0, BLOCK_N)
+        acc = _apply_group(acc, d, xs, k0, K, group_size, s_ptr, z_ptr, n, n_ok, stride_sg, BITS, ZERO_MODE, offset, BLOCK_N)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :] * (pid_k == 0).to(tl.float32)
     tl.atomic_add(out_ptr + n[None, :], acc, mask=n_ok[None, :], sem="relaxed")
-
-
-@triton.jit
-def _qmatmul_kernel(
-    x_ptr, w_ptr, s_ptr, z_ptr, perm_ptr, bias_ptr, res_ptr, out_ptr,
-    M, N, K, group_size, stride_xm, stride_wk, stride_sg, stride_om, stride_rm,
-    BITS: tl.constexpr, ZERO_MODE: tl.constexpr, HAS_PERM: tl.constexpr, USE_DOT: tl.constexpr,
-    ATOMIC: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_ITERS: tl.constexpr,
-):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    pid_k = tl.program_id(2)
-    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = n < N
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_ok = rm < M
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    if ATOMIC:  # this program's K_ITERS tiles, unrolled so their loads are in flight together
-        for it in tl.static_range(K_ITERS):
-            acc = _accumulate_tile(acc, (pid_k * K_ITERS + it) * BLOCK_K, x_ptr, w_ptr, s_ptr, z_ptr, perm_ptr,
-                                   rm, m_ok, n, n_ok, pid_m, K, group_size, stride_xm, stride_wk, stride_sg,
-                                   BITS, ZERO_MODE, HAS_PERM, USE_DOT, BLOCK_N, BLOCK_K)
-    else:  # all of K
-        for k0 in range(0, K, BLOCK_K):
-            acc = _accumulate_tile(acc, k0, x_ptr, w_ptr, s_ptr, z_ptr, perm_ptr,
-                                   rm, m_ok, n, n_ok, pid_m, K, group_size, stride_xm, stride_wk, stride_sg,
-                                   BITS, ZERO_MODE, HAS_PERM, USE_DOT, BLOCK_N, BLOCK_K)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        if ATOMIC:
-            acc += bias * (pid_k == 0).to(tl.float32)  # added once, by the first K split
-        else:
-            acc += bias
-    omask = m_ok[:, None] & n_ok[None, :]
-    if ATOMIC:
-        tl.atomic_add(out_ptr + rm[:, None] * stride_om + n[None, :], acc, mask=omask, sem="relaxed")
-    else:
-        if HAS_RESIDUAL:
-            acc += tl.load(res_ptr + rm[:, None] * stride_rm + n[None, :], mask=omask, other=0.0).to(tl.float32)
-        tl.store(out_ptr + rm[:, None] * stride_om + n[None, :], acc.to(out_ptr.dtype.element_ty), mask=omask)
 
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _packed_fp16_path(x2: torch.Tensor, lin) -> bool:
-    """Whether the fp16x2 int4 GEMV applies: one fp16 row, K % 8 == 0, no act-order."""
-    return (lin.bits == 4 and x2.shape[0] == 1 and x2.dtype == torch.float16 and lin.in_features % 8 == 0
+    """Whether the fp16x2 GEMV applies: one fp16 row, K a multiple of the codes per word, no act-order."""
+    return (x2.shape[0] == 1 and x2.dtype == torch.float16 and lin.in_features % (32 // lin.bits) == 0
             and lin.perm is None and x2.is_contiguous())
 
 
@@ -243,8 +254,8 @@ def qmatmul_accumulate(x: torch.Tensor, lin, out: torch.Tensor,
     """out [M, N] (fp32) += x [M <= 16, K] @ W.T (+ bias), split over K with atomics; returns out.
 
     config = (BLOCK_N, BLOCK_K, K_ITERS, num_warps, path) with path False (fp32 FMA, M = 1), True
-    (tensor cores) or "f16x2" (packed-fp16 int4 GEMV, M = 1, fp16 x, K % 8 == 0, no act-order;
-    otherwise the FMA path)."""
+    (tensor cores) or "f16x2" (packed-fp16 GEMV, M = 1, fp16 x, K a multiple of 32 / bits, no
+    act-order; otherwise the FMA path)."""
     x2 = _check(x, lin)
     m, k = x2.shape
     if m > 16:
@@ -255,10 +266,10 @@ def qmatmul_accumulate(x: torch.Tensor, lin, out: torch.Tensor,
     bn, bk, iters, nw, use_dot = config or lin.splitk_config(m)
     if _packed_fp16_path(x2, lin) and use_dot == "f16x2":
         bk = min(bk, lin.group_size_eff)
-        _qgemv_int4_kernel[(triton.cdiv(lin.out_features, bn), triton.cdiv(k, bk * iters))](
+        _qgemv_f16x2_kernel[(triton.cdiv(lin.out_features, bn), triton.cdiv(k, bk * iters))](
             x2, x2.view(torch.int32), lin.words, lin.scales, lin.zeros_or_offsets, lin.bias, out2,
             lin.out_features, k, lin.group_size_eff, lin.words.stride(0), lin.scales.stride(0),
-            ZERO_MODE=lin.zero_mode_id, HAS_BIAS=lin.bias is not None, EMULATE=_INTERPRET,
+            BITS=lin.bits, ZERO_MODE=lin.zero_mode_id, HAS_BIAS=lin.bias is not None, EMULATE=_INTERPRET,
             BLOCK_N=bn, BLOCK_K=bk, K_ITERS=iters, num_warps=nw,
         )
         return out

@@ -82,3 +82,19 @@ def test_rejects_bad_shapes():
         qmatmul_accumulate(torch.randn(1, 64), t, torch.zeros(1, 16, dtype=torch.float16))
     with pytest.raises(ValueError, match="M=17"):
         qmatmul_accumulate(torch.randn(17, 64), t, torch.zeros(17, 16))
+
+
+@pytest.mark.parametrize("shape", [(33, 96), (17, 64), (40, 200)], ids=["n33-k96", "n17-k64", "n40-k200"])
+@pytest.mark.parametrize("group", [32, 128, -1], ids=["g32", "g128", "per-channel"])
+@pytest.mark.parametrize("zero_mode", ["symmetric", "int", "float"])
+@pytest.mark.parametrize("bits", [4, 8], ids=["int4", "int8"])
+def test_packed_fp16_gemv_matches_reference(bits, zero_mode, group, shape):
+    """The f16x2 decode path (inline PTX on the GPU; its plain-Triton emulation in the interpreter)."""
+    n, k = shape
+    lin = make_linear(n, k, bits, group, zero_mode, seed=n)
+    t = prepare(lin, torch.device("cpu"), torch.float16)
+    x = torch.randn(1, k, generator=torch.Generator().manual_seed(3)).half()
+    start = torch.randn(1, n)
+    out = start.clone()
+    qmatmul_accumulate(x, t, out, config=(16, 32, 2, 4, "f16x2"))
+    assert_close(out - start, ref_linear(x.float(), lin), "fp16_dot")
