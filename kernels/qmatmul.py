@@ -231,6 +231,47 @@ def _qgemv_f16x2_kernel(
     tl.atomic_add(out_ptr + n[None, :], acc, mask=n_ok[None, :], sem="relaxed")
 
 
+@triton.jit
+def _qmatmul_kernel(
+    x_ptr, w_ptr, s_ptr, z_ptr, perm_ptr, bias_ptr, res_ptr, out_ptr,
+    M, N, K, group_size, stride_xm, stride_wk, stride_sg, stride_om, stride_rm,
+    BITS: tl.constexpr, ZERO_MODE: tl.constexpr, HAS_PERM: tl.constexpr, USE_DOT: tl.constexpr,
+    ATOMIC: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_ITERS: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = n < N
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = rm < M
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if ATOMIC:  # this program's K_ITERS tiles, unrolled so their loads are in flight together
+        for it in tl.static_range(K_ITERS):
+            acc = _accumulate_tile(acc, (pid_k * K_ITERS + it) * BLOCK_K, x_ptr, w_ptr, s_ptr, z_ptr, perm_ptr,
+                                   rm, m_ok, n, n_ok, pid_m, K, group_size, stride_xm, stride_wk, stride_sg,
+                                   BITS, ZERO_MODE, HAS_PERM, USE_DOT, BLOCK_N, BLOCK_K)
+    else:  # all of K
+        for k0 in range(0, K, BLOCK_K):
+            acc = _accumulate_tile(acc, k0, x_ptr, w_ptr, s_ptr, z_ptr, perm_ptr,
+                                   rm, m_ok, n, n_ok, pid_m, K, group_size, stride_xm, stride_wk, stride_sg,
+                                   BITS, ZERO_MODE, HAS_PERM, USE_DOT, BLOCK_N, BLOCK_K)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        if ATOMIC:
+            acc += bias * (pid_k == 0).to(tl.float32)  # added once, by the first K split
+        else:
+            acc += bias
+    omask = m_ok[:, None] & n_ok[None, :]
+    if ATOMIC:
+        tl.atomic_add(out_ptr + rm[:, None] * stride_om + n[None, :], acc, mask=omask, sem="relaxed")
+    else:
+        if HAS_RESIDUAL:
+            acc += tl.load(res_ptr + rm[:, None] * stride_rm + n[None, :], mask=omask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + rm[:, None] * stride_om + n[None, :], acc.to(out_ptr.dtype.element_ty), mask=omask)
+
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
