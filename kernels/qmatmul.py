@@ -203,6 +203,7 @@ def _qgemv_f16x2_kernel(
     (`_dot8` for int4, `_dot4_i8` for int8); x is also read as int32 words `xw` of fp16 pairs."""
     EPW: tl.constexpr = 32 // BITS
     RW: tl.constexpr = BLOCK_K // EPW
+    PAIRS: tl.constexpr = EPW // 2                        # fp16 pairs of x per word
     offset: tl.constexpr = 0.0 if BITS == 4 else -128.0  # int8 products are formed with q - 128
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -214,7 +215,6 @@ def _qgemv_f16x2_kernel(
         r = k0 // EPW + tl.arange(0, RW)
         r_ok = r < K // EPW
         w = tl.load(w_ptr + r[:, None] * stride_wk + n[None, :], mask=r_ok[:, None] & n_ok[None, :], other=0)
-        PAIRS: tl.constexpr = EPW // 2
         xp0 = tl.broadcast_to(tl.load(xw_ptr + r * PAIRS + 0, mask=r_ok, other=0)[:, None], (RW, BLOCK_N))
         xp1 = tl.broadcast_to(tl.load(xw_ptr + r * PAIRS + 1, mask=r_ok, other=0)[:, None], (RW, BLOCK_N))
         if BITS == 4:
