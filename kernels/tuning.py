@@ -40,6 +40,6 @@ def splitk_config(bits: int, n: int, k: int, m: int = 1) -> tuple[int, int, int,
         return tuple(hit)
     if m > 1:
         return 64, 128, 1, 4, True
-    if bits == 4:  # the packed-fp16 path won every measured int4 shape (benchmarks/results/gemv_sweep.json)
-        return 256, 64, 2, 2, "f16x2"
-    return 128, 64, 2, 2, False
+    # the packed-fp16 path won every measured shape but the smallest int8 one
+    # (benchmarks/results/gemv_sweep_w4.json, gemv_sweep_w8.json)
+    return (256, 64, 2, 2, "f16x2") if bits == 4 else (256, 128, 1, 2, "f16x2")
