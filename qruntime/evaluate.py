@@ -35,7 +35,11 @@ def _chunks(model, ids: list[int], ctx: int, max_chunks: int | None) -> list[lis
         raise InvalidOptionError(f"the text has {len(ids)} tokens; perplexity with ctx={ctx} needs at least {ctx}")
     if max_chunks:
         n = min(n, max_chunks)
+    # llama.cpp puts BOS first only when the vocabulary adds one (add_bos): Llama does, Qwen does not.
+    # A tokenizer adds it if its own encoding of the text already starts with it.
     bos = getattr(model.tokenizer, "bos_token_id", None) if model.tokenizer is not None else None
+    if bos is not None and (not ids or ids[0] != bos):
+        bos = None
     out = []
     for c in range(n):
         chunk = ids[c * ctx:(c + 1) * ctx]

@@ -21,7 +21,7 @@ CTX = 32
 def reference_chunks(tokenizer, ctx):
     ids = tokenizer.encode(TEXT, add_special_tokens=True)
     chunks = [ids[c * ctx:(c + 1) * ctx] for c in range(len(ids) // ctx)]
-    bos = tokenizer.bos_token_id
+    bos = tokenizer.bos_token_id if ids and ids[0] == tokenizer.bos_token_id else None  # llama.cpp: only if add_bos
     return [[bos] + ch[1:] if bos is not None else ch for ch in chunks]
 
 
