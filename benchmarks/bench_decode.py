@@ -12,20 +12,17 @@ from __future__ import annotations
 
 import argparse
 import gc
-import math
 import statistics
 import sys
 import time
 
 import torch
 
-from gpu_common import dump, environment, measure_read_bandwidth, time_graph
+from gpu_common import dump, environment, gemv_workload, measure_read_bandwidth, time_graph
 import qruntime
 from qruntime.kernels import reference as R
 from qruntime.kernels.flash_decode import flash_decode
-from qruntime.kernels.layout import prepare
 from qruntime.kernels.qmatmul import qmatmul_accumulate
-from qruntime.quantizers.rtn import quantize_rtn
 from qruntime.synthetic import synthetic_checkpoint, synthetic_config
 
 GEMV_SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (4096, 128256)]  # (K, N)
@@ -36,14 +33,9 @@ def bench_gemv(bw: float) -> list[dict]:
     for bits in (4, 8):
         for (k, n) in GEMV_SHAPES:
             for m in (1, 16):
-                count = max(2, math.ceil(300e6 / (n * k * bits // 8)))
-                packed = quantize_rtn(torch.randn(n, k, device="cuda") * 0.02, bits, 128, False)
-                lins = [prepare(packed, torch.device("cuda"), torch.float16) for _ in range(count)]
-                xs = [torch.randn(m, k, device="cuda", dtype=torch.float16) for _ in range(count)]
-                outs = [torch.zeros(m, n, device="cuda") for _ in range(count)]
+                lins, xs, outs, need = gemv_workload(k, n, m, bits)
                 t0 = lins[0]
-                need = t0.words.numel() * 4 + t0.scales.numel() * 2 + t0.zeros_or_offsets.numel() + m * k * 2
-                t = time_graph([lambda i=i: qmatmul_accumulate(xs[i], lins[i], outs[i]) for i in range(count)])
+                t = time_graph([lambda i=i: qmatmul_accumulate(xs[i], lins[i], outs[i]) for i in range(len(lins))])
                 rows.append(dict(bits=bits, group=128, m=m, k=k, n=n, us=t * 1e6, bytes=need, tbps=need / t / 1e12,
                                  frac_of_read_bw=need / t / bw, config=list(t0.splitk_config(m))))
                 print(f"gemv w{bits} g128 M={m:2d} K={k:6d} N={n:6d}: {t * 1e6:8.2f} us {need / t / 1e12:.3f} TB/s "

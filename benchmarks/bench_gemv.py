@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import math
 import sys
 
 import torch
 
-from gpu_common import dump, environment, measure_read_bandwidth, time_graph
+from gpu_common import dump, environment, gemv_workload, measure_read_bandwidth, time_graph
 from qruntime.kernels.layout import prepare
 from qruntime.kernels.qmatmul import qmatmul_accumulate
 from qruntime.kernels.reference import linear as ref_linear
@@ -56,13 +55,8 @@ def main() -> None:
             print(f"# check w{bits} g{group} sym={sym} path={path}: rel err {err:.1e}", flush=True)
             assert err < 3e-3, err
         for (k, n), m in itertools.product(SHAPES, args.m):
-            count = max(2, math.ceil(300e6 / (n * k * bits // 8)))
-            packed = quantize_rtn(torch.randn(n, k, device="cuda") * 0.02, bits, 128, False)
-            lins = [prepare(packed, torch.device("cuda"), torch.float16) for _ in range(count)]
-            xs = [torch.randn(m, k, device="cuda", dtype=torch.float16) for _ in range(count)]
-            outs = [torch.zeros(m, n, device="cuda") for _ in range(count)]
-            t0 = lins[0]
-            need = t0.words.numel() * 4 + t0.scales.numel() * 2 + t0.zeros_or_offsets.numel() + m * k * 2
+            lins, xs, outs, need = gemv_workload(k, n, m, bits)
+            count = len(lins)
             best = None
             for cfg in configs(m, bits):
                 try:

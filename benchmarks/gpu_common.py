@@ -8,52 +8,38 @@
 from __future__ import annotations
 
 import json
-import platform
+import math
 import statistics
-import subprocess
 
 import torch
 
+from qruntime.bench.measure import measure_read_bandwidth as bench_read_bandwidth
+from qruntime.bench.report import environment as bench_environment
+from qruntime.kernels.layout import prepare
+from qruntime.quantizers.rtn import quantize_rtn
+
 
 def environment() -> dict:
-    """Card, driver and versions, recorded beside every result."""
-    info = {"torch": torch.__version__, "python": platform.python_version()}
-    try:
-        import triton
-
-        info["triton"] = triton.__version__
-    except ImportError:
-        info["triton"] = None
-    if torch.cuda.is_available():
-        p = torch.cuda.get_device_properties(0)
-        info.update(gpu=p.name, sms=p.multi_processor_count, memory_gib=round(p.total_memory / 2**30, 1),
-                    cuda=torch.version.cuda)
-        try:
-            info["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                            capture_output=True, text=True).stdout.strip()
-        except OSError:
-            info["driver"] = None
-    return info
+    """Card, driver and versions, recorded beside every result (the same record `qruntime bench` keeps)."""
+    return bench_environment(torch.device("cuda"))
 
 
 def measure_read_bandwidth(gib: float = 2.0, repeats: int = 20) -> float:
-    """Bytes/s of a streaming read over `gib` GiB (median of repeats)."""
-    x = torch.empty(int(gib * 2**30) // 2, dtype=torch.float16, device="cuda").uniform_()
-    x.sum()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        x.sum()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    del x
-    return x_bytes(gib) / statistics.median(times)
+    """Bytes/s of a streaming read over `gib` GiB on the GPU (median of repeats)."""
+    return bench_read_bandwidth(torch.device("cuda"), gib=gib, repeats=repeats)
 
 
-def x_bytes(gib: float) -> int:
-    return int(gib * 2**30) // 2 * 2
+def gemv_workload(k: int, n: int, m: int, bits: int, total_bytes: float = 300e6):
+    """Distinct copies of one random int4/int8 g128 linear (enough to exceed L2), their inputs and
+    fp32 outputs, and the bytes one GEMV must read (words + scales + zeros + x)."""
+    count = max(2, math.ceil(total_bytes / (n * k * bits // 8)))
+    packed = quantize_rtn(torch.randn(n, k, device="cuda") * 0.02, bits, 128, False)
+    lins = [prepare(packed, torch.device("cuda"), torch.float16) for _ in range(count)]
+    xs = [torch.randn(m, k, device="cuda", dtype=torch.float16) for _ in range(count)]
+    outs = [torch.zeros(m, n, device="cuda") for _ in range(count)]
+    t0 = lins[0]
+    need = t0.words.numel() * 4 + t0.scales.numel() * 2 + t0.zeros_or_offsets.numel() + m * k * 2
+    return lins, xs, outs, need
 
 
 def time_graph(fns, repeats: int = 10) -> float:
