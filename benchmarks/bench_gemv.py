@@ -18,7 +18,7 @@ import torch
 
 from gpu_common import dump, environment, gemv_workload, measure_read_bandwidth, time_graph
 from qruntime.kernels.layout import prepare
-from qruntime.kernels.qmatmul import qmatmul_accumulate
+from qruntime.kernels.qmatmul import qmatmul, qmatmul_accumulate
 from qruntime.kernels.reference import linear as ref_linear
 from qruntime.quantizers.rtn import quantize_rtn
 
@@ -27,9 +27,21 @@ SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (4096, 128256), (4096, 614
 
 
 def configs(m: int, bits: int):
-    paths = [True] if m > 1 else [False, "f16x2"]
-    return [(bn, bk, it, nw, p) for bn in (64, 128, 256) for bk in (64, 128) for it in (1, 2, 4) for nw in (2, 4)
-            for p in paths]
+    """(BLOCK_N, BLOCK_K, K_ITERS, num_warps, path) candidates. M = 1: the packed-fp16 path (it won
+    every shape of the earlier sweeps but the smallest int8 one, so the FMA path stays as one
+    candidate there), one K tile of BLOCK_K. M > 1: tensor-core tiles of 16 words along K (each word
+    read once, one dot per code slot: the group of 128 caps BLOCK_K), K_ITERS tiles per program."""
+    if m == 1:
+        return ([(bn, bk, 1, nw, "f16x2") for bn in (128, 256, 512) for bk in (64, 128, 256, 512) for nw in (1, 2, 4)]
+                + [(64, 64, 1, 2, False)])
+    bk = 128 if bits == 4 else 64
+    return [(bn, bk, it, nw, True) for bn in (32, 64, 128, 256) for it in (1, 2, 4, 8) for nw in (2, 4, 8)]
+
+
+def gemm_configs():
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) candidates for the prefill kernel."""
+    return [(bm, bn, bk, nw, ns) for bm in (64, 128) for bn in (64, 128) for bk in (64, 128) for nw in (4, 8)
+            for ns in (3,)]
 
 
 def main() -> None:
@@ -37,6 +49,8 @@ def main() -> None:
     ap.add_argument("--out", default=".")
     ap.add_argument("--bits", type=int, nargs="+", default=[4, 8])
     ap.add_argument("--m", type=int, nargs="+", default=[1, 16])
+    ap.add_argument("--prefill", type=int, default=0, help="also sweep the prefill GEMM at this M")
+    ap.add_argument("--shapes", default="all", help="'all' or 'issue' (the four shapes of the acceptance)")
     args = ap.parse_args()
     env = environment()
     bw = measure_read_bandwidth()
@@ -45,16 +59,20 @@ def main() -> None:
     for bits in args.bits:
         # correctness of every path on awkward sizes first
         w = torch.randn(777, 1000, device="cuda")
-        for group, sym, path in itertools.product((32, 128, -1), (True, False), [False, True, "f16x2"]):
+        for group, sym, path, m, bk in itertools.product((32, 128, -1), (True, False), [False, True, "f16x2"], (1, 16),
+                                                         (64, 128, 512)):
+            if m > 1 and path is not True:
+                continue
             lin = quantize_rtn(w, bits, group, sym)
-            x = torch.randn(1, 1000, device="cuda", dtype=torch.float16)
-            out = torch.zeros(1, 777, device="cuda")
-            qmatmul_accumulate(x, prepare(lin, torch.device("cuda"), torch.float16), out, config=(64, 64, 2, 4, path))
+            x = torch.randn(m, 1000, device="cuda", dtype=torch.float16)
+            out = torch.zeros(m, 777, device="cuda")
+            qmatmul_accumulate(x, prepare(lin, torch.device("cuda"), torch.float16), out, config=(64, bk, 2, 4, path))
             ref = ref_linear(x.float(), lin)
             err = ((out - ref).norm() / ref.norm()).item()
-            print(f"# check w{bits} g{group} sym={sym} path={path}: rel err {err:.1e}", flush=True)
+            print(f"# check w{bits} g{group} sym={sym} path={path} M={m} BLOCK_K={bk}: rel err {err:.1e}", flush=True)
             assert err < 3e-3, err
-        for (k, n), m in itertools.product(SHAPES, args.m):
+        shapes = SHAPES if args.shapes == "all" else SHAPES[:4]
+        for (k, n), m in itertools.product(shapes, args.m):
             lins, xs, outs, need = gemv_workload(k, n, m, bits)
             count = len(lins)
             best = None
@@ -74,7 +92,33 @@ def main() -> None:
                   f"{100 * need / t / bw:5.1f}% of read BW  cfg={cfg}", flush=True)
             del lins, xs, outs
             torch.cuda.empty_cache()
+            dump(f"{args.out}/gemv_sweep.json", dict(env=env, read_bw=bw, results=rows, tuned=tuned))  # so far
+        if args.prefill:
+            sweep_prefill(bits, args.prefill, shapes, rows, tuned)
     dump(f"{args.out}/gemv_sweep.json", dict(env=env, read_bw=bw, results=rows, tuned=tuned))
+
+
+def sweep_prefill(bits: int, m: int, shapes, rows: list, tuned: dict) -> None:
+    """Best whole-K GEMM config per shape at M rows (TFLOP/s; prefill is compute-bound)."""
+    for k, n in shapes:
+        lin = prepare(quantize_rtn(torch.randn(n, k, device="cuda") * 0.02, bits, 128, False), torch.device("cuda"),
+                      torch.float16)
+        x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+        out = torch.empty(m, n, device="cuda", dtype=torch.float16)
+        best = None
+        for cfg in gemm_configs():
+            try:
+                t = time_graph([lambda: qmatmul(x, lin, out=out, config=cfg)] * 8)
+            except Exception as e:
+                print(f"  skip gemm {cfg}: {type(e).__name__}", file=sys.stderr)
+                continue
+            if best is None or t < best[0]:
+                best = (t, cfg)
+        t, cfg = best
+        rows.append(dict(kind="gemm", bits=bits, k=k, n=n, m=m, us=t * 1e6, tflops=2 * m * n * k / t / 1e12, config=list(cfg)))
+        tuned[f"gemm/w{bits}/m{min(m, 128)}/n{n}/k{k}"] = list(cfg)
+        print(f"gemm w{bits} g128 M={m} K={k:6d} N={n:6d}: {t * 1e6:8.1f} us {2 * m * n * k / t / 1e12:6.1f} TFLOP/s cfg={cfg}",
+              flush=True)
 
 
 if __name__ == "__main__":

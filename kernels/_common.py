@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
 import triton
 import triton.language as tl
+
+# Triton's CPU interpreter (tests) cannot run inline PTX: kernels then take their EMULATE branch.
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit

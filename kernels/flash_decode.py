@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from ._common import attend_block
+from .pdl import pdl_launch, release_dependents, wait_for_producer
 
 
 @triton.jit
@@ -23,8 +24,10 @@ def _flash_decode_kernel(
     q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, seqlen_ptr, o_ptr, lse_ptr,
     stride_qh, stride_ckv, stride_cs, stride_skv, sm_scale,
     H: tl.constexpr, G: tl.constexpr, HD: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, INT8: tl.constexpr, PRECISION: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, INT8: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr,
 ):
+    release_dependents(PDL)
+    wait_for_producer(PDL)
     kvh = tl.program_id(0)
     split = tl.program_id(1)
     length = tl.load(seqlen_ptr)
@@ -57,7 +60,10 @@ def _flash_decode_kernel(
 
 
 @triton.jit
-def _combine_kernel(o_ptr, lse_ptr, out_ptr, H: tl.constexpr, HD: tl.constexpr, NUM_SPLITS: tl.constexpr):
+def _combine_kernel(o_ptr, lse_ptr, out_ptr, H: tl.constexpr, HD: tl.constexpr, NUM_SPLITS: tl.constexpr,
+                    PDL: tl.constexpr):
+    release_dependents(PDL)
+    wait_for_producer(PDL)
     h = tl.program_id(0)
     sp = tl.arange(0, NUM_SPLITS)
     d = tl.arange(0, HD)
@@ -69,9 +75,9 @@ def _combine_kernel(o_ptr, lse_ptr, out_ptr, H: tl.constexpr, HD: tl.constexpr, 
 
 
 def flash_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_len: torch.Tensor,
-                 out: torch.Tensor, num_splits: int = 32, block_s: int = 64,
+                 out: torch.Tensor, num_splits: int = 32, block_s: int = 128,
                  k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
-                 workspace: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                 workspace: tuple[torch.Tensor, torch.Tensor] | None = None, num_warps: int = 4) -> torch.Tensor:
     """q [H, hd] over one layer's cache [KV, S, hd] for the first seq_len (int32 [1], device) positions.
 
     out [H * hd]. `workspace` (o [splits, H, hd] fp32, lse [splits, H] fp32) can be passed to avoid
@@ -99,6 +105,7 @@ def flash_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
         H=h, G=g, HD=hd, BLOCK_G=max(16, triton.next_power_of_2(g)), BLOCK_S=block_s,
         NUM_SPLITS=num_splits, INT8=int8,
         PRECISION="ieee" if k_cache.dtype == torch.float32 else "tf32",  # fp32 caches: exact dots
+        num_warps=num_warps, **pdl_launch(q),
     )
-    _combine_kernel[(h,)](o, lse, out, H=h, HD=hd, NUM_SPLITS=num_splits)
+    _combine_kernel[(h,)](o, lse, out, H=h, HD=hd, NUM_SPLITS=num_splits, **pdl_launch(q))
     return out

@@ -22,13 +22,12 @@ Per tile (BLOCK_K stays inside one group), in fp32:
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from ._common import int_to_float_exact
+from ._common import INTERPRET, int_to_float_exact
+from .pdl import pdl_launch, release_dependents, wait_for_producer
 
 
 @triton.jit
@@ -191,44 +190,102 @@ def _apply_group(acc, d, xs, k0, K, group_size, s_ptr, z_ptr, n, n_ok, stride_sg
 
 
 @triton.jit
+def _overflow_shift(xmax, BITS: tl.constexpr):
+    """The e >= 0 for which 2^-e x keeps a word's fp16 lane sums below 2^15: each lane adds 4
+    products q x with q <= 15 (int4) or 2 with |q - 128| <= 128 (int8)."""
+    LIMIT: tl.constexpr = 512.0 if BITS == 4 else 128.0
+    e = tl.where(xmax > LIMIT, tl.ceil(tl.log2(xmax / LIMIT)), 0.0)
+    return tl.minimum(e, 14.0).to(tl.int32)  # 2^-14 is the smallest normal fp16
+
+
+@triton.jit
+def _fp16_pair(lo, hi):
+    """Two fp16 tensors -> int32 words holding (lo, hi)."""
+    return (lo.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF) | (hi.to(tl.int16, bitcast=True).to(tl.int32) << 16)
+
+
+@triton.jit
+def _load_pairs(xw_ptr, r, i: tl.constexpr, PAIRS: tl.constexpr, r_ok, e, BLOCK_N: tl.constexpr, EMULATE: tl.constexpr):
+    """Pair i (fp16 x_{2i}, x_{2i+1} as one int32) of each word row r, times 2^-e, as [RW, BLOCK_N]."""
+    xp = tl.load(xw_ptr + r * PAIRS + i, mask=r_ok, other=0)
+    if EMULATE:
+        f = ((127 - e) << 23).to(tl.float32, bitcast=True)   # 2^-e
+        lo = ((xp & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32) * f).to(tl.float16)
+        hi = (((xp >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32) * f).to(tl.float16)
+        xp = _fp16_pair(lo, hi)
+    else:
+        h = (15 - e) << 10                                   # fp16 bits of 2^-e
+        hh = tl.zeros_like(xp) + (h | (h << 16))
+        xp = tl.inline_asm_elementwise("mul.rn.f16x2 $0, $1, $2;", "=r,r,r", [xp, hh], dtype=tl.int32,
+                                       is_pure=True, pack=1)
+    return tl.broadcast_to(xp[:, None], (xp.shape[0], BLOCK_N))
+
+
+@triton.jit
 def _qgemv_f16x2_kernel(
     x_ptr, xw_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr,
     N, K, group_size, stride_wk, stride_sg,
     BITS: tl.constexpr, ZERO_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, EMULATE: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_ITERS: tl.constexpr,
+    PDL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUPS: tl.constexpr,
 ):
     """Decode GEMV, M = 1, fp16 x, no act-order: out (fp32) += x @ W.T with packed fp16x2 math.
 
-    Reads each word once ([BLOCK_K / EPW, BLOCK_N] tile) and multiplies it by its EPW activations
-    (`_dot8` for int4, `_dot4_i8` for int8); x is also read as int32 words `xw` of fp16 pairs."""
+    Each program reads one [BLOCK_K / EPW, BLOCK_N] tile of words once and multiplies every word by
+    its EPW activations (`_dot8` for int4, `_dot4_i8` for int8); x is also read as int32 words `xw`
+    of fp16 pairs. The tile spans GROUPS whole groups (or lies inside one: GROUPS = 1).
+    Weights, scales, zeros and bias are requested before waiting for the previous kernel (PDL,
+    kernels.pdl): they are most of the bytes, and no kernel of the step writes them."""
     EPW: tl.constexpr = 32 // BITS
     RW: tl.constexpr = BLOCK_K // EPW
     PAIRS: tl.constexpr = EPW // 2                        # fp16 pairs of x per word
     offset: tl.constexpr = 0.0 if BITS == 4 else -128.0  # int8 products are formed with q - 128
+    release_dependents(PDL)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < N
-    acc = tl.zeros([1, BLOCK_N], dtype=tl.float32)
-    for it in tl.static_range(K_ITERS):
-        k0 = (pid_k * K_ITERS + it) * BLOCK_K
-        r = k0 // EPW + tl.arange(0, RW)
-        r_ok = r < K // EPW
-        w = tl.load(w_ptr + r[:, None] * stride_wk + n[None, :], mask=r_ok[:, None] & n_ok[None, :], other=0)
-        xp0 = tl.broadcast_to(tl.load(xw_ptr + r * PAIRS + 0, mask=r_ok, other=0)[:, None], (RW, BLOCK_N))
-        xp1 = tl.broadcast_to(tl.load(xw_ptr + r * PAIRS + 1, mask=r_ok, other=0)[:, None], (RW, BLOCK_N))
-        if BITS == 4:
-            xp2 = tl.broadcast_to(tl.load(xw_ptr + r * PAIRS + 2, mask=r_ok, other=0)[:, None], (RW, BLOCK_N))
-            xp3 = tl.broadcast_to(tl.load(xw_ptr + r * PAIRS + 3, mask=r_ok, other=0)[:, None], (RW, BLOCK_N))
-            d = tl.sum(_dot8(w, xp0, xp1, xp2, xp3, EMULATE), axis=0)[None, :]
-        else:
-            d = tl.sum(_dot4_i8(w, xp0, xp1, EMULATE), axis=0)[None, :]
-        k = k0 + tl.arange(0, BLOCK_K)
-        xs = tl.sum(tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32), axis=0)
-        acc = _apply_group(acc, d, xs, k0, K, group_size, s_ptr, z_ptr, n, n_ok, stride_sg, BITS, ZERO_MODE, offset, BLOCK_N)
+    k0 = pid_k * BLOCK_K
+    r = k0 // EPW + tl.arange(0, RW)
+    r_ok = r < K // EPW
+    w = tl.load(w_ptr + r[:, None] * stride_wk + n[None, :], mask=r_ok[:, None] & n_ok[None, :], other=0)
+    g = k0 // group_size + tl.arange(0, GROUPS)
+    sm = ((g * group_size) < K)[:, None] & n_ok[None, :]
+    s = tl.load(s_ptr + g[:, None] * stride_sg + n[None, :], mask=sm, other=0.0).to(tl.float32)   # [GROUPS, BN]
+    if ZERO_MODE != 0:
+        z = tl.load(z_ptr + g[:, None] * stride_sg + n[None, :], mask=sm, other=0).to(tl.float32)
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :] * (pid_k == 0).to(tl.float32)
-    tl.atomic_add(out_ptr + n[None, :], acc, mask=n_ok[None, :], sem="relaxed")
+        bias = tl.load(bias_ptr + n, mask=n_ok, other=0.0).to(tl.float32) * (pid_k == 0).to(tl.float32)
+    wait_for_producer(PDL)
+    k = k0 + tl.arange(0, BLOCK_K)
+    xk = tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32)
+    # The fp16 lane sums of one word overflow past 65504: large activations (a down_proj input
+    # reaches thousands in some models) are scaled down by 2^-e first, and d back up by 2^e.
+    e = _overflow_shift(tl.max(tl.abs(xk), axis=0), BITS)
+    xp0 = _load_pairs(xw_ptr, r, 0, PAIRS, r_ok, e, BLOCK_N, EMULATE)
+    xp1 = _load_pairs(xw_ptr, r, 1, PAIRS, r_ok, e, BLOCK_N, EMULATE)
+    if BITS == 4:
+        xp2 = _load_pairs(xw_ptr, r, 2, PAIRS, r_ok, e, BLOCK_N, EMULATE)
+        xp3 = _load_pairs(xw_ptr, r, 3, PAIRS, r_ok, e, BLOCK_N, EMULATE)
+        per_word = _dot8(w, xp0, xp1, xp2, xp3, EMULATE)                                    # [RW, BN]
+    else:
+        per_word = _dot4_i8(w, xp0, xp1, EMULATE)
+    if GROUPS == 1:
+        d = tl.sum(per_word, axis=0)[None, :]
+        xs = tl.sum(xk, axis=0)
+    else:  # one partial sum per group, each with its own scale
+        d = tl.sum(tl.reshape(per_word, (GROUPS, RW // GROUPS, BLOCK_N)), axis=1)
+        xs = tl.sum(tl.reshape(xk, (GROUPS, BLOCK_K // GROUPS)), axis=1)[:, None]
+    d = d * ((127 + e) << 23).to(tl.float32, bitcast=True)                               # * 2^e
+    if ZERO_MODE == 0:
+        part = s * (d - (offset + (1 << (BITS - 1))) * xs)
+    elif ZERO_MODE == 1:
+        part = s * (d - (offset + z) * xs)
+    else:
+        part = s * (d - offset * xs) + z * xs
+    acc = tl.sum(part, axis=0)
+    if HAS_BIAS:
+        acc += bias
+    tl.atomic_add(out_ptr + n, acc, mask=n_ok, sem="relaxed")
 
 
 @triton.jit
@@ -237,8 +294,10 @@ def _qmatmul_kernel(
     M, N, K, group_size, stride_xm, stride_wk, stride_sg, stride_om, stride_rm,
     BITS: tl.constexpr, ZERO_MODE: tl.constexpr, HAS_PERM: tl.constexpr, USE_DOT: tl.constexpr,
     ATOMIC: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_ITERS: tl.constexpr,
+    PDL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_ITERS: tl.constexpr,
 ):
+    release_dependents(PDL)
+    wait_for_producer(PDL)  # loads of x and W interleave here: nothing to issue early
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -272,13 +331,25 @@ def _qmatmul_kernel(
         tl.store(out_ptr + rm[:, None] * stride_om + n[None, :], acc.to(out_ptr.dtype.element_ty), mask=omask)
 
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def _packed_fp16_path(x2: torch.Tensor, lin) -> bool:
     """Whether the fp16x2 GEMV applies: one fp16 row, K a multiple of the codes per word, no act-order."""
     return (x2.shape[0] == 1 and x2.dtype == torch.float16 and lin.in_features % (32 // lin.bits) == 0
             and lin.perm is None and x2.is_contiguous())
+
+
+def _packed_fp16_tile(lin, block_k: int) -> tuple[int, int] | None:
+    """(BLOCK_K, GROUPS) for the packed-fp16 GEMV: the K tile (at most block_k, a power of two)
+    must hold whole groups (GROUPS = BLOCK_K / group size) or lie inside one group (GROUPS = 1);
+    None when no tile of at least one word does."""
+    group, k = lin.group_size_eff, lin.in_features
+    epw = 32 // lin.bits
+    while block_k >= epw:
+        if group >= k or group % block_k == 0:
+            return block_k, 1
+        if block_k % group == 0:
+            return block_k, block_k // group
+        block_k //= 2
+    return None
 
 
 def _check(x: torch.Tensor, lin) -> torch.Tensor:
@@ -305,14 +376,9 @@ def qmatmul_accumulate(x: torch.Tensor, lin, out: torch.Tensor,
         raise ValueError(f"qmatmul_accumulate: out must be fp32 [{m}, {lin.out_features}], got {out.dtype} {tuple(out.shape)}")
     out2 = out.view(m, lin.out_features)
     bn, bk, iters, nw, use_dot = config or lin.splitk_config(m)
-    if _packed_fp16_path(x2, lin) and use_dot == "f16x2":
-        bk = min(bk, lin.group_size_eff)
-        _qgemv_f16x2_kernel[(triton.cdiv(lin.out_features, bn), triton.cdiv(k, bk * iters))](
-            x2, x2.view(torch.int32), lin.words, lin.scales, lin.zeros_or_offsets, lin.bias, out2,
-            lin.out_features, k, lin.group_size_eff, lin.words.stride(0), lin.scales.stride(0),
-            BITS=lin.bits, ZERO_MODE=lin.zero_mode_id, HAS_BIAS=lin.bias is not None, EMULATE=_INTERPRET,
-            BLOCK_N=bn, BLOCK_K=bk, K_ITERS=iters, num_warps=nw,
-        )
+    tile = _packed_fp16_tile(lin, bk * iters) if use_dot == "f16x2" and _packed_fp16_path(x2, lin) else None
+    if tile is not None:
+        _launch_packed_fp16(x2, lin, out2, bn, nw, tile)
         return out
     use_dot = use_dot is True or m > 1
     bk = min(bk, lin.group_size_eff)  # a tile must stay inside one group
@@ -323,9 +389,19 @@ def qmatmul_accumulate(x: torch.Tensor, lin, out: torch.Tensor,
         out2.stride(0), 0,
         BITS=lin.bits, ZERO_MODE=lin.zero_mode_id, HAS_PERM=lin.perm is not None, USE_DOT=use_dot,
         ATOMIC=True, HAS_BIAS=lin.bias is not None, HAS_RESIDUAL=False,
-        BLOCK_M=16 if use_dot else 1, BLOCK_N=bn, BLOCK_K=bk, K_ITERS=iters, num_warps=nw,
+        BLOCK_M=16 if use_dot else 1, BLOCK_N=bn, BLOCK_K=bk, K_ITERS=iters, num_warps=nw, **pdl_launch(x2),
     )
     return out
+
+
+def _launch_packed_fp16(x2, lin, out2, bn: int, nw: int, tile: tuple[int, int]) -> None:
+    block_k, groups = tile
+    _qgemv_f16x2_kernel[(triton.cdiv(lin.out_features, bn), triton.cdiv(lin.in_features, block_k))](
+        x2, x2.view(torch.int32), lin.words, lin.scales, lin.zeros_or_offsets, lin.bias, out2,
+        lin.out_features, lin.in_features, lin.group_size_eff, lin.words.stride(0), lin.scales.stride(0),
+        BITS=lin.bits, ZERO_MODE=lin.zero_mode_id, HAS_BIAS=lin.bias is not None, EMULATE=INTERPRET,
+        BLOCK_N=bn, BLOCK_K=block_k, GROUPS=groups, num_warps=nw, **pdl_launch(x2),
+    )
 
 
 def qmatmul(x: torch.Tensor, lin, residual: torch.Tensor | None = None, out: torch.Tensor | None = None,
@@ -345,6 +421,6 @@ def qmatmul(x: torch.Tensor, lin, residual: torch.Tensor | None = None, out: tor
         out.stride(0), 0 if residual is None else residual.stride(0),
         BITS=lin.bits, ZERO_MODE=lin.zero_mode_id, HAS_PERM=lin.perm is not None, USE_DOT=True,
         ATOMIC=False, HAS_BIAS=lin.bias is not None, HAS_RESIDUAL=residual is not None,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, K_ITERS=1, num_warps=nw, num_stages=ns,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, K_ITERS=1, num_warps=nw, num_stages=ns, **pdl_launch(x2),
     )
     return out

@@ -10,9 +10,13 @@ import torch
 import triton
 import triton.language as tl
 
+from .pdl import pdl_launch, release_dependents, wait_for_producer
+
 
 @triton.jit
-def _rmsnorm_kernel(x_ptr, w_ptr, y_ptr, D, stride_x, stride_y, eps, BLOCK_D: tl.constexpr):
+def _rmsnorm_kernel(x_ptr, w_ptr, y_ptr, D, stride_x, stride_y, eps, PDL: tl.constexpr, BLOCK_D: tl.constexpr):
+    release_dependents(PDL)
+    wait_for_producer(PDL)
     row = tl.program_id(0)
     d = tl.arange(0, BLOCK_D)
     ok = d < D
@@ -30,5 +34,6 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor
         raise ValueError(f"rmsnorm: weight {tuple(weight.shape)} does not match D={d}")
     if out is None:
         out = torch.empty((m, d), device=x.device, dtype=out_dtype or x.dtype)
-    _rmsnorm_kernel[(m,)](x, weight, out, d, x.stride(0), out.stride(0), eps, BLOCK_D=triton.next_power_of_2(d))
+    _rmsnorm_kernel[(m,)](x, weight, out, d, x.stride(0), out.stride(0), eps, BLOCK_D=triton.next_power_of_2(d),
+                             **pdl_launch(x))
     return out

@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .pdl import pdl_launch, release_dependents, wait_for_producer
+
 
 @triton.jit
 def _rope_cache_kernel(
@@ -24,8 +26,10 @@ def _rope_cache_kernel(
     q_out_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr,
     stride_qkv, stride_qo, stride_ckv, stride_cs, stride_skv, eps,
     H: tl.constexpr, KV: tl.constexpr, HD: tl.constexpr,
-    HAS_BIAS: tl.constexpr, QK_NORM: tl.constexpr, INT8: tl.constexpr, ZERO_INPUT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, QK_NORM: tl.constexpr, INT8: tl.constexpr, ZERO_INPUT: tl.constexpr, PDL: tl.constexpr,
 ):
+    release_dependents(PDL)
+    wait_for_producer(PDL)
     m = tl.program_id(0)
     head = tl.program_id(1)                    # 0..H-1 q, H..H+KV-1 k, then v
     HALF: tl.constexpr = HD // 2
@@ -101,5 +105,5 @@ def rope_qkv_to_cache(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Ten
         qkv.stride(0), q_out.stride(0), k_cache.stride(0), k_cache.stride(1),
         0 if k_scale is None else k_scale.stride(0), eps,
         H=num_heads, KV=num_kv_heads, HD=head_dim, HAS_BIAS=bias is not None, QK_NORM=q_norm is not None,
-        INT8=int8, ZERO_INPUT=zero_input,
+        INT8=int8, ZERO_INPUT=zero_input, **pdl_launch(qkv),
     )

@@ -10,9 +10,14 @@ import torch
 import triton
 import triton.language as tl
 
+from .pdl import pdl_launch, release_dependents, wait_for_producer
+
 
 @triton.jit
-def _swiglu_kernel(gu_ptr, out_ptr, F, stride_gu, stride_out, ZERO_INPUT: tl.constexpr, BLOCK: tl.constexpr):
+def _swiglu_kernel(gu_ptr, out_ptr, F, stride_gu, stride_out, ZERO_INPUT: tl.constexpr, PDL: tl.constexpr,
+                  BLOCK: tl.constexpr):
+    release_dependents(PDL)
+    wait_for_producer(PDL)
     row = tl.program_id(0)
     f = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = f < F
@@ -36,5 +41,5 @@ def swiglu(gate_up: torch.Tensor, out: torch.Tensor | None = None, out_dtype: to
         out = torch.empty((m, f), device=gate_up.device, dtype=out_dtype or gate_up.dtype)
     block = 1024
     _swiglu_kernel[(m, triton.cdiv(f, block))](gate_up, out, f, gate_up.stride(0), out.stride(0),
-                                                ZERO_INPUT=zero_input, BLOCK=block)
+                                                ZERO_INPUT=zero_input, BLOCK=block, **pdl_launch(gate_up))
     return out

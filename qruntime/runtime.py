@@ -74,7 +74,8 @@ class Model:
         if self.max_seq_len <= 0:
             raise InvalidOptionError(f"max_seq_len={self.max_seq_len} must be positive")
         self.source = ckpt.source
-        self.tokenizer = load_tokenizer(ckpt.tokenizer_files, source=str(ckpt.source.get("path", "checkpoint")))
+        self.tokenizer = load_tokenizer(ckpt.tokenizer_files, source=str(ckpt.source.get("path", "checkpoint")),
+                                        model_type=ckpt.config.family)
         self.generation_config = ckpt.generation_config or {}
         if kv_cache not in ("auto", "int8"):
             raise InvalidOptionError(f"kv_cache={kv_cache!r}; choose auto (the compute dtype) or int8")

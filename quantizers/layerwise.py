@@ -98,7 +98,7 @@ def quantize_layers(path: Path, config: ModelConfig, weights, dense: dict[str, t
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     calib = policy.calibration or Calibration()
-    ids = calibration_ids(load_tokenizer(read_tokenizer_files(path), source=str(path)), calib)
+    ids = calibration_ids(load_tokenizer(read_tokenizer_files(path), source=str(path), model_type=config.family), calib)
     hidden = dense["model.embed_tokens.weight"][ids].to(device=device, dtype=dtype)  # [S, L, D]
     rotary = RotaryEmbedding(config, ids.shape[1], device, dtype=torch.float32)
     cos, sin = rotary(torch.arange(ids.shape[1], device=device))

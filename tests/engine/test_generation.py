@@ -107,3 +107,24 @@ def test_memory_report_counts_packed_bytes(tiny_model_dir):
 
     n_params = tiny_models.hf_model(tiny_model_dir("llama")).num_parameters()  # counts the tied matrix once
     assert fp["weights_bytes"] == 4 * n_params
+
+
+TOKENIZER_TEXT = "Hello world! Grüße aus München. 你好，世界。こんにちは 🙂 12345 tabs\tand  spaces"
+
+
+@pytest.mark.parametrize("variant", ["llama", "qwen2", "qwen3"])
+def test_tokenizer_ids_equal_hf_autotokenizer(tiny_model_dir, tmp_path, variant):
+    """The tokenizer a loaded model carries gives the ids of AutoTokenizer on the original directory,
+    whether loaded from that directory or from its conversion (whose tokenizer files come without
+    config.json: transformers picks Qwen2Tokenizer, with its own pre-tokenizer, from model_type)."""
+    from transformers import AutoTokenizer
+
+    from conftest import run_cli
+
+    src = tiny_model_dir(variant)
+    expected = AutoTokenizer.from_pretrained(src)(TOKENIZER_TEXT)["input_ids"]
+    out = tmp_path / "q4"
+    proc = run_cli("convert", src, "--bits", "4", "-o", out)
+    assert proc.returncode == 0, proc.stderr
+    for path in (src, out):
+        assert qruntime.load(str(path)).tokenizer(TOKENIZER_TEXT)["input_ids"] == expected, path

@@ -98,3 +98,20 @@ def test_packed_fp16_gemv_matches_reference(bits, zero_mode, group, shape):
     out = start.clone()
     qmatmul_accumulate(x, t, out, config=(16, 32, 2, 4, "f16x2"))
     assert_close(out - start, ref_linear(x.float(), lin), "fp16_dot")
+
+
+@pytest.mark.parametrize("bits", [4, 8], ids=["int4", "int8"])
+def test_packed_fp16_gemv_scales_large_activations(bits):
+    """Activations in the thousands (a down_proj input can reach them) would overflow the fp16 lane
+    sums of a word on the GPU; the kernel scales such K slices by 2^-e and the result by 2^e, which
+    is exact: here one slice is large, one moderate, one plain."""
+    n, k = 24, 384
+    lin = make_linear(n, k, bits, 128, "int", seed=5)
+    t = prepare(lin, torch.device("cpu"), torch.float16)
+    x = torch.randn(1, k, generator=torch.Generator().manual_seed(4))
+    x[0, 5], x[0, 130] = 3000.0, -700.0
+    x = x.half()
+    out = torch.zeros(1, n)
+    qmatmul_accumulate(x, t, out, config=(16, 128, 1, 4, "f16x2"))
+    assert_close(out, ref_linear(x.float(), lin), "fp16_dot")
+
