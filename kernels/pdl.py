@@ -31,6 +31,7 @@ import triton.language as tl
 
 from ._common import INTERPRET
 
+
 @lru_cache(maxsize=None)
 def _supported(device_index: int) -> bool:
     return torch.cuda.get_device_capability(device_index)[0] >= 9

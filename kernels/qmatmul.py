@@ -178,15 +178,22 @@ def _apply_group(acc, d, xs, k0, K, group_size, s_ptr, z_ptr, n, n_ok, stride_sg
     g = k0 // group_size
     sm = n_ok & ((k0 + tl.zeros([BLOCK_N], dtype=tl.int32)) < K)
     s = tl.load(s_ptr + g * stride_sg + n, mask=sm, other=0.0).to(tl.float32)[None, :]
-    if ZERO_MODE == 0:
-        acc += s * (d - (offset + (1 << (BITS - 1))) * xs)
-    elif ZERO_MODE == 1:
+    if ZERO_MODE != 0:
         z = tl.load(z_ptr + g * stride_sg + n, mask=sm, other=0).to(tl.float32)[None, :]
-        acc += s * (d - (offset + z) * xs)
     else:
-        off = tl.load(z_ptr + g * stride_sg + n, mask=sm, other=0.0).to(tl.float32)[None, :]
-        acc += s * (d - offset * xs) + off * xs
-    return acc
+        z = s  # unused
+    return acc + _group_contribution(d, xs, s, z, BITS, ZERO_MODE, offset)
+
+
+@triton.jit
+def _group_contribution(d, xs, s, z, BITS: tl.constexpr, ZERO_MODE: tl.constexpr, offset: tl.constexpr):
+    """s (D - (offset + zero) X) for the zero modes (float mode: z is the offset m, s (D - offset X) + m X)."""
+    if ZERO_MODE == 0:
+        return s * (d - (offset + (1 << (BITS - 1))) * xs)
+    elif ZERO_MODE == 1:
+        return s * (d - (offset + z) * xs)
+    else:
+        return s * (d - offset * xs) + z * xs
 
 
 @triton.jit
@@ -253,6 +260,8 @@ def _qgemv_f16x2_kernel(
     s = tl.load(s_ptr + g[:, None] * stride_sg + n[None, :], mask=sm, other=0.0).to(tl.float32)   # [GROUPS, BN]
     if ZERO_MODE != 0:
         z = tl.load(z_ptr + g[:, None] * stride_sg + n[None, :], mask=sm, other=0).to(tl.float32)
+    else:
+        z = s  # unused
     if HAS_BIAS:
         bias = tl.load(bias_ptr + n, mask=n_ok, other=0.0).to(tl.float32) * (pid_k == 0).to(tl.float32)
     wait_for_producer(PDL)
@@ -276,13 +285,7 @@ def _qgemv_f16x2_kernel(
         d = tl.sum(tl.reshape(per_word, (GROUPS, RW // GROUPS, BLOCK_N)), axis=1)
         xs = tl.sum(tl.reshape(xk, (GROUPS, BLOCK_K // GROUPS)), axis=1)[:, None]
     d = d * ((127 + e) << 23).to(tl.float32, bitcast=True)                               # * 2^e
-    if ZERO_MODE == 0:
-        part = s * (d - (offset + (1 << (BITS - 1))) * xs)
-    elif ZERO_MODE == 1:
-        part = s * (d - (offset + z) * xs)
-    else:
-        part = s * (d - offset * xs) + z * xs
-    acc = tl.sum(part, axis=0)
+    acc = tl.sum(_group_contribution(d, xs, s, z, BITS, ZERO_MODE, offset), axis=0)
     if HAS_BIAS:
         acc += bias
     tl.atomic_add(out_ptr + n, acc, mask=n_ok, sem="relaxed")
@@ -377,8 +380,14 @@ def qmatmul_accumulate(x: torch.Tensor, lin, out: torch.Tensor,
     out2 = out.view(m, lin.out_features)
     bn, bk, iters, nw, use_dot = config or lin.splitk_config(m)
     tile = _packed_fp16_tile(lin, bk * iters) if use_dot == "f16x2" and _packed_fp16_path(x2, lin) else None
-    if tile is not None:
-        _launch_packed_fp16(x2, lin, out2, bn, nw, tile)
+    if tile is not None:  # one K tile of bk * iters per program
+        block_k, groups = tile
+        _qgemv_f16x2_kernel[(triton.cdiv(lin.out_features, bn), triton.cdiv(k, block_k))](
+            x2, x2.view(torch.int32), lin.words, lin.scales, lin.zeros_or_offsets, lin.bias, out2,
+            lin.out_features, k, lin.group_size_eff, lin.words.stride(0), lin.scales.stride(0),
+            BITS=lin.bits, ZERO_MODE=lin.zero_mode_id, HAS_BIAS=lin.bias is not None, EMULATE=INTERPRET,
+            BLOCK_N=bn, BLOCK_K=block_k, GROUPS=groups, num_warps=nw, **pdl_launch(x2),
+        )
         return out
     use_dot = use_dot is True or m > 1
     bk = min(bk, lin.group_size_eff)  # a tile must stay inside one group
@@ -392,16 +401,6 @@ def qmatmul_accumulate(x: torch.Tensor, lin, out: torch.Tensor,
         BLOCK_M=16 if use_dot else 1, BLOCK_N=bn, BLOCK_K=bk, K_ITERS=iters, num_warps=nw, **pdl_launch(x2),
     )
     return out
-
-
-def _launch_packed_fp16(x2, lin, out2, bn: int, nw: int, tile: tuple[int, int]) -> None:
-    block_k, groups = tile
-    _qgemv_f16x2_kernel[(triton.cdiv(lin.out_features, bn), triton.cdiv(lin.in_features, block_k))](
-        x2, x2.view(torch.int32), lin.words, lin.scales, lin.zeros_or_offsets, lin.bias, out2,
-        lin.out_features, lin.in_features, lin.group_size_eff, lin.words.stride(0), lin.scales.stride(0),
-        BITS=lin.bits, ZERO_MODE=lin.zero_mode_id, HAS_BIAS=lin.bias is not None, EMULATE=INTERPRET,
-        BLOCK_N=bn, BLOCK_K=block_k, GROUPS=groups, num_warps=nw, **pdl_launch(x2),
-    )
 
 
 def qmatmul(x: torch.Tensor, lin, residual: torch.Tensor | None = None, out: torch.Tensor | None = None,
