@@ -1,5 +1,5 @@
 """Block-size sweep of the decode GEMV (kernels.qmatmul.qmatmul_accumulate) on the GPU; writes the
-best config per shape in the form of kernels/tuned_configs.json.
+best config per shape in the form of kernels/tuned/<card>.json (merge with merge_tuned.py).
 
     PYTHONPATH=$(bash benchmarks/stage_package.sh) python3 benchmarks/bench_gemv.py --out DIR [--bits 4]
 
@@ -26,11 +26,13 @@ SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (4096, 128256), (4096, 614
           (2048, 2048), (2048, 3072), (2048, 16384), (8192, 2048), (2048, 128256)]  # (K, N); fused qkv / gate_up too
 
 
-def configs(m: int, bits: int):
+def configs(m: int, bits: int, quick: bool = False):
     """(BLOCK_N, BLOCK_K, K_ITERS, num_warps, path) candidates. M = 1: the packed-fp16 path (it won
     every shape of the earlier sweeps but the smallest int8 one, so the FMA path stays as one
     candidate there), one K tile of BLOCK_K. M > 1: tensor-core tiles of 16 words along K (each word
     read once, one dot per code slot: the group of 128 caps BLOCK_K), K_ITERS tiles per program."""
+    if m == 1 and quick:  # the tiles that won on the H100 and H200 (a few minutes for all shapes)
+        return [(bn, bk, 1, nw, "f16x2") for bn in (128, 256) for bk in (64, 128, 256) for nw in (2, 4)]
     if m == 1:
         return ([(bn, bk, 1, nw, "f16x2") for bn in (128, 256, 512) for bk in (64, 128, 256, 512) for nw in (1, 2, 4)]
                 + [(64, 64, 1, 2, False)])
@@ -51,6 +53,7 @@ def main() -> None:
     ap.add_argument("--m", type=int, nargs="+", default=[1, 16])
     ap.add_argument("--prefill", type=int, default=0, help="also sweep the prefill GEMM at this M")
     ap.add_argument("--shapes", default="all", help="'all' or 'issue' (the four shapes of the acceptance)")
+    ap.add_argument("--quick", action="store_true", help="M = 1: only the tiles that won the full sweeps")
     args = ap.parse_args()
     env = environment()
     bw = measure_read_bandwidth()
@@ -76,7 +79,7 @@ def main() -> None:
             lins, xs, outs, need = gemv_workload(k, n, m, bits)
             count = len(lins)
             best = None
-            for cfg in configs(m, bits):
+            for cfg in configs(m, bits, args.quick):
                 try:
                     t = time_graph([lambda i=i: qmatmul_accumulate(xs[i], lins[i], outs[i], config=cfg) for i in range(count)])
                 except Exception as e:  # a config that does not compile

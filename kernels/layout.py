@@ -37,10 +37,10 @@ class TritonLinear:
     bias: torch.Tensor | None              # [N]
 
     def splitk_config(self, m: int = 1) -> tuple[int, int, int, int, bool]:
-        return splitk_config(self.bits, self.out_features, self.in_features, m)
+        return splitk_config(self.bits, self.out_features, self.in_features, m, self.words.device)
 
     def gemm_config(self, m: int) -> tuple[int, int, int, int, int]:
-        return gemm_config(self.bits, self.out_features, self.in_features, m)
+        return gemm_config(self.bits, self.out_features, self.in_features, m, self.words.device)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.words, self.scales, self.zeros_or_offsets, self.perm, self.bias)

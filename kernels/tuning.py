@@ -1,29 +1,57 @@
-"""Block sizes per shape, chosen from tables measured on the GPU (benchmarks/tune_gemv.py).
+"""Block sizes per shape, chosen from tables measured on each GPU (benchmarks/bench_gemv.py).
 
-No autotuning at run time: the first token must not wait minutes. A shape missing from the table
-gets the rule below, which the tables were built to refine.
+No autotuning at run time: the first token must not wait minutes. One table per card model lives in
+kernels/tuned/<card>.json (the card's name as torch reports it, lower-cased, non-alphanumerics as
+'-'), because the best tiles differ between cards (the H200's higher bandwidth favours other
+tiles than the H100's). A card without a table uses the H100's, with a warning that says how to
+make one; a shape missing from a table gets the rule below, which the tables were built to refine.
 """
 
 from __future__ import annotations
 
 import json
+import re
+import warnings
 from functools import lru_cache
 from pathlib import Path
 
-_TABLE = Path(__file__).with_name("tuned_configs.json")
+import torch
+
+TABLES = Path(__file__).with_name("tuned")
+FALLBACK_CARD = "nvidia-h100-80gb-hbm3"
 
 
-@lru_cache(maxsize=1)
-def _table() -> dict:
-    if _TABLE.is_file():
-        return json.loads(_TABLE.read_text())
-    return {}
+def card_slug(name: str) -> str:
+    """'NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3': a table's file name."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
-def gemm_config(bits: int, n: int, k: int, m: int) -> tuple[int, int, int, int, int]:
+@lru_cache(maxsize=None)
+def _card(device_index: int) -> str:
+    return card_slug(torch.cuda.get_device_name(device_index))
+
+
+@lru_cache(maxsize=None)
+def _table(card: str | None) -> dict:
+    """The table for `card` (None: no CUDA card, e.g. the CPU interpreter: the fallback table)."""
+    path = TABLES / f"{card}.json"
+    if card is not None and not path.is_file():
+        warnings.warn(f"no tuned kernel table for this GPU ({card}): using {FALLBACK_CARD}'s; make one with "
+                      f"benchmarks/bench_gemv.py and benchmarks/merge_tuned.py kernels/tuned/{card}.json", stacklevel=3)
+    if card is None or not path.is_file():
+        path = TABLES / f"{FALLBACK_CARD}.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _table_for(device: torch.device | None) -> dict:
+    if device is None or device.type != "cuda":
+        return _table(None)
+    return _table(_card(device.index if device.index is not None else torch.cuda.current_device()))
+
+
+def gemm_config(bits: int, n: int, k: int, m: int, device: torch.device | None = None) -> tuple[int, int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for the whole-K (prefill) kernel."""
-    key = f"gemm/w{bits}/m{min(m, 128)}/n{n}/k{k}"
-    hit = _table().get(key)
+    hit = _table_for(device).get(f"gemm/w{bits}/m{min(m, 128)}/n{n}/k{k}")
     if hit:
         return tuple(hit)
     if m <= 16:
@@ -33,9 +61,10 @@ def gemm_config(bits: int, n: int, k: int, m: int) -> tuple[int, int, int, int, 
     return 128, 128, 64, 8, 3
 
 
-def splitk_config(bits: int, n: int, k: int, m: int = 1) -> tuple[int, int, int, int, bool | str]:
+def splitk_config(bits: int, n: int, k: int, m: int = 1,
+                  device: torch.device | None = None) -> tuple[int, int, int, int, bool | str]:
     """(BLOCK_N, BLOCK_K, K_ITERS, num_warps, USE_DOT) for the split-K GEMV kernel."""
-    hit = _table().get(f"splitk/w{bits}/m{1 if m == 1 else 16}/n{n}/k{k}")
+    hit = _table_for(device).get(f"splitk/w{bits}/m{1 if m == 1 else 16}/n{n}/k{k}")
     if hit:
         return tuple(hit)
     if m > 1:

@@ -1,0 +1,73 @@
+"""Per-card tuned tables (kernels/tuned/<card>.json): names, lookup, fallback and contents."""
+
+import json
+import warnings
+
+import pytest
+import torch
+
+from qruntime.kernels import tuning
+from qruntime.kernels.layout import prepare
+from qruntime.quantizers.rtn import quantize_rtn
+
+
+@pytest.mark.parametrize("name, slug", [("NVIDIA H100 80GB HBM3", "nvidia-h100-80gb-hbm3"), ("NVIDIA H200", "nvidia-h200"),
+                                        ("NVIDIA GeForce RTX 4090", "nvidia-geforce-rtx-4090")])
+def test_card_slug(name, slug):
+    assert tuning.card_slug(name) == slug
+
+
+def test_every_table_is_well_formed():
+    tables = sorted(tuning.TABLES.glob("*.json"))
+    assert {p.stem for p in tables} >= {tuning.FALLBACK_CARD, "nvidia-h200"}
+    for path in tables:
+        table = json.loads(path.read_text())
+        assert table, path
+        for key, cfg in table.items():
+            kind, bits, m, n, k = key.split("/")
+            assert kind in ("splitk", "gemm") and bits in ("w4", "w8") and m[0] == "m" and n[0] == "n" and k[0] == "k"
+            assert len(cfg) == 5 and all(isinstance(v, int) and v > 0 for v in cfg[:4]), (path, key)
+            if kind == "splitk":
+                assert cfg[4] in (False, True, "f16x2"), (path, key)
+
+
+def test_each_card_reads_its_own_table(monkeypatch):
+    """The H200's and the H100's tables differ on measured shapes; a config comes from the card's own."""
+    h100 = json.loads((tuning.TABLES / "nvidia-h100-80gb-hbm3.json").read_text())
+    h200 = json.loads((tuning.TABLES / "nvidia-h200.json").read_text())
+    key = next(k for k in h200 if k.startswith("splitk/w8/m1/") and h200[k] != h100.get(k))
+    _, bits, _, n, k = key.split("/")
+    args = (int(bits[1:]), int(n[1:]), int(k[1:]), 1)
+    monkeypatch.setattr(tuning, "_card", lambda index: "nvidia-h200")
+    assert list(tuning.splitk_config(*args, device=torch.device("cuda", 0))) == h200[key]
+    monkeypatch.setattr(tuning, "_card", lambda index: "nvidia-h100-80gb-hbm3")
+    assert list(tuning.splitk_config(*args, device=torch.device("cuda", 0))) == h100[key]
+    assert list(tuning.splitk_config(*args)) == h100[key]  # no CUDA device: the fallback table
+
+
+def test_unknown_card_warns_and_uses_the_fallback(monkeypatch):
+    monkeypatch.setattr(tuning, "_card", lambda index: "acme-gpu-9000")
+    tuning._table.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="acme-gpu-9000.*bench_gemv"):
+            cfg = tuning.splitk_config(4, 4096, 4096, 1, device=torch.device("cuda", 0))
+        assert cfg == tuple(tuning._table(tuning.FALLBACK_CARD)["splitk/w4/m1/n4096/k4096"])
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # once per card, not per linear
+            tuning.splitk_config(4, 4096, 4096, 1, device=torch.device("cuda", 0))
+    finally:
+        tuning._table.cache_clear()
+
+
+def test_linear_asks_for_its_own_device():
+    lin = prepare(quantize_rtn(torch.randn(64, 128), 4, 32, False), torch.device("cpu"), torch.float32)
+    assert lin.splitk_config(1) == tuning.splitk_config(4, 64, 128, 1)
+    assert lin.gemm_config(128) == tuning.gemm_config(4, 64, 128, 128)
+
+
+def test_tables_ship_with_the_package():
+    import tomllib
+    from pathlib import Path
+
+    meta = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())
+    assert "tuned/*.json" in meta["tool"]["setuptools"]["package-data"]["qruntime.kernels"]
