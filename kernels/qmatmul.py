@@ -43,22 +43,23 @@ def _nibble_slot(k, BITS: tl.constexpr):
 
 _DOT8_F16X2 = tl.constexpr("""
 {
-.reg .b32 m, msk, t0, t1, t2, t3, acc;
+.reg .b32 m, msk, mskh, r16, n64, w8, t0, t1, t2, t3, acc;
 .reg .b16 lo, hi;
 .reg .f32 flo, fhi;
 mov.b32 m, 0x64006400;
 mov.b32 msk, 0x000F000F;
+mov.b32 mskh, 0x00F000F0;
+mov.b32 r16, 0x2C002C00;
+mov.b32 n64, 0xD400D400;
+shr.u32 w8, $1, 8;
 lop3.b32 t0, $1, msk, m, 0xEA;
-shr.u32 t1, $1, 4;
-lop3.b32 t1, t1, msk, m, 0xEA;
-shr.u32 t2, $1, 8;
-lop3.b32 t2, t2, msk, m, 0xEA;
-shr.u32 t3, $1, 12;
-lop3.b32 t3, t3, msk, m, 0xEA;
+lop3.b32 t1, $1, mskh, m, 0xEA;
+lop3.b32 t2, w8, msk, m, 0xEA;
+lop3.b32 t3, w8, mskh, m, 0xEA;
 sub.f16x2 t0, t0, m;
-sub.f16x2 t1, t1, m;
+fma.rn.f16x2 t1, t1, r16, n64;
 sub.f16x2 t2, t2, m;
-sub.f16x2 t3, t3, m;
+fma.rn.f16x2 t3, t3, r16, n64;
 mul.rn.f16x2 acc, t0, $2;
 fma.rn.f16x2 acc, t1, $3, acc;
 fma.rn.f16x2 acc, t2, $4, acc;
@@ -122,9 +123,12 @@ def _dot8(w, xp0, xp1, xp2, xp3, EMULATE: tl.constexpr):
     """sum_{j<8} q_j x_j for each int4 word w (pair-interleaved) and its 8 fp16 activations, given as
     four int32 words each holding the fp16 pair (x_2i, x_2i+1).
 
-    On the GPU: nibble pairs (i, i + 4) become fp16x2 (1024 + q) with one LOP3 (or-ing into the
-    mantissa of 1024.0), one HSUB2 removes the 1024, and four HFMA2 multiply-add two products each:
-    about 2.4 instructions per weight instead of 5 for the fp32 path. The 8 products accumulate in
+    On the GPU: nibble pairs (i, i + 4) become fp16x2 with one LOP3 each, or-ing them into the
+    mantissa of 1024.0, straight from the word (pairs 0, 1) or from one shift of it by 8 (pairs 2, 3):
+    the low nibble of a byte gives 1024 + q (one HSUB2 of 1024 leaves q), the high one 1024 + 16 q
+    (one HFMA2 by 1/16 and -64 leaves q, exactly); four HFMA2 multiply-add two products each. Nine
+    instructions unpack the 8 codes instead of eleven with a shift per pair; the int4 GEMV is
+    issue-bound on the H200 (benchmarks/results/h200/ncu_gemv_w4_4096x14336.txt). The 8 products accumulate in
     fp16 (relative error ~1e-3 of the word's partial sum) and leave as one fp32.
     EMULATE computes the same sum in plain Triton for the CPU interpreter (which cannot run PTX)."""
     if EMULATE:
