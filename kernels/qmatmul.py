@@ -128,8 +128,8 @@ def _dot8(w, xp0, xp1, xp2, xp3, EMULATE: tl.constexpr):
     the low nibble of a byte gives 1024 + q (one HSUB2 of 1024 leaves q), the high one 1024 + 16 q
     (one HFMA2 by 1/16 and -64 leaves q, exactly); four HFMA2 multiply-add two products each. Nine
     instructions unpack the 8 codes instead of eleven with a shift per pair; the int4 GEMV is
-    issue-bound on the H200 (benchmarks/results/h200/ncu_gemv_w4_4096x14336.txt). The 8 products accumulate in
-    fp16 (relative error ~1e-3 of the word's partial sum) and leave as one fp32.
+    issue-bound on the H200 (benchmarks/results/h200/ncu_gemv_w4_4096x14336.txt). The 8 products
+    accumulate in fp16 (relative error ~1e-3 of the word's partial sum) and leave as one fp32.
     EMULATE computes the same sum in plain Triton for the CPU interpreter (which cannot run PTX)."""
     if EMULATE:
         return _pair(w, xp0, 0) + _pair(w, xp1, 1) + _pair(w, xp2, 2) + _pair(w, xp3, 3)

@@ -34,11 +34,10 @@ def _card(device_index: int) -> str:
 @lru_cache(maxsize=None)
 def _table(card: str | None) -> dict:
     """The table for `card` (None: no CUDA card, e.g. the CPU interpreter: the fallback table)."""
-    path = TABLES / f"{card}.json"
-    if card is not None and not path.is_file():
+    path = TABLES / f"{card or FALLBACK_CARD}.json"
+    if not path.is_file():
         warnings.warn(f"no tuned kernel table for this GPU ({card}): using {FALLBACK_CARD}'s; make one with "
                       f"benchmarks/bench_gemv.py and benchmarks/merge_tuned.py kernels/tuned/{card}.json", stacklevel=3)
-    if card is None or not path.is_file():
         path = TABLES / f"{FALLBACK_CARD}.json"
     return json.loads(path.read_text()) if path.is_file() else {}
 
