@@ -20,7 +20,8 @@ import time
 
 import torch
 
-from gpu_common import dump, environment, gemv_workload, measure_read_bandwidth, time_graph
+from gpu_common import (dump, environment, gemv_workload, measure_read_bandwidth, prefill_and_capture, time_graph,
+                        time_replays)
 import qruntime
 from qruntime.kernels import reference as R
 from qruntime.kernels.flash_decode import flash_decode
@@ -219,21 +220,8 @@ def time_decode(model, prompt_len=128, new_tokens=256, repeats=3) -> float:
     r = model.runner
     times = []
     for _ in range(repeats):
-        ids = torch.randint(0, model.config.vocab_size, (prompt_len,), device="cuda")
-        logits = r.prefill(ids)
-        r.token.copy_(logits[0].argmax().view(1))
-        r.pos.fill_(prompt_len)
-        r.seq_len.fill_(prompt_len + 1)
-        if r.graph is None:
-            r.capture()
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(new_tokens):
-            r.graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / new_tokens)
+        prefill_and_capture(r, model.config.vocab_size, prompt_len)
+        times.append(time_replays(r, new_tokens))
     return statistics.median(times)
 
 

@@ -32,7 +32,7 @@ def configs(m: int, bits: int, quick: bool = False):
     candidate there), one K tile of BLOCK_K. M > 1: tensor-core tiles of 16 words along K (each word
     read once, one dot per code slot: the group of 128 caps BLOCK_K), K_ITERS tiles per program."""
     if m == 1 and quick:  # the tiles that won on the H100 and H200 (a few minutes for all shapes)
-        return [(bn, bk, 1, nw, "f16x2") for bn in (128, 256) for bk in (64, 128, 256) for nw in (2, 4)]
+        return [(bn, bk, 1, nw, "f16x2") for bn in (128, 256, 512) for bk in (64, 128, 256) for nw in (2, 4)]
     if m == 1:
         return ([(bn, bk, 1, nw, "f16x2") for bn in (128, 256, 512) for bk in (64, 128, 256, 512) for nw in (1, 2, 4)]
                 + [(64, 64, 1, 2, False)])

@@ -68,6 +68,29 @@ def time_graph(fns, repeats: int = 10) -> float:
     return statistics.median(times)
 
 
+def prefill_and_capture(runner, vocab_size: int, prompt_len: int) -> None:
+    """Prefills a random prompt, points the decode state at the next position, captures the step."""
+    ids = torch.randint(0, vocab_size, (prompt_len,), device="cuda")
+    logits = runner.prefill(ids)
+    runner.token.copy_(logits[0].argmax().view(1))
+    runner.pos.fill_(prompt_len)
+    runner.seq_len.fill_(prompt_len + 1)
+    if runner.graph is None:
+        runner.capture()
+    torch.cuda.synchronize()
+
+
+def time_replays(runner, steps: int) -> float:
+    """Milliseconds per replay of the runner's captured decode step, over `steps` replays."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(steps):
+        runner.graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / steps
+
+
 def dump(path, obj) -> None:
     with open(path, "w") as f:
         json.dump(obj, f, indent=2)

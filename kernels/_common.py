@@ -52,6 +52,8 @@ def attend_block(q, m_i, l_i, acc, k_ptr, v_ptr, ks_ptr, vs_ptr, kv_base, scale_
     int8 caches: K and V become fp16 exactly (int8_to_fp16_exact); their per-position scales are
     applied to the scores and to the probabilities, not to every element."""
     k = tl.load(k_ptr + kv_base + j[:, None] * stride_cs + d[None, :], mask=j_ok[:, None], other=0)
+    # V is requested with K, so the two cache reads overlap instead of V waiting for the scores
+    v = tl.load(v_ptr + kv_base + j[:, None] * stride_cs + d[None, :], mask=j_ok[:, None], other=0)
     if INT8:
         k = int8_to_fp16_exact(k)
     scores = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PRECISION)
@@ -62,7 +64,6 @@ def attend_block(q, m_i, l_i, acc, k_ptr, v_ptr, ks_ptr, vs_ptr, kv_base, scale_
     p = tl.exp(scores - m_new[:, None])
     alpha = tl.exp(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    v = tl.load(v_ptr + kv_base + j[:, None] * stride_cs + d[None, :], mask=j_ok[:, None], other=0)
     if INT8:
         v = int8_to_fp16_exact(v)
         p = p * tl.load(vs_ptr + scale_base + j, mask=j_ok, other=0.0)[None, :]

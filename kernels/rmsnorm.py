@@ -34,6 +34,9 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor
         raise ValueError(f"rmsnorm: weight {tuple(weight.shape)} does not match D={d}")
     if out is None:
         out = torch.empty((m, d), device=x.device, dtype=out_dtype or x.dtype)
-    _rmsnorm_kernel[(m,)](x, weight, out, d, x.stride(0), out.stride(0), eps, BLOCK_D=triton.next_power_of_2(d),
-                             **pdl_launch(x))
+    block = triton.next_power_of_2(d)
+    # one program per row: a decode row (D = 2048..8192) is latency-bound, and 8 warps load and
+    # reduce it faster than 4 (H200, chain of launches: 1.22 against 1.53 us; 16 or 32: 1.3 us)
+    _rmsnorm_kernel[(m,)](x, weight, out, d, x.stride(0), out.stride(0), eps, BLOCK_D=block,
+                          num_warps=8 if block >= 2048 else 4, **pdl_launch(x))
     return out

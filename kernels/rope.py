@@ -23,15 +23,19 @@ from .pdl import pdl_launch, release_dependents, wait_for_producer
 @triton.jit
 def _rope_cache_kernel(
     qkv_ptr, bias_ptr, pos_ptr, cos_ptr, sin_ptr, qn_ptr, kn_ptr,
-    q_out_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr,
-    stride_qkv, stride_qo, stride_ckv, stride_cs, stride_skv, eps,
+    q_out_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, clear_ptr,
+    stride_qkv, stride_qo, stride_ckv, stride_cs, stride_skv, eps, CLEAR_N,
     H: tl.constexpr, KV: tl.constexpr, HD: tl.constexpr,
-    HAS_BIAS: tl.constexpr, QK_NORM: tl.constexpr, INT8: tl.constexpr, ZERO_INPUT: tl.constexpr, PDL: tl.constexpr,
+    HAS_BIAS: tl.constexpr, QK_NORM: tl.constexpr, INT8: tl.constexpr, ZERO_INPUT: tl.constexpr,
+    CLEAR_CHUNK: tl.constexpr, PDL: tl.constexpr,
 ):
     release_dependents(PDL)
     wait_for_producer(PDL)
     m = tl.program_id(0)
     head = tl.program_id(1)                    # 0..H-1 q, H..H+KV-1 k, then v
+    if CLEAR_CHUNK > 0:                        # each program zeroes its chunk of `clear`
+        offs = (m * tl.num_programs(1) + head) * CLEAR_CHUNK + tl.arange(0, CLEAR_CHUNK)
+        tl.store(clear_ptr + offs, tl.zeros([CLEAR_CHUNK], dtype=clear_ptr.dtype.element_ty), mask=offs < CLEAR_N)
     HALF: tl.constexpr = HD // 2
     i = tl.arange(0, HALF)
     base = m * stride_qkv + head * HD
@@ -88,10 +92,13 @@ def rope_qkv_to_cache(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Ten
                       bias: torch.Tensor | None = None, q_norm: torch.Tensor | None = None,
                       k_norm: torch.Tensor | None = None, eps: float = 1e-6,
                       k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
-                      zero_input: bool = False) -> None:
+                      zero_input: bool = False, clear: torch.Tensor | None = None) -> None:
     """qkv [M, (H+2KV)*hd] -> q_out [M, H, hd]; k/v written to one layer's cache [KV, S, hd] at positions.
 
-    int8 caches (k_cache.dtype == int8) need k_scale/v_scale [KV, S] fp32."""
+    int8 caches (k_cache.dtype == int8) need k_scale/v_scale [KV, S] fp32. `clear`, a contiguous
+    buffer, is zeroed on the side: the decode step's gate|up accumulator, read by a fused
+    down_proj GEMV whose many programs cannot zero it themselves (this kernel runs after that
+    GEMV and before the next gate|up accumulation)."""
     m = qkv.shape[0]
     if qkv.shape[1] != (num_heads + 2 * num_kv_heads) * head_dim:
         raise ValueError(f"rope: qkv width {qkv.shape[1]} != (H + 2KV) * hd")
@@ -100,10 +107,15 @@ def rope_qkv_to_cache(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Ten
         raise ValueError("rope: an int8 cache needs k_scale and v_scale")
     if k_cache.stride(-1) != 1 or k_cache.stride() != v_cache.stride():
         raise ValueError("rope: k and v caches must share a contiguous [KV, S, hd] layout")
-    _rope_cache_kernel[(m, num_heads + 2 * num_kv_heads)](
-        qkv, bias, positions, cos, sin, q_norm, k_norm, q_out, k_cache, v_cache, k_scale, v_scale,
+    if clear is not None and not clear.is_contiguous():
+        raise ValueError("rope: the buffer to clear must be contiguous")
+    grid = (m, num_heads + 2 * num_kv_heads)
+    clear_n = 0 if clear is None else clear.numel()
+    chunk = triton.next_power_of_2(triton.cdiv(clear_n, grid[0] * grid[1])) if clear_n else 0
+    _rope_cache_kernel[grid](
+        qkv, bias, positions, cos, sin, q_norm, k_norm, q_out, k_cache, v_cache, k_scale, v_scale, clear,
         qkv.stride(0), q_out.stride(0), k_cache.stride(0), k_cache.stride(1),
-        0 if k_scale is None else k_scale.stride(0), eps,
+        0 if k_scale is None else k_scale.stride(0), eps, clear_n,
         H=num_heads, KV=num_kv_heads, HD=head_dim, HAS_BIAS=bias is not None, QK_NORM=q_norm is not None,
-        INT8=int8, ZERO_INPUT=zero_input, **pdl_launch(qkv),
+        INT8=int8, ZERO_INPUT=zero_input, CLEAR_CHUNK=chunk, **pdl_launch(qkv),
     )

@@ -6,16 +6,17 @@ Decode step (one token, all buffers static, positions and lengths in device memo
     h (fp32 residual) = embed[token]
     per layer:  xn = rmsnorm(h)                          (kernels.rmsnorm)
                 qkv += xn @ Wqkv.T                       (kernels.qmatmul, split-K atomics, fused q|k|v)
-                q, cache[pos] = rope(qkv); qkv = 0       (kernels.rope: norm, rotate, int8-quantize, zero)
+                q, cache[pos] = rope(qkv); qkv = 0       (kernels.rope: norm, rotate, int8-quantize, zero;
+                                                          also gu = 0 when down_proj fuses the SwiGLU)
                 attn = flash_decode(q, cache[:pos+1])    (kernels.flash_decode)
                 h += attn @ Wo.T                         (atomics straight into the residual stream)
                 xn = rmsnorm(h); gu += xn @ Wgu.T        (fused gate|up)
-                act = silu(g) * u; gu = 0                (kernels.swiglu)
-                h += act @ Wd.T
-    logits = rmsnorm(h) @ lm_head.T; token = argmax     (greedy stays on the device)
+                h += (silu(g) * u) @ Wd.T                (formed in the GEMV; else kernels.swiglu first)
+    logits = rmsnorm(h) @ lm_head.T; token = argmax     (kernels.argmax: greedy stays on the device)
 
 The split-K matmuls accumulate in fp32 with atomics, so their outputs must start at zero: the
-consumer of each accumulator zeroes it after reading, and the residual stream is itself the
+consumer of each accumulator zeroes it after reading (the gate|up one, read by every program of
+the fused down_proj GEMV, is zeroed by the next layer's rope launch), and the residual stream is itself the
 accumulator of o_proj and down_proj ("h += ..." costs no extra pass). Prefill runs the same kernels
 eagerly on M rows (whole-K matmuls, causal flash attention over the cache).
 """
@@ -29,10 +30,11 @@ import torch
 
 from qruntime.checkpoint import PackedLinear, QuantizedCheckpoint
 from qruntime.config import ModelConfig
+from qruntime.kernels.argmax import greedy_advance, greedy_workspace
 from qruntime.kernels.flash_decode import flash_decode
 from qruntime.kernels.layout import concat_out_features, prepare
 from qruntime.kernels.prefill_attention import prefill_attention
-from qruntime.kernels.qmatmul import qmatmul, qmatmul_accumulate
+from qruntime.kernels.qmatmul import qmatmul, qmatmul_accumulate, qmatmul_accumulate_swiglu, swiglu_fusable
 from qruntime.kernels.rmsnorm import rmsnorm
 from qruntime.kernels.rope import rope_qkv_to_cache
 from qruntime.kernels.swiglu import swiglu
@@ -58,6 +60,14 @@ class RunnerLinear:
             qmatmul_accumulate(x, self.triton, out)
         else:
             out.add_(torch.nn.functional.linear(x.to(self.weight.dtype), self.weight, self.bias))
+
+    def fuses_swiglu(self) -> bool:
+        """Whether accumulate_swiglu serves this linear (a packed-fp16 decode GEMV)."""
+        return self.triton is not None and swiglu_fusable(self.triton)
+
+    def accumulate_swiglu(self, gate_up: torch.Tensor, out: torch.Tensor) -> None:
+        """out (fp32) += (silu(gate) * up) @ W.T for one row of the fp32 gate|up accumulator."""
+        qmatmul_accumulate_swiglu(gate_up, self.triton, out)
 
     def matmul(self, x: torch.Tensor, residual: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
         """x @ W.T (+ bias) (+ residual), written to `out` when given."""
@@ -152,6 +162,10 @@ class TritonRunner:
         self.k_scale = torch.zeros(shape[:3], device=device, dtype=torch.float32) if int8 else None
         self.v_scale = torch.zeros(shape[:3], device=device, dtype=torch.float32) if int8 else None
         self._allocate_decode_buffers()
+        # down_proj forms silu(gate) * up itself when every layer's can (one launch fewer per
+        # layer); the rope launch then zeroes the gate|up accumulator in place of the swiglu kernel.
+        # Not in fp32 mode, which exists to match the reference without fp16 activations.
+        self.fused_swiglu = dtype != torch.float32 and all(lw.down.fuses_swiglu() for lw in self.layers)
         self.graph: torch.cuda.CUDAGraph | None = None
 
     # ------------------------------------------------------------------ buffers
@@ -174,6 +188,7 @@ class TritonRunner:
         self.gu_acc = torch.zeros((1, 2 * cfg.intermediate_size), **f32)
         self.act = torch.zeros((1, cfg.intermediate_size), **act)
         self.logits = torch.zeros((1, cfg.vocab_size), **f32)
+        self.greedy_ws = greedy_workspace(dev)  # argmax key and finish counter; the kernel resets them
         self.workspace = (torch.empty((self.num_splits, cfg.num_heads, cfg.head_dim), **f32),
                           torch.empty((self.num_splits, cfg.num_heads), **f32))
 
@@ -191,13 +206,13 @@ class TritonRunner:
 
     # ----------------------------------------------------------------- pieces
     def _qkv_to_cache(self, layer_idx: int, qkv: torch.Tensor, positions: torch.Tensor, q_out: torch.Tensor,
-                      zero_input: bool) -> None:
+                      zero_input: bool, clear: torch.Tensor | None = None) -> None:
         cfg, lw = self.cfg, self.layers[layer_idx]
         rope_qkv_to_cache(
             qkv, positions, self.cos, self.sin, q_out, self.k_cache[layer_idx], self.v_cache[layer_idx],
             cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, q_norm=lw.q_norm, k_norm=lw.k_norm, eps=cfg.rms_norm_eps,
             k_scale=None if self.k_scale is None else self.k_scale[layer_idx],
-            v_scale=None if self.v_scale is None else self.v_scale[layer_idx], zero_input=zero_input,
+            v_scale=None if self.v_scale is None else self.v_scale[layer_idx], zero_input=zero_input, clear=clear,
         )
 
     def _scales(self, i: int) -> dict:
@@ -212,14 +227,18 @@ class TritonRunner:
         for i, lw in enumerate(self.layers):
             rmsnorm(self.h, lw.input_norm, cfg.rms_norm_eps, out=self.xn)
             self._accumulate_split(lw.qkv, self.xn, self.qkv_acc)
-            self._qkv_to_cache(i, self.qkv_acc, self.pos, self.q, zero_input=True)
+            self._qkv_to_cache(i, self.qkv_acc, self.pos, self.q, zero_input=True,
+                               clear=self.gu_acc if self.fused_swiglu else None)
             flash_decode(self.q[0], self.k_cache[i], self.v_cache[i], self.seq_len, self.attn[0],
                          num_splits=self.num_splits, workspace=self.workspace, **self._scales(i))
             lw.o.accumulate(self.attn, self.h)
             rmsnorm(self.h, lw.post_norm, cfg.rms_norm_eps, out=self.xn)
             self._accumulate_split(lw.gate_up, self.xn, self.gu_acc)
-            swiglu(self.gu_acc, out=self.act, zero_input=True)
-            lw.down.accumulate(self.act, self.h)
+            if self.fused_swiglu:
+                lw.down.accumulate_swiglu(self.gu_acc, self.h)
+            else:
+                swiglu(self.gu_acc, out=self.act, zero_input=True)
+                lw.down.accumulate(self.act, self.h)
         rmsnorm(self.h, self.final_norm, cfg.rms_norm_eps, out=self.xn)
         self.logits.zero_()
         self.lm_head.accumulate(self.xn, self.logits)
@@ -232,9 +251,8 @@ class TritonRunner:
             col += lin.out_features
 
     def _advance(self) -> None:
-        self.token.copy_(torch.argmax(self.logits[0]).view(1))
-        self.pos.add_(1)
-        self.seq_len.add_(1)
+        # token = argmax(logits) (first index, like torch.argmax), pos += 1, seq_len += 1: one launch
+        greedy_advance(self.logits, self.token, self.pos, self.seq_len, self.greedy_ws)
 
     def step(self) -> None:
         """One greedy decode step: the CUDA graph's replay, or the same work eagerly on a CPU."""

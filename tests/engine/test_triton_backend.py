@@ -41,6 +41,7 @@ def test_fp16_decode_steps_match_torch_backend(tiny_model_dir, variant, bits):
     fast = qruntime.Model(ckpt, device="cpu", backend="triton", dtype=torch.float16)
     r = fast.runner
     assert r.xn.dtype == torch.float16
+    assert r.fused_swiglu  # down_proj forms silu(gate) * up itself; rope zeroes the gate|up accumulator
     ids = list(range(5, 17))
     r.prefill(torch.tensor(ids[:-1]))
     r.token.fill_(ids[-1]); r.pos.fill_(len(ids) - 1); r.seq_len.fill_(len(ids))
@@ -48,4 +49,5 @@ def test_fp16_decode_steps_match_torch_backend(tiny_model_dir, variant, bits):
         r.step()  # decode + argmax + advance: logits are for `ids`, the argmax becomes the next token
         expected = ref.logits(ids)[-1]
         assert (r.logits[0] - expected).abs().max() < 2e-2 * expected.abs().max()
+        assert int(r.token) == int(torch.argmax(r.logits[0])) and int(r.pos) == len(ids)
         ids.append(int(r.token))
