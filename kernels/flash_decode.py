@@ -2,7 +2,13 @@
 
 Grid (KV heads, NUM_SPLITS): each program takes the G = H / KV query heads of one KV head (they
 share every K/V load: GQA) and one contiguous chunk of the cache, and writes an unnormalised
-partial output with its log-sum-exp; `_combine_kernel` merges the splits. The chunk size is
+partial output with its log-sum-exp; `_combine_kernel` merges the splits. In the decode step
+(ROPE) the programs also do kernels.rope's work for the new token: each rotates its q heads from
+the fp32 q|k|v accumulator, and the program whose chunk holds the new position writes the
+rotated k and v there and attends to them from registers (no other program reads that position),
+so the step has no RoPE launch; the combine then zeroes the accumulators (`clear`). (Merging the
+splits in the last program to finish instead of a second launch was measured slower on an H200:
+one program per KV head merges serially.) The chunk size is
 computed in the kernel from the sequence length held in device memory, so the grid is fixed and a
 CUDA graph can replay the step at any length. Cache layout per layer: k, v [KV, S_max, hd]
 (fp16/bf16, or int8 with fp32 scales [KV, S_max] per token and head, applied to the scores and
@@ -10,6 +16,8 @@ the probabilities instead of to every element).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -19,12 +27,61 @@ from ._common import attend_block
 from .pdl import pdl_launch, release_dependents, wait_for_producer
 
 
+@dataclass(frozen=True)
+class RopeInput:
+    """The decode step's q|k|v accumulator and what RoPE needs: given it, flash_decode rotates q and
+    the new token's k itself and writes the new k/v into the cache (what kernels.rope does in
+    prefill), so the decode step needs no RoPE launch."""
+    qkv: torch.Tensor                      # fp32 [1, (H + 2 KV) * hd]: q heads, k heads, v heads (bias included)
+    cos: torch.Tensor                      # fp32 [S_max, hd / 2], rope scaling applied
+    sin: torch.Tensor
+    q_norm: torch.Tensor | None = None     # per-head RMSNorm weights [hd] (Qwen3), or None
+    k_norm: torch.Tensor | None = None
+    eps: float = 1e-6
+
+
+@triton.jit
+def _roped_heads(qkv_ptr, rows, row_ok, pos, cos_ptr, sin_ptr, norm_ptr, eps, d,
+                 HD: tl.constexpr, QK_NORM: tl.constexpr):
+    """Head vectors `rows` of the q|k|v accumulator, RMSNorm-ed over the head (QK_NORM) and rotated
+    for position `pos` ("rotate_half", as kernels.rope): [rows, HD] fp32."""
+    HALF: tl.constexpr = HD // 2
+    partner = (d + HALF) % HD                                  # x2 for the first half, x1 for the second
+    x = tl.load(qkv_ptr + rows[:, None] * HD + d[None, :], mask=row_ok[:, None], other=0.0)
+    xp = tl.load(qkv_ptr + rows[:, None] * HD + partner[None, :], mask=row_ok[:, None], other=0.0)
+    if QK_NORM:
+        rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / HD + eps)
+        x = x * rstd[:, None] * tl.load(norm_ptr + d).to(tl.float32)[None, :]
+        xp = xp * rstd[:, None] * tl.load(norm_ptr + partner).to(tl.float32)[None, :]
+    c = tl.load(cos_ptr + pos * HALF + d % HALF)[None, :]
+    s = tl.load(sin_ptr + pos * HALF + d % HALF)[None, :]
+    return x * c + tl.where((d < HALF)[None, :], -xp, xp) * s
+
+
+@triton.jit
+def _write_new_position(cache_ptr, scale_ptr, x, cache_off, scale_off, d, INT8: tl.constexpr):
+    """Stores the new token's k or v ([1, HD] fp32) in the cache (int8: with its scale, as
+    kernels.rope) and returns it as the cache now holds it, for this step's attention."""
+    if INT8:
+        scale = tl.maximum(tl.max(tl.abs(x), axis=1), 1e-8) / 127.0          # [1]
+        codes = tl.floor(x / scale[:, None] + 0.5)
+        tl.store(cache_ptr + cache_off + d[None, :], codes.to(tl.int8))
+        tl.store(scale_ptr + scale_off + tl.arange(0, 1), scale)
+        return codes * scale[:, None]
+    else:
+        stored = x.to(cache_ptr.dtype.element_ty)
+        tl.store(cache_ptr + cache_off + d[None, :], stored)
+        return stored.to(tl.float32)
+
+
 @triton.jit
 def _flash_decode_kernel(
     q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, seqlen_ptr, o_ptr, lse_ptr,
+    qkv_ptr, cos_ptr, sin_ptr, qn_ptr, kn_ptr, eps,
     stride_qh, stride_ckv, stride_cs, stride_skv, sm_scale,
-    H: tl.constexpr, G: tl.constexpr, HD: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, INT8: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr,
+    H: tl.constexpr, KV: tl.constexpr, G: tl.constexpr, HD: tl.constexpr, BLOCK_G: tl.constexpr,
+    BLOCK_S: tl.constexpr, NUM_SPLITS: tl.constexpr, INT8: tl.constexpr, PRECISION: tl.constexpr,
+    ROPE: tl.constexpr, QK_NORM: tl.constexpr, PDL: tl.constexpr,
 ):
     release_dependents(PDL)
     wait_for_producer(PDL)
@@ -38,7 +95,13 @@ def _flash_decode_kernel(
     g_ok = g < G
     d = tl.arange(0, HD)
     heads = kvh * G + g
-    q = tl.load(q_ptr + heads[:, None] * stride_qh + d[None, :], mask=g_ok[:, None], other=0.0)
+    if ROPE:  # q from the accumulator; the new token (position length - 1) is not in the cache yet
+        pos = length - 1
+        q = _roped_heads(qkv_ptr, heads, g_ok, pos, cos_ptr, sin_ptr, qn_ptr, eps, d, HD, QK_NORM)
+        cached_end = tl.minimum(end, pos)
+    else:
+        q = tl.load(q_ptr + heads[:, None] * stride_qh + d[None, :], mask=g_ok[:, None], other=0.0)
+        cached_end = end
     if INT8:
         q = q.to(tl.float16)
     else:
@@ -47,11 +110,26 @@ def _flash_decode_kernel(
     l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
     acc = tl.zeros([BLOCK_G, HD], dtype=tl.float32)
     kv_base = kvh * stride_ckv
-    for s0 in range(start, end, BLOCK_S):
+    for s0 in range(start, cached_end, BLOCK_S):
         s = s0 + tl.arange(0, BLOCK_S)
-        s_ok = s < end
+        s_ok = s < cached_end
         m_i, l_i, acc = attend_block(q, m_i, l_i, acc, k_ptr, v_ptr, ks_ptr, vs_ptr, kv_base, kvh * stride_skv,
                                      s, s_ok, s_ok[None, :], d, stride_cs, sm_scale, INT8, PRECISION)
+    if ROPE:
+        if (start <= pos) & (pos < end):  # this program's chunk holds the new token: write it, attend to it
+            one = tl.arange(0, 1)
+            k_new = _roped_heads(qkv_ptr, H + kvh + one, one < 1, pos, cos_ptr, sin_ptr, kn_ptr, eps, d, HD, QK_NORM)
+            v_new = tl.load(qkv_ptr + (H + KV + kvh) * HD + d)[None, :]
+            cache_off = kv_base + pos * stride_cs
+            k_new = _write_new_position(k_ptr, ks_ptr, k_new, cache_off, kvh * stride_skv + pos, d, INT8)
+            v_new = _write_new_position(v_ptr, vs_ptr, v_new, cache_off, kvh * stride_skv + pos, d, INT8)
+            score = tl.sum(q.to(tl.float32) * k_new, axis=1) * sm_scale                  # [BLOCK_G]
+            m_new = tl.maximum(m_i, score)
+            p = tl.exp(score - m_new)
+            alpha = tl.exp(m_i - m_new)
+            l_i = l_i * alpha + p
+            acc = acc * alpha[:, None] + p[:, None] * v_new
+            m_i = m_new
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), m_i + tl.log(tl.where(empty, 1.0, l_i)))
@@ -60,11 +138,14 @@ def _flash_decode_kernel(
 
 
 @triton.jit
-def _combine_kernel(o_ptr, lse_ptr, out_ptr, H: tl.constexpr, HD: tl.constexpr, NUM_SPLITS: tl.constexpr,
-                    PDL: tl.constexpr):
+def _combine_kernel(o_ptr, lse_ptr, out_ptr, clear_ptr, CLEAR_N, H: tl.constexpr, HD: tl.constexpr,
+                    NUM_SPLITS: tl.constexpr, CLEAR_CHUNK: tl.constexpr, PDL: tl.constexpr):
     release_dependents(PDL)
     wait_for_producer(PDL)
     h = tl.program_id(0)
+    if CLEAR_CHUNK > 0:  # each program zeroes its chunk of `clear` (accumulators read by the step so far)
+        offs = h * CLEAR_CHUNK + tl.arange(0, CLEAR_CHUNK)
+        tl.store(clear_ptr + offs, tl.zeros([CLEAR_CHUNK], dtype=clear_ptr.dtype.element_ty), mask=offs < CLEAR_N)
     sp = tl.arange(0, NUM_SPLITS)
     d = tl.arange(0, HD)
     lse = tl.load(lse_ptr + sp * H + h)
@@ -74,16 +155,32 @@ def _combine_kernel(o_ptr, lse_ptr, out_ptr, H: tl.constexpr, HD: tl.constexpr, 
     tl.store(out_ptr + h * HD + d, tl.sum(o * w[:, None], axis=0).to(out_ptr.dtype.element_ty))
 
 
-def flash_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_len: torch.Tensor,
+def flash_decode(q: torch.Tensor | None, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_len: torch.Tensor,
                  out: torch.Tensor, num_splits: int = 32, block_s: int = 128,
                  k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
-                 workspace: tuple[torch.Tensor, torch.Tensor] | None = None, num_warps: int = 4) -> torch.Tensor:
+                 workspace: tuple[torch.Tensor, torch.Tensor] | None = None, num_warps: int = 4,
+                 rope: RopeInput | None = None, clear: torch.Tensor | None = None) -> torch.Tensor:
     """q [H, hd] over one layer's cache [KV, S, hd] for the first seq_len (int32 [1], device) positions.
 
     out [H * hd]. `workspace` (o [splits, H, hd] fp32, lse [splits, H] fp32) can be passed to avoid
-    allocations (required under CUDA graph capture)."""
-    h, hd = q.shape
-    kv = k_cache.shape[0]
+    allocations (required under CUDA graph capture). With `rope` (the decode step), q is None: q and
+    the new token's k and v come from rope.qkv at position seq_len - 1; the new k/v are written into
+    the cache and attended to in the same launch. `clear`, a contiguous buffer, is zeroed by the
+    second launch (after every read of the first): the decode step's split-K accumulators."""
+    kv, hd = k_cache.shape[0], k_cache.shape[-1]
+    if rope is not None:
+        if q is not None:
+            raise ValueError("flash_decode: with rope, q comes from rope.qkv; pass q=None")
+        width = rope.qkv.shape[-1]
+        h = width // hd - 2 * kv
+        if rope.qkv.dtype != torch.float32 or rope.qkv.numel() != width or width != (h + 2 * kv) * hd \
+                or not rope.qkv.is_contiguous():
+            raise ValueError(f"flash_decode: rope.qkv must be contiguous fp32 [1, (H + 2 * {kv}) * {hd}], got "
+                             f"{rope.qkv.dtype} {tuple(rope.qkv.shape)}")
+        ref = rope.qkv
+    else:
+        h, hd = q.shape
+        ref = q
     if h % kv:
         raise ValueError(f"flash_decode: {h} query heads are not a multiple of {kv} KV heads")
     if k_cache.stride() != v_cache.stride() or k_cache.stride(-1) != 1:
@@ -93,19 +190,26 @@ def flash_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
         raise ValueError("flash_decode: an int8 cache needs k_scale and v_scale")
     if num_splits & (num_splits - 1):
         raise ValueError(f"flash_decode: num_splits={num_splits} must be a power of two")
+    if clear is not None and not clear.is_contiguous():
+        raise ValueError("flash_decode: the buffer to clear must be contiguous")
     if workspace is None:
-        workspace = (torch.empty((num_splits, h, hd), device=q.device, dtype=torch.float32),
-                     torch.empty((num_splits, h), device=q.device, dtype=torch.float32))
+        workspace = (torch.empty((num_splits, h, hd), device=ref.device, dtype=torch.float32),
+                     torch.empty((num_splits, h), device=ref.device, dtype=torch.float32))
     o, lse = workspace
     g = h // kv
     _flash_decode_kernel[(kv, num_splits)](
         q, k_cache, v_cache, k_scale, v_scale, seq_len, o, lse,
-        q.stride(0), k_cache.stride(0), k_cache.stride(1), 0 if k_scale is None else k_scale.stride(0),
-        hd ** -0.5,
-        H=h, G=g, HD=hd, BLOCK_G=max(16, triton.next_power_of_2(g)), BLOCK_S=block_s,
+        *((rope.qkv, rope.cos, rope.sin, rope.q_norm, rope.k_norm, rope.eps) if rope else (None,) * 5 + (0.0,)),
+        0 if q is None else q.stride(0), k_cache.stride(0), k_cache.stride(1),
+        0 if k_scale is None else k_scale.stride(0), hd ** -0.5,
+        H=h, KV=kv, G=g, HD=hd, BLOCK_G=max(16, triton.next_power_of_2(g)), BLOCK_S=block_s,
         NUM_SPLITS=num_splits, INT8=int8,
         PRECISION="ieee" if k_cache.dtype == torch.float32 else "tf32",  # fp32 caches: exact dots
-        num_warps=num_warps, **pdl_launch(q),
+        ROPE=rope is not None, QK_NORM=rope is not None and rope.q_norm is not None,
+        num_warps=num_warps, **pdl_launch(ref),
     )
-    _combine_kernel[(h,)](o, lse, out, H=h, HD=hd, NUM_SPLITS=num_splits, **pdl_launch(q))
+    clear_n = 0 if clear is None else clear.numel()
+    _combine_kernel[(h,)](o, lse, out, clear, clear_n, H=h, HD=hd, NUM_SPLITS=num_splits,
+                          CLEAR_CHUNK=triton.next_power_of_2(triton.cdiv(clear_n, h)) if clear_n else 0,
+                          **pdl_launch(ref))
     return out

@@ -1,9 +1,8 @@
 """RoPE for q and k in one pass, writing k and v into the KV cache (fp16, or int8 + scale).
 
-Input: the fused q|k|v matmul output [M, (H + 2 KV) * hd] (fp32 split-K accumulator in decode,
-zeroed after reading when ZERO_INPUT; or fp16/bf16 in prefill), token positions [M] (int32, on the
-device, so a CUDA graph can replay it at any position), cos/sin tables [S_max, hd/2] (fp32,
-rope scaling already applied). One program per (token, head):
+Used by prefill (the decode step does the same inside kernels.flash_decode). Input: the fused
+q|k|v matmul output [M, (H + 2 KV) * hd], token positions [M] (int32, on the device), cos/sin
+tables [S_max, hd/2] (fp32, rope scaling already applied). One program per (token, head):
   q heads  -> optional RMSNorm over the head (Qwen3) -> rotate -> q_out [M, H, hd]
   k heads  -> optional RMSNorm -> rotate -> cache k[kv, pos]   (int8: per-token-per-head scale)
   v heads  -> cache v[kv, pos]
@@ -23,19 +22,15 @@ from .pdl import pdl_launch, release_dependents, wait_for_producer
 @triton.jit
 def _rope_cache_kernel(
     qkv_ptr, bias_ptr, pos_ptr, cos_ptr, sin_ptr, qn_ptr, kn_ptr,
-    q_out_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, clear_ptr,
-    stride_qkv, stride_qo, stride_ckv, stride_cs, stride_skv, eps, CLEAR_N,
+    q_out_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr,
+    stride_qkv, stride_qo, stride_ckv, stride_cs, stride_skv, eps,
     H: tl.constexpr, KV: tl.constexpr, HD: tl.constexpr,
-    HAS_BIAS: tl.constexpr, QK_NORM: tl.constexpr, INT8: tl.constexpr, ZERO_INPUT: tl.constexpr,
-    CLEAR_CHUNK: tl.constexpr, PDL: tl.constexpr,
+    HAS_BIAS: tl.constexpr, QK_NORM: tl.constexpr, INT8: tl.constexpr, PDL: tl.constexpr,
 ):
     release_dependents(PDL)
     wait_for_producer(PDL)
     m = tl.program_id(0)
     head = tl.program_id(1)                    # 0..H-1 q, H..H+KV-1 k, then v
-    if CLEAR_CHUNK > 0:                        # each program zeroes its chunk of `clear`
-        offs = (m * tl.num_programs(1) + head) * CLEAR_CHUNK + tl.arange(0, CLEAR_CHUNK)
-        tl.store(clear_ptr + offs, tl.zeros([CLEAR_CHUNK], dtype=clear_ptr.dtype.element_ty), mask=offs < CLEAR_N)
     HALF: tl.constexpr = HD // 2
     i = tl.arange(0, HALF)
     base = m * stride_qkv + head * HD
@@ -44,9 +39,6 @@ def _rope_cache_kernel(
     if HAS_BIAS:
         x1 += tl.load(bias_ptr + head * HD + i).to(tl.float32)
         x2 += tl.load(bias_ptr + head * HD + HALF + i).to(tl.float32)
-    if ZERO_INPUT:
-        tl.store(qkv_ptr + base + i, tl.zeros([HALF], dtype=qkv_ptr.dtype.element_ty))
-        tl.store(qkv_ptr + base + HALF + i, tl.zeros([HALF], dtype=qkv_ptr.dtype.element_ty))
     pos = tl.load(pos_ptr + m)
     if head < H + KV:                          # q or k: (norm) + rotate
         if QK_NORM:
@@ -91,14 +83,10 @@ def rope_qkv_to_cache(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Ten
                       num_heads: int, num_kv_heads: int, head_dim: int,
                       bias: torch.Tensor | None = None, q_norm: torch.Tensor | None = None,
                       k_norm: torch.Tensor | None = None, eps: float = 1e-6,
-                      k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
-                      zero_input: bool = False, clear: torch.Tensor | None = None) -> None:
+                      k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> None:
     """qkv [M, (H+2KV)*hd] -> q_out [M, H, hd]; k/v written to one layer's cache [KV, S, hd] at positions.
 
-    int8 caches (k_cache.dtype == int8) need k_scale/v_scale [KV, S] fp32. `clear`, a contiguous
-    buffer, is zeroed on the side: the decode step's gate|up accumulator, read by a fused
-    down_proj GEMV whose many programs cannot zero it themselves (this kernel runs after that
-    GEMV and before the next gate|up accumulation)."""
+    int8 caches (k_cache.dtype == int8) need k_scale/v_scale [KV, S] fp32."""
     m = qkv.shape[0]
     if qkv.shape[1] != (num_heads + 2 * num_kv_heads) * head_dim:
         raise ValueError(f"rope: qkv width {qkv.shape[1]} != (H + 2KV) * hd")
@@ -107,15 +95,10 @@ def rope_qkv_to_cache(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Ten
         raise ValueError("rope: an int8 cache needs k_scale and v_scale")
     if k_cache.stride(-1) != 1 or k_cache.stride() != v_cache.stride():
         raise ValueError("rope: k and v caches must share a contiguous [KV, S, hd] layout")
-    if clear is not None and not clear.is_contiguous():
-        raise ValueError("rope: the buffer to clear must be contiguous")
-    grid = (m, num_heads + 2 * num_kv_heads)
-    clear_n = 0 if clear is None else clear.numel()
-    chunk = triton.next_power_of_2(triton.cdiv(clear_n, grid[0] * grid[1])) if clear_n else 0
-    _rope_cache_kernel[grid](
-        qkv, bias, positions, cos, sin, q_norm, k_norm, q_out, k_cache, v_cache, k_scale, v_scale, clear,
+    _rope_cache_kernel[(m, num_heads + 2 * num_kv_heads)](
+        qkv, bias, positions, cos, sin, q_norm, k_norm, q_out, k_cache, v_cache, k_scale, v_scale,
         qkv.stride(0), q_out.stride(0), k_cache.stride(0), k_cache.stride(1),
-        0 if k_scale is None else k_scale.stride(0), eps, clear_n,
+        0 if k_scale is None else k_scale.stride(0), eps,
         H=num_heads, KV=num_kv_heads, HD=head_dim, HAS_BIAS=bias is not None, QK_NORM=q_norm is not None,
-        INT8=int8, ZERO_INPUT=zero_input, CLEAR_CHUNK=chunk, **pdl_launch(qkv),
+        INT8=int8, **pdl_launch(qkv),
     )

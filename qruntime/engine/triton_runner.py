@@ -6,9 +6,9 @@ Decode step (one token, all buffers static, positions and lengths in device memo
     h (fp32 residual) = embed[token]
     per layer:  xn = rmsnorm(h)                          (kernels.rmsnorm)
                 qkv += xn @ Wqkv.T                       (kernels.qmatmul, split-K atomics, fused q|k|v)
-                q, cache[pos] = rope(qkv); qkv = 0       (kernels.rope: norm, rotate, int8-quantize, zero;
-                                                          also gu = 0 when down_proj fuses the SwiGLU)
-                attn = flash_decode(q, cache[:pos+1])    (kernels.flash_decode)
+                q, cache[pos] = rope(qkv)                (in flash_decode: norm, rotate, int8-quantize)
+                attn = flash_decode(q, cache[:pos+1])    (kernels.flash_decode; its combine zeroes qkv
+                                                          and gu, read by now)
                 h += attn @ Wo.T                         (atomics straight into the residual stream)
                 xn = rmsnorm(h); gu += xn @ Wgu.T        (fused gate|up)
                 h += (silu(g) * u) @ Wd.T                (formed in the GEMV; else kernels.swiglu first)
@@ -16,7 +16,7 @@ Decode step (one token, all buffers static, positions and lengths in device memo
 
 The split-K matmuls accumulate in fp32 with atomics, so their outputs must start at zero: the
 consumer of each accumulator zeroes it after reading (the gate|up one, read by every program of
-the fused down_proj GEMV, is zeroed by the next layer's rope launch), and the residual stream is itself the
+the fused down_proj GEMV, by the next layer's flash-decoding), and the residual stream is itself the
 accumulator of o_proj and down_proj ("h += ..." costs no extra pass). Prefill runs the same kernels
 eagerly on M rows (whole-K matmuls, causal flash attention over the cache).
 """
@@ -31,7 +31,7 @@ import torch
 from qruntime.checkpoint import PackedLinear, QuantizedCheckpoint
 from qruntime.config import ModelConfig
 from qruntime.kernels.argmax import greedy_advance, greedy_workspace
-from qruntime.kernels.flash_decode import flash_decode
+from qruntime.kernels.flash_decode import RopeInput, flash_decode
 from qruntime.kernels.layout import concat_out_features, prepare
 from qruntime.kernels.prefill_attention import prefill_attention
 from qruntime.kernels.qmatmul import qmatmul, qmatmul_accumulate, qmatmul_accumulate_swiglu, swiglu_fusable
@@ -163,9 +163,12 @@ class TritonRunner:
         self.v_scale = torch.zeros(shape[:3], device=device, dtype=torch.float32) if int8 else None
         self._allocate_decode_buffers()
         # down_proj forms silu(gate) * up itself when every layer's can (one launch fewer per
-        # layer); the rope launch then zeroes the gate|up accumulator in place of the swiglu kernel.
+        # layer); flash-decoding's second launch then zeroes the gate|up accumulator in place of the
+        # swiglu kernel.
         # Not in fp32 mode, which exists to match the reference without fp16 activations.
         self.fused_swiglu = dtype != torch.float32 and all(lw.down.fuses_swiglu() for lw in self.layers)
+        self.rope_inputs = [RopeInput(self.qkv_acc, self.cos, self.sin, lw.q_norm, lw.k_norm, cfg.rms_norm_eps)
+                            for lw in self.layers]
         self.graph: torch.cuda.CUDAGraph | None = None
 
     # ------------------------------------------------------------------ buffers
@@ -182,10 +185,11 @@ class TritonRunner:
         self.seq_len = torch.ones(1, device=dev, dtype=torch.int32)    # pos + 1
         self.h = torch.zeros((1, cfg.hidden_size), **f32)
         self.xn = torch.zeros((1, cfg.hidden_size), **act)
-        self.qkv_acc = torch.zeros((1, qkv_width), **f32)
-        self.q = torch.zeros((1, cfg.num_heads, cfg.head_dim), device=dev, dtype=self.dtype)
+        # the split-K accumulators of q|k|v and gate|up, side by side so one pass zeroes both
+        self.accumulators = torch.zeros(qkv_width + 2 * cfg.intermediate_size, **f32)
+        self.qkv_acc = self.accumulators[:qkv_width].view(1, qkv_width)
         self.attn = torch.zeros((1, cfg.num_heads * cfg.head_dim), **act)
-        self.gu_acc = torch.zeros((1, 2 * cfg.intermediate_size), **f32)
+        self.gu_acc = self.accumulators[qkv_width:].view(1, 2 * cfg.intermediate_size)
         self.act = torch.zeros((1, cfg.intermediate_size), **act)
         self.logits = torch.zeros((1, cfg.vocab_size), **f32)
         self.greedy_ws = greedy_workspace(dev)  # argmax key and finish counter; the kernel resets them
@@ -205,14 +209,13 @@ class TritonRunner:
         return lin
 
     # ----------------------------------------------------------------- pieces
-    def _qkv_to_cache(self, layer_idx: int, qkv: torch.Tensor, positions: torch.Tensor, q_out: torch.Tensor,
-                      zero_input: bool, clear: torch.Tensor | None = None) -> None:
+    def _qkv_to_cache(self, layer_idx: int, qkv: torch.Tensor, positions: torch.Tensor, q_out: torch.Tensor) -> None:
         cfg, lw = self.cfg, self.layers[layer_idx]
         rope_qkv_to_cache(
             qkv, positions, self.cos, self.sin, q_out, self.k_cache[layer_idx], self.v_cache[layer_idx],
             cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, q_norm=lw.q_norm, k_norm=lw.k_norm, eps=cfg.rms_norm_eps,
             k_scale=None if self.k_scale is None else self.k_scale[layer_idx],
-            v_scale=None if self.v_scale is None else self.v_scale[layer_idx], zero_input=zero_input, clear=clear,
+            v_scale=None if self.v_scale is None else self.v_scale[layer_idx],
         )
 
     def _scales(self, i: int) -> dict:
@@ -227,9 +230,10 @@ class TritonRunner:
         for i, lw in enumerate(self.layers):
             rmsnorm(self.h, lw.input_norm, cfg.rms_norm_eps, out=self.xn)
             self._accumulate_split(lw.qkv, self.xn, self.qkv_acc)
-            self._qkv_to_cache(i, self.qkv_acc, self.pos, self.q, zero_input=True,
-                               clear=self.gu_acc if self.fused_swiglu else None)
-            flash_decode(self.q[0], self.k_cache[i], self.v_cache[i], self.seq_len, self.attn[0],
+            # RoPE of q and the new k, the cache write and the attention in one launch; its
+            # second launch zeroes the accumulators read so far (gate|up too when down_proj reads it)
+            flash_decode(None, self.k_cache[i], self.v_cache[i], self.seq_len, self.attn[0],
+                         rope=self.rope_inputs[i], clear=self.accumulators if self.fused_swiglu else self.qkv_acc,
                          num_splits=self.num_splits, workspace=self.workspace, **self._scales(i))
             lw.o.accumulate(self.attn, self.h)
             rmsnorm(self.h, lw.post_norm, cfg.rms_norm_eps, out=self.xn)
@@ -296,7 +300,7 @@ class TritonRunner:
         for i, lw in enumerate(self.layers):
             xn = rmsnorm(h, lw.input_norm, cfg.rms_norm_eps, out_dtype=self.dtype)
             qkv = torch.cat([lin.matmul(xn) for lin in lw.qkv], dim=1) if len(lw.qkv) > 1 else lw.qkv[0].matmul(xn)
-            self._qkv_to_cache(i, qkv, positions, q, zero_input=False)
+            self._qkv_to_cache(i, qkv, positions, q)
             attn = prefill_attention(q, self.k_cache[i], self.v_cache[i], start, **self._scales(i))
             lw.o.matmul(attn, residual=h, out=h)
             xn = rmsnorm(h, lw.post_norm, cfg.rms_norm_eps, out_dtype=self.dtype)

@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from qruntime.kernels import reference as R
-from qruntime.kernels.flash_decode import flash_decode
+from qruntime.kernels.flash_decode import RopeInput, flash_decode
 from qruntime.kernels.prefill_attention import prefill_attention
+from qruntime.kernels.rope import rope_qkv_to_cache
 from tolerances import assert_close
 
 S, HD = 96, 16
@@ -43,3 +44,57 @@ def test_prefill_attention(int8, start, m):
     prefill_attention(q, cache["k_cache"], cache["v_cache"], start, out=out, k_scale=cache.get("k_scale"),
                       v_scale=cache.get("v_scale"), block_m=16, block_n=16)
     assert_close(out, R.attention_over_cache(q, k, v, start), "fp16_dot")
+
+
+@pytest.mark.parametrize("int8", [False, True], ids=["fp32-cache", "int8-cache"])
+@pytest.mark.parametrize("qk_norm", [False, True], ids=["plain", "qk-norm"])
+@pytest.mark.parametrize("heads,kv", [(4, 4), (8, 2)], ids=["mha", "gqa4"])
+@pytest.mark.parametrize("pos", [0, 15, 16, 40, 95], ids=lambda p: f"pos{p}")
+def test_flash_decode_with_rope_equals_rope_then_attention(int8, qk_norm, heads, kv, pos):
+    """The decode step's flash_decode(rope=...) rotates q and the new k from the fp32 q|k|v
+    accumulator, writes the new k/v at `pos` and attends to them in the same launch: the cache it
+    leaves and its output equal kernels.rope followed by the cache-only flash_decode; `clear` is zeroed."""
+    g = torch.Generator().manual_seed(pos + 100 * heads)
+    cache, _, _ = make_cache(kv, int8, seed=pos)
+    qkv = torch.randn(1, (heads + 2 * kv) * HD, generator=g)
+    angles = torch.rand(S, HD // 2, generator=g) * 6
+    cos, sin = angles.cos().contiguous(), angles.sin().contiguous()
+    qn, kn = (torch.rand(HD, generator=g) + 0.5, torch.rand(HD, generator=g) + 0.5) if qk_norm else (None, None)
+    seq_len = torch.tensor([pos + 1], dtype=torch.int32)
+
+    ref_cache = {k: v.clone() for k, v in cache.items()}
+    q = torch.empty(1, heads, HD)
+    rope_qkv_to_cache(qkv, torch.tensor([pos], dtype=torch.int32), cos, sin, q, ref_cache["k_cache"],
+                      ref_cache["v_cache"], heads, kv, HD, q_norm=qn, k_norm=kn, eps=1e-6,
+                      k_scale=ref_cache.get("k_scale"), v_scale=ref_cache.get("v_scale"))
+    expected = torch.full((heads * HD,), float("nan"))
+    flash_decode(q[0], ref_cache["k_cache"], ref_cache["v_cache"], seq_len, expected, num_splits=4, block_s=16,
+                 k_scale=ref_cache.get("k_scale"), v_scale=ref_cache.get("v_scale"))
+
+    out = torch.full((heads * HD,), float("nan"))
+    side = torch.randn(1, 300, generator=g)
+    flash_decode(None, cache["k_cache"], cache["v_cache"], seq_len, out, num_splits=4, block_s=16,
+                 k_scale=cache.get("k_scale"), v_scale=cache.get("v_scale"), clear=side,
+                 rope=RopeInput(qkv, cos, sin, q_norm=qn, k_norm=kn, eps=1e-6))
+    assert torch.all(side == 0)
+    for name in cache:  # the same cache, the new position included (fp32 rounding; int8 codes within one step)
+        if int8 and name.endswith("cache"):
+            assert (cache[name].int() - ref_cache[name].int()).abs().max() <= 1, name
+        else:
+            torch.testing.assert_close(cache[name], ref_cache[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert_close(out, expected, "fp16_dot")
+    if not int8:  # and against the plain reference
+        k = ref_cache["k_cache"]
+        assert_close(out, R.attention_over_cache(q, k, ref_cache["v_cache"], pos)[0], "fp16_dot")
+
+
+def test_flash_decode_with_rope_checks_its_input():
+    cache, _, _ = make_cache(2, False)
+    rope = RopeInput(torch.zeros(1, 10 * HD), torch.ones(S, HD // 2), torch.zeros(S, HD // 2))
+    with pytest.raises(ValueError, match="q=None"):
+        flash_decode(torch.zeros(8, HD), cache["k_cache"], cache["v_cache"], torch.tensor([3], dtype=torch.int32),
+                     torch.empty(8 * HD), rope=rope)
+    bad = RopeInput(torch.zeros(1, 10 * HD, dtype=torch.float16), rope.cos, rope.sin)
+    with pytest.raises(ValueError, match="fp32"):
+        flash_decode(None, cache["k_cache"], cache["v_cache"], torch.tensor([3], dtype=torch.int32),
+                     torch.empty(6 * HD), rope=bad)
