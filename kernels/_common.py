@@ -69,3 +69,14 @@ def attend_block(q, m_i, l_i, acc, k_ptr, v_ptr, ks_ptr, vs_ptr, kv_base, scale_
         p = p * tl.load(vs_ptr + scale_base + j, mask=j_ok, other=0.0)[None, :]
     acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=PRECISION)
     return m_new, l_i, acc
+
+
+@triton.jit
+def group_contribution(d, xs, s, z, BITS: tl.constexpr, ZERO_MODE: tl.constexpr, offset: tl.constexpr):
+    """s (D - (offset + zero) X) for the zero modes (float mode: z is the offset m, s (D - offset X) + m X)."""
+    if ZERO_MODE == 0:
+        return s * (d - (offset + (1 << (BITS - 1))) * xs)
+    elif ZERO_MODE == 1:
+        return s * (d - (offset + z) * xs)
+    else:
+        return s * (d - offset * xs) + z * xs

@@ -2,8 +2,8 @@
 
 `_qmatmul_kernel` serves decode (M = 1..16, split over K, fp32 atomics into an accumulator the
 caller owns) and prefill (M large, whole K per program, stored with bias/residual in the epilogue).
-`_qgemv_f16x2_kernel` is the faster decode GEMV for one fp16 row (packed fp16x2 arithmetic, see
-`_f16x2_dot_asm`); it can also form its input as silu(gate) * up from the gate|up accumulator.
+For one fp16 row the tuned config usually picks the faster packed-fp16 GEMV of kernels.gemv_f16x2
+instead (qmatmul_accumulate dispatches to it).
 
 Layout read (`kernels.layout.prepare`): the packed format's int32 words transposed to
 [K / EPW, N] (EPW = 32 / bits codes per word, low bits first; N contiguous, so a thread's 16-byte
@@ -28,7 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, int_to_float_exact
+from ._common import group_contribution, int_to_float_exact
+from .gemv_f16x2 import try_packed_fp16_gemv
 from .pdl import pdl_launch, release_dependents, wait_for_producer
 
 
@@ -41,117 +42,6 @@ def _nibble_slot(k, BITS: tl.constexpr):
         return c // 2 + 4 * (c % 2)
     else:
         return k % 4
-
-
-def _f16x2_dot_asm(bits: int, words: int) -> str:
-    """PTX for one output: sum over `words` packed words (operands $1..) of (q - center) x, each
-    word's activations given as fp16 pairs (operands after the words, PAIRS per word, in order).
-
-    The codes become exact fp16x2 without a conversion instruction, already centered (q - 8 for
-    int4, q - 128 for int8, so the fp16 partial sums stay small: no cancellation against
-    center * sum x later), and all products of the words accumulate in one fp16x2 register that
-    leaves as a single fp32: chaining two words halves the converts and adds per word.
-    int4 (pair-interleaved, kernels.layout): nibble pairs (i, i + 4) become fp16x2 with one LOP3
-    each, or-ing them into the mantissa of 1024.0, straight from the word (pairs 0, 1) or from one
-    shift of it by 8 (pairs 2, 3); the low nibble of a byte gives 1024 + q (one HSUB2 of 1032
-    leaves q - 8), the high one 1024 + 16 q (one HFMA2 by 1/16 and -72 leaves q - 8), exactly.
-    int8: PRMT places bytes (0, 1) and (2, 3) into the mantissas of 1024.0; one HSUB2 of 1152."""
-    pairs = 4 if bits == 4 else 2
-    body = [".reg .b32 acc, t0, t1, t2, t3, w8, m, c, lo4, hi4, r16, k72;", ".reg .b16 lo, hi;", ".reg .f32 flo, fhi;"]
-    # constants in registers (f16x2 arithmetic takes no immediates); ptxas folds them
-    if bits == 4:
-        body += ["mov.b32 m, 0x64006400;", "mov.b32 c, 0x64086408;", "mov.b32 lo4, 0x000F000F;",
-                 "mov.b32 hi4, 0x00F000F0;", "mov.b32 r16, 0x2C002C00;", "mov.b32 k72, 0xD480D480;"]
-    else:
-        body += ["mov.b32 m, 0x64646464;", "mov.b32 c, 0x64806480;"]
-    first = True
-    for i in range(words):
-        w = f"${1 + i}"
-        x = [f"${1 + words + i * pairs + p}" for p in range(pairs)]
-        if bits == 4:
-            # (w & mask) | 1024.0; then - 1032 (low nibbles) or * 1/16 - 72 (high nibbles)
-            body += [f"shr.u32 w8, {w}, 8;",
-                     f"lop3.b32 t0, {w}, lo4, m, 0xEA;",
-                     f"lop3.b32 t1, {w}, hi4, m, 0xEA;",
-                     "lop3.b32 t2, w8, lo4, m, 0xEA;",
-                     "lop3.b32 t3, w8, hi4, m, 0xEA;",
-                     "sub.f16x2 t0, t0, c;",
-                     "fma.rn.f16x2 t1, t1, r16, k72;",
-                     "sub.f16x2 t2, t2, c;",
-                     "fma.rn.f16x2 t3, t3, r16, k72;"]
-        else:
-            # bytes (0, 1) and (2, 3) under the 0x64 high bytes of 1024.0; then - 1152
-            body += [f"prmt.b32 t0, {w}, m, 0x4140;",
-                     f"prmt.b32 t1, {w}, m, 0x4342;",
-                     "sub.f16x2 t0, t0, c;",
-                     "sub.f16x2 t1, t1, c;"]
-        for p in range(pairs):
-            if first:
-                body.append(f"mul.rn.f16x2 acc, t{p}, {x[p]};")
-                first = False
-            else:
-                body.append(f"fma.rn.f16x2 acc, t{p}, {x[p]}, acc;")
-    body += ["mov.b32 {lo, hi}, acc;", "cvt.f32.f16 flo, lo;", "cvt.f32.f16 fhi, hi;", "add.f32 $0, flo, fhi;"]
-    return "{\n" + "\n".join(body) + "\n}"
-
-
-_DOT_W4 = tl.constexpr(_f16x2_dot_asm(4, 1))
-_DOT_W4_CHAIN2 = tl.constexpr(_f16x2_dot_asm(4, 2))
-_DOT_W8 = tl.constexpr(_f16x2_dot_asm(8, 1))
-_DOT_W8_CHAIN2 = tl.constexpr(_f16x2_dot_asm(8, 2))
-
-
-@triton.jit
-def _center(BITS: tl.constexpr):
-    """What the packed-fp16 products subtract from each code (see _f16x2_dot_asm)."""
-    return 8.0 if BITS == 4 else 128.0
-
-
-@triton.jit
-def _word_products(w, xp0, xp1, xp2, xp3, BITS: tl.constexpr):
-    """Plain-Triton sum_j (q_j - center) x_j of each word and its fp16 pairs (the interpreter's path)."""
-    if BITS == 4:
-        return _pair(w, xp0, 0, 4, 16) + _pair(w, xp1, 4, 4, 16) + _pair(w, xp2, 8, 4, 16) + _pair(w, xp3, 12, 4, 16)
-    else:
-        return _pair(w, xp0, 0, 8, 8) + _pair(w, xp1, 16, 8, 8)
-
-
-@triton.jit
-def _pair(w, xp, lo_shift: tl.constexpr, BITS: tl.constexpr, hi_gap: tl.constexpr):
-    """(q_lo - center) x_lo + (q_hi - center) x_hi for the codes at bits lo_shift and lo_shift + hi_gap."""
-    mask: tl.constexpr = (1 << BITS) - 1
-    q_lo = ((w >> lo_shift) & mask).to(tl.float32) - _center(BITS)
-    q_hi = ((w >> (lo_shift + hi_gap)) & mask).to(tl.float32) - _center(BITS)
-    x_lo = (xp & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-    x_hi = ((xp >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-    return q_lo * x_lo + q_hi * x_hi
-
-
-@triton.jit
-def _f16x2_products(wa, wb, xa0, xa1, xa2, xa3, xb0, xb1, xb2, xb3,
-                    BITS: tl.constexpr, CHAIN: tl.constexpr, EMULATE: tl.constexpr):
-    """sum (q - center) x over word wa, and wb too when CHAIN == 2, each with its fp16 pairs (int8
-    words use two pairs: xa0, xa1 / xb0, xb1). EMULATE: the same sum in plain Triton for the CPU
-    interpreter, which cannot run PTX (it does not round to fp16 as the GPU does)."""
-    if EMULATE:
-        d = _word_products(wa, xa0, xa1, xa2, xa3, BITS)
-        if CHAIN == 2:
-            d += _word_products(wb, xb0, xb1, xb2, xb3, BITS)
-        return d
-    elif BITS == 4:
-        if CHAIN == 2:
-            return tl.inline_asm_elementwise(_DOT_W4_CHAIN2, "=f" + ",r" * 10, [wa, wb, xa0, xa1, xa2, xa3, xb0, xb1, xb2, xb3],
-                                             dtype=tl.float32, is_pure=True, pack=1)
-        else:
-            return tl.inline_asm_elementwise(_DOT_W4, "=f" + ",r" * 5, [wa, xa0, xa1, xa2, xa3],
-                                             dtype=tl.float32, is_pure=True, pack=1)
-    else:
-        if CHAIN == 2:
-            return tl.inline_asm_elementwise(_DOT_W8_CHAIN2, "=f" + ",r" * 6, [wa, wb, xa0, xa1, xb0, xb1],
-                                             dtype=tl.float32, is_pure=True, pack=1)
-        else:
-            return tl.inline_asm_elementwise(_DOT_W8, "=f" + ",r" * 3, [wa, xa0, xa1],
-                                             dtype=tl.float32, is_pure=True, pack=1)
 
 
 @triton.jit
@@ -193,160 +83,7 @@ def _apply_group(acc, d, xs, k0, K, group_size, s_ptr, z_ptr, n, n_ok, stride_sg
         z = tl.load(z_ptr + g * stride_sg + n, mask=sm, other=0).to(tl.float32)[None, :]
     else:
         z = s  # unused
-    return acc + _group_contribution(d, xs, s, z, BITS, ZERO_MODE, offset)
-
-
-@triton.jit
-def _group_contribution(d, xs, s, z, BITS: tl.constexpr, ZERO_MODE: tl.constexpr, offset: tl.constexpr):
-    """s (D - (offset + zero) X) for the zero modes (float mode: z is the offset m, s (D - offset X) + m X)."""
-    if ZERO_MODE == 0:
-        return s * (d - (offset + (1 << (BITS - 1))) * xs)
-    elif ZERO_MODE == 1:
-        return s * (d - (offset + z) * xs)
-    else:
-        return s * (d - offset * xs) + z * xs
-
-
-@triton.jit
-def _overflow_shift(xmax, BITS: tl.constexpr, CHAIN: tl.constexpr):
-    """The e >= 0 for which 2^-e x keeps the fp16 lane sums of a chain below 2^15: each lane adds
-    4 CHAIN products (q - 8) x with |q - 8| <= 8 (int4) or 2 CHAIN with |q - 128| <= 128 (int8)."""
-    LIMIT: tl.constexpr = (1024.0 if BITS == 4 else 128.0) / CHAIN
-    e = tl.where(xmax > LIMIT, tl.ceil(tl.log2(xmax / LIMIT)), 0.0)
-    return tl.minimum(e, 14.0).to(tl.int32)  # 2^-14 is the smallest normal fp16
-
-
-@triton.jit
-def _fp16_pair(lo, hi):
-    """Two fp16 tensors -> int32 words holding (lo, hi)."""
-    return (lo.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF) | (hi.to(tl.int16, bitcast=True).to(tl.int32) << 16)
-
-
-@triton.jit
-def _columns(t, PAIRS: tl.constexpr):
-    """The PAIRS columns of t [rows, PAIRS] as four [rows] tensors (PAIRS = 2: c0, c1, c0, c1)."""
-    if PAIRS == 4:
-        c02, c13 = tl.split(tl.reshape(t, (t.shape[0], 2, 2)))   # [rows, 2] each: columns (0, 2), (1, 3)
-        c0, c2 = tl.split(c02)
-        c1, c3 = tl.split(c13)
-        return c0, c1, c2, c3
-    else:
-        c0, c1 = tl.split(t)
-        return c0, c1, c0, c1
-
-
-@triton.jit
-def _tile_pairs(xk, e, SLOTS: tl.constexpr, CHAIN: tl.constexpr, PAIRS: tl.constexpr,
-                BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
-    """The tile's activations xk [BLOCK_K] (fp32 holding fp16 values) times 2^-e as the fp16 pairs
-    each chain multiplies, [SLOTS, BLOCK_N] per (row in chain, pair): formed once per program in a
-    compact layout and regrouped by reshape/split (a pass through shared memory), not loaded or
-    computed again by every thread for each of its rows."""
-    scaled = (xk * ((127 - e) << 23).to(tl.float32, bitcast=True)).to(tl.float16)     # exact: 2^-e
-    lo, hi = tl.split(tl.reshape(scaled, (BLOCK_K // 2, 2)))
-    pairs = tl.reshape(_fp16_pair(lo, hi), (SLOTS, CHAIN, PAIRS))                       # [slot, row in chain, pair]
-    if CHAIN == 2:
-        rows_a, rows_b = tl.split(tl.permute(pairs, (0, 2, 1)))
-    else:
-        rows_a = tl.reshape(pairs, (SLOTS, PAIRS))
-        rows_b = rows_a
-    a0, a1, a2, a3 = _columns(rows_a, PAIRS)
-    b0, b1, b2, b3 = _columns(rows_b, PAIRS)
-    return (_wide(a0, BLOCK_N), _wide(a1, BLOCK_N), _wide(a2, BLOCK_N), _wide(a3, BLOCK_N),
-            _wide(b0, BLOCK_N), _wide(b1, BLOCK_N), _wide(b2, BLOCK_N), _wide(b3, BLOCK_N))
-
-
-@triton.jit
-def _wide(col, BLOCK_N: tl.constexpr):
-    return tl.broadcast_to(col[:, None], (col.shape[0], BLOCK_N))
-
-
-@triton.jit
-def _load_words(w_ptr, r, r_ok, n, n_ok, stride_wk, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr):
-    """Word rows r of columns n; unmasked when the tile is whole (no predicate per load)."""
-    ptrs = w_ptr + r[:, None] * stride_wk + n[None, :]
-    if EVEN_K and EVEN_N:
-        return tl.load(ptrs)
-    else:
-        return tl.load(ptrs, mask=r_ok[:, None] & n_ok[None, :], other=0)
-
-
-@triton.jit
-def _qgemv_f16x2_kernel(
-    x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr,
-    N, K, group_size, stride_wk, stride_sg,
-    BITS: tl.constexpr, ZERO_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, EMULATE: tl.constexpr,
-    PDL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUPS: tl.constexpr, CHAIN: tl.constexpr,
-    EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, SWIGLU: tl.constexpr,
-):
-    """Decode GEMV, M = 1, no act-order: out (fp32) += x @ W.T with packed fp16x2 math; x is the
-    fp16 row [K], or with SWIGLU silu(gate) * up formed from the fp32 gate|up accumulator [2K].
-
-    Each program reads one [BLOCK_K / EPW, BLOCK_N] tile of words once and multiplies every word by
-    its EPW activations (`_f16x2_products`), CHAIN consecutive word rows (2, or 1 when the rows of
-    a group are odd) into one fp16x2 accumulator; the activations are read once per program and
-    regrouped into the fp16 pairs each row needs (`_tile_pairs`). The tile spans GROUPS whole
-    groups (or lies inside one: GROUPS = 1). EVEN_N / EVEN_K: the tile is whole in N / K (no masks).
-    Weights, scales, zeros and bias are requested before waiting for the previous kernel (PDL,
-    kernels.pdl): they are most of the bytes, and no kernel of the step writes them."""
-    EPW: tl.constexpr = 32 // BITS
-    RW: tl.constexpr = BLOCK_K // EPW                     # word rows of the tile
-    SLOTS: tl.constexpr = RW // CHAIN                     # chains of the tile
-    PAIRS: tl.constexpr = EPW // 2                        # fp16 pairs of x per word
-    OFFSET: tl.constexpr = -8.0 if BITS == 4 else -128.0  # what the products carry besides q: -center
-    release_dependents(PDL)
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = n < N
-    k0 = pid_k * BLOCK_K
-    ra = k0 // EPW + CHAIN * tl.arange(0, SLOTS)          # first row of each chain
-    ra_ok = ra < K // EPW
-    wa = _load_words(w_ptr, ra, ra_ok, n, n_ok, stride_wk, EVEN_K, EVEN_N)
-    if CHAIN == 2:
-        rb = ra + 1
-        rb_ok = rb < K // EPW
-        wb = _load_words(w_ptr, rb, rb_ok, n, n_ok, stride_wk, EVEN_K, EVEN_N)
-    else:
-        rb, rb_ok, wb = ra, ra_ok, wa
-    g = k0 // group_size + tl.arange(0, GROUPS)
-    if EVEN_K and EVEN_N:
-        s = tl.load(s_ptr + g[:, None] * stride_sg + n[None, :]).to(tl.float32)            # [GROUPS, BN]
-    else:
-        sm = ((g * group_size) < K)[:, None] & n_ok[None, :]
-        s = tl.load(s_ptr + g[:, None] * stride_sg + n[None, :], mask=sm, other=0.0).to(tl.float32)
-    if ZERO_MODE != 0:
-        if EVEN_K and EVEN_N:
-            z = tl.load(z_ptr + g[:, None] * stride_sg + n[None, :]).to(tl.float32)
-        else:
-            z = tl.load(z_ptr + g[:, None] * stride_sg + n[None, :], mask=sm, other=0).to(tl.float32)
-    else:
-        z = s  # unused
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + n, mask=n_ok, other=0.0).to(tl.float32) * (pid_k == 0).to(tl.float32)
-    wait_for_producer(PDL)
-    k = k0 + tl.arange(0, BLOCK_K)
-    if SWIGLU:  # x_ptr: the fp32 gate|up accumulator [2K]; x = silu(gate) * up
-        g_in = tl.load(x_ptr + k, mask=k < K, other=0.0)
-        xk = (g_in / (1.0 + tl.exp(-g_in)) * tl.load(x_ptr + K + k, mask=k < K, other=0.0)).to(tl.float16).to(tl.float32)
-    else:
-        xk = tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32)
-    # The fp16 lane sums of a chain overflow past 65504: large activations (a down_proj input
-    # reaches thousands in some models) are scaled down by 2^-e first, and d back up by 2^e.
-    e = _overflow_shift(tl.max(tl.abs(xk), axis=0), BITS, CHAIN)
-    xa0, xa1, xa2, xa3, xb0, xb1, xb2, xb3 = _tile_pairs(xk, e, SLOTS, CHAIN, PAIRS, BLOCK_K, BLOCK_N)
-    per_chain = _f16x2_products(wa, wb, xa0, xa1, xa2, xa3, xb0, xb1, xb2, xb3, BITS, CHAIN, EMULATE)  # [SLOTS, BN]
-    if GROUPS == 1:
-        d = tl.sum(per_chain, axis=0)[None, :]
-        xs = tl.sum(xk, axis=0)
-    else:  # one partial sum per group, each with its own scale
-        d = tl.sum(tl.reshape(per_chain, (GROUPS, SLOTS // GROUPS, BLOCK_N)), axis=1)
-        xs = tl.sum(tl.reshape(xk, (GROUPS, BLOCK_K // GROUPS)), axis=1)[:, None]
-    d = d * ((127 + e) << 23).to(tl.float32, bitcast=True)                               # * 2^e
-    acc = tl.sum(_group_contribution(d, xs, s, z, BITS, ZERO_MODE, OFFSET), axis=0)
-    if HAS_BIAS:
-        acc += bias
-    tl.atomic_add(out_ptr + n, acc, mask=n_ok, sem="relaxed")
+    return acc + group_contribution(d, xs, s, z, BITS, ZERO_MODE, offset)
 
 
 @triton.jit
@@ -392,27 +129,6 @@ def _qmatmul_kernel(
         tl.store(out_ptr + rm[:, None] * stride_om + n[None, :], acc.to(out_ptr.dtype.element_ty), mask=omask)
 
 
-def _packed_fp16_path(x2: torch.Tensor, lin) -> bool:
-    """Whether the fp16x2 GEMV applies: one fp16 row, K a multiple of the codes per word, no act-order."""
-    return (x2.shape[0] == 1 and x2.dtype == torch.float16 and lin.in_features % (32 // lin.bits) == 0
-            and lin.perm is None and x2.is_contiguous())
-
-
-def _packed_fp16_tile(lin, block_k: int) -> tuple[int, int] | None:
-    """(BLOCK_K, GROUPS) for the packed-fp16 GEMV: the K tile (at most block_k, a power of two)
-    must hold whole groups (GROUPS = BLOCK_K / group size) or lie inside one group (GROUPS = 1);
-    None when no tile of at least one word does."""
-    group, k = lin.group_size_eff, lin.in_features
-    epw = 32 // lin.bits
-    while block_k >= epw:
-        if group >= k or group % block_k == 0:
-            return block_k, 1
-        if block_k % group == 0:
-            return block_k, block_k // group
-        block_k //= 2
-    return None
-
-
 def _check(x: torch.Tensor, lin) -> torch.Tensor:
     x2 = x.reshape(-1, x.shape[-1])
     if x2.shape[1] != lin.in_features:
@@ -437,9 +153,7 @@ def qmatmul_accumulate(x: torch.Tensor, lin, out: torch.Tensor,
         raise ValueError(f"qmatmul_accumulate: out must be fp32 [{m}, {lin.out_features}], got {out.dtype} {tuple(out.shape)}")
     out2 = out.view(m, lin.out_features)
     bn, bk, iters, nw, use_dot = config or lin.splitk_config(m)
-    tile = _packed_fp16_tile(lin, bk * iters) if use_dot == "f16x2" and _packed_fp16_path(x2, lin) else None
-    if tile is not None:  # one K tile of bk * iters per program
-        _launch_packed_fp16(x2, lin, out2, bn, tile, nw, swiglu=False)
+    if try_packed_fp16_gemv(x2, lin, out2, (bn, bk, iters, nw, use_dot)):  # one K tile of bk * iters per program
         return out
     use_dot = use_dot is True or m > 1
     bk = min(bk, lin.group_size_eff)  # a tile must stay inside one group
@@ -452,49 +166,6 @@ def qmatmul_accumulate(x: torch.Tensor, lin, out: torch.Tensor,
         ATOMIC=True, HAS_BIAS=lin.bias is not None, HAS_RESIDUAL=False,
         BLOCK_M=16 if use_dot else 1, BLOCK_N=bn, BLOCK_K=bk, K_ITERS=iters, num_warps=nw, **pdl_launch(x2),
     )
-    return out
-
-
-def _launch_packed_fp16(x2: torch.Tensor, lin, out2: torch.Tensor, bn: int, tile: tuple[int, int], nw: int,
-                        swiglu: bool) -> None:
-    block_k, groups = tile
-    k = lin.in_features
-    rows = block_k * lin.bits // 32
-    chain = 2 if rows % 2 == 0 and (rows // groups) % 2 == 0 else 1  # a chain stays inside one group
-    _qgemv_f16x2_kernel[(triton.cdiv(lin.out_features, bn), triton.cdiv(k, block_k))](
-        x2, lin.words, lin.scales, lin.zeros_or_offsets, lin.bias, out2,
-        lin.out_features, k, lin.group_size_eff, lin.words.stride(0), lin.scales.stride(0),
-        BITS=lin.bits, ZERO_MODE=lin.zero_mode_id, HAS_BIAS=lin.bias is not None, EMULATE=INTERPRET,
-        BLOCK_N=bn, BLOCK_K=block_k, GROUPS=groups, CHAIN=chain,
-        EVEN_N=lin.out_features % bn == 0, EVEN_K=k % block_k == 0, SWIGLU=swiglu, num_warps=nw, **pdl_launch(x2),
-    )
-
-
-def swiglu_fusable(lin, config: tuple[int, int, int, int, bool | str] | None = None) -> bool:
-    """Whether qmatmul_accumulate_swiglu serves `lin`: its decode GEMV is the packed-fp16 one
-    (K a multiple of the codes per word, no act-order, a K tile of whole groups exists)."""
-    _, bk, iters, _, path = config or lin.splitk_config(1)
-    return (path == "f16x2" and lin.in_features % (32 // lin.bits) == 0 and lin.perm is None
-            and _packed_fp16_tile(lin, bk * iters) is not None)
-
-
-def qmatmul_accumulate_swiglu(gate_up: torch.Tensor, lin, out: torch.Tensor,
-                              config: tuple[int, int, int, int, bool | str] | None = None) -> torch.Tensor:
-    """out [1, N] (fp32) += (silu(gate) * up) @ W.T (+ bias) for one decode row, gate_up the fp32
-    [1, 2K] gate|up accumulator: the activation is formed inside the packed-fp16 GEMV, as the
-    swiglu kernel would form it, so the decode step needs no swiglu launch. gate_up is only read
-    (the caller zeroes it before its next accumulation). Returns out."""
-    k = lin.in_features
-    if gate_up.dtype != torch.float32 or gate_up.shape != (1, 2 * k) or not gate_up.is_contiguous():
-        raise ValueError(f"qmatmul_accumulate_swiglu: gate_up must be contiguous fp32 [1, {2 * k}], got "
-                         f"{gate_up.dtype} {tuple(gate_up.shape)}")
-    if out.dtype != torch.float32 or out.numel() != lin.out_features:
-        raise ValueError(f"qmatmul_accumulate_swiglu: out must be fp32 [1, {lin.out_features}], got {out.dtype} {tuple(out.shape)}")
-    if not swiglu_fusable(lin, config):
-        raise ValueError(f"qmatmul_accumulate_swiglu: no packed-fp16 GEMV for this linear (bits {lin.bits}, K {k}, "
-                         f"act-order {lin.perm is not None}, config {config or lin.splitk_config(1)}); use swiglu + qmatmul_accumulate")
-    bn, bk, iters, nw, _ = config or lin.splitk_config(1)
-    _launch_packed_fp16(gate_up, lin, out.view(1, lin.out_features), bn, _packed_fp16_tile(lin, bk * iters), nw, swiglu=True)
     return out
 
 

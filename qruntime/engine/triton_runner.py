@@ -34,7 +34,8 @@ from qruntime.kernels.argmax import greedy_advance, greedy_workspace
 from qruntime.kernels.flash_decode import RopeInput, flash_decode
 from qruntime.kernels.layout import concat_out_features, prepare
 from qruntime.kernels.prefill_attention import prefill_attention
-from qruntime.kernels.qmatmul import qmatmul, qmatmul_accumulate, qmatmul_accumulate_swiglu, swiglu_fusable
+from qruntime.kernels.gemv_f16x2 import qmatmul_accumulate_swiglu, swiglu_fusable
+from qruntime.kernels.qmatmul import qmatmul, qmatmul_accumulate
 from qruntime.kernels.rmsnorm import rmsnorm
 from qruntime.kernels.rope import rope_qkv_to_cache
 from qruntime.kernels.swiglu import swiglu

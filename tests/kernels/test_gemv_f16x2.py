@@ -1,0 +1,90 @@
+"""kernels.gemv_f16x2 (the packed-fp16 decode GEMV, reached through qmatmul_accumulate's "f16x2"
+path, and its SwiGLU-input form) against kernels.reference.linear. In the interpreter the kernel
+takes its plain-Triton EMULATE branch; the PTX itself is checked on the GPU (benchmarks/bench_decode.py)."""
+
+import pytest
+import torch
+
+from qruntime.kernels import reference as R
+from qruntime.kernels.gemv_f16x2 import qmatmul_accumulate_swiglu, swiglu_fusable
+from qruntime.kernels.layout import prepare
+from qruntime.kernels.qmatmul import qmatmul_accumulate
+from qruntime.kernels.reference import linear as ref_linear
+from packed_linears import make_linear
+from tolerances import assert_close
+
+
+@pytest.mark.parametrize("shape", [(33, 96), (17, 64), (40, 200), (32, 128)], ids=["n33-k96", "n17-k64", "n40-k200", "n32-k128-whole-tiles"])
+@pytest.mark.parametrize("group", [32, 128, -1], ids=["g32", "g128", "per-channel"])
+@pytest.mark.parametrize("zero_mode", ["symmetric", "int", "float"])
+@pytest.mark.parametrize("bits", [4, 8], ids=["int4", "int8"])
+def test_packed_fp16_gemv_matches_reference(bits, zero_mode, group, shape):
+    """The f16x2 decode path (inline PTX on the GPU; its plain-Triton emulation in the interpreter),
+    two word rows chained per accumulator; n32-k128 has only whole tiles (the unmasked loads)."""
+    n, k = shape
+    lin = make_linear(n, k, bits, group, zero_mode, seed=n)
+    t = prepare(lin, torch.device("cpu"), torch.float16)
+    x = torch.randn(1, k, generator=torch.Generator().manual_seed(3)).half()
+    start = torch.randn(1, n)
+    out = start.clone()
+    qmatmul_accumulate(x, t, out, config=(16, 32, 2, 4, "f16x2"))
+    assert_close(out - start, ref_linear(x.float(), lin), "fp16_dot")
+
+
+@pytest.mark.parametrize("shape", [(33, 96), (32, 128)], ids=["n33-k96", "n32-k128-whole-tiles"])
+@pytest.mark.parametrize("zero_mode", ["symmetric", "int", "float"])
+@pytest.mark.parametrize("bits", [4, 8], ids=["int4", "int8"])
+def test_packed_fp16_gemv_one_word_row_tile(bits, zero_mode, shape):
+    """A K tile of a single word row: nothing to chain, each word is its own fp16x2 accumulator."""
+    n, k = shape
+    lin = make_linear(n, k, bits, 32, zero_mode, seed=n + 1)
+    t = prepare(lin, torch.device("cpu"), torch.float16)
+    x = torch.randn(1, k, generator=torch.Generator().manual_seed(5)).half()
+    out = torch.full((1, n), 0.0)
+    qmatmul_accumulate(x, t, out, config=(16, 32 // bits, 1, 4, "f16x2"))
+    assert_close(out, ref_linear(x.float(), lin), "fp16_dot")
+
+
+@pytest.mark.parametrize("bits", [4, 8], ids=["int4", "int8"])
+def test_packed_fp16_gemv_scales_large_activations(bits):
+    """Activations in the thousands (a down_proj input can reach them) would overflow the fp16 lane
+    sums of a word on the GPU; the kernel scales such K slices by 2^-e and the result by 2^e, which
+    is exact: here one slice is large, one moderate, one plain."""
+    n, k = 24, 384
+    lin = make_linear(n, k, bits, 128, "int", seed=5)
+    t = prepare(lin, torch.device("cpu"), torch.float16)
+    x = torch.randn(1, k, generator=torch.Generator().manual_seed(4))
+    x[0, 5], x[0, 130] = 3000.0, -700.0
+    x = x.half()
+    out = torch.zeros(1, n)
+    qmatmul_accumulate(x, t, out, config=(16, 128, 1, 4, "f16x2"))
+    assert_close(out, ref_linear(x.float(), lin), "fp16_dot")
+
+
+@pytest.mark.parametrize("tile", [(16, 32, 2, 4, "f16x2"), (16, 8, 1, 4, "f16x2")], ids=["chained-rows", "one-word-row"])
+@pytest.mark.parametrize("shape", [(33, 96), (32, 128)], ids=["n33-k96", "n32-k128-whole-tiles"])
+@pytest.mark.parametrize("bits", [4, 8], ids=["int4", "int8"])
+def test_swiglu_fused_gemv_matches_swiglu_then_gemv(bits, shape, tile):
+    """down_proj of the decode step reads the fp32 gate|up accumulator and forms silu(g) * u itself:
+    the result equals the swiglu kernel's fp16 output fed to the plain GEMV, and gate_up is untouched."""
+    n, k = shape
+    lin = make_linear(n, k, bits, 32, "int", seed=k)
+    t = prepare(lin, torch.device("cpu"), torch.float16)
+    gu = torch.randn(1, 2 * k, generator=torch.Generator().manual_seed(7)) * 3
+    gu[0, 7], gu[0, k + 7] = 40.0, 90.0  # one product in the thousands: the 2^-e scaling engages
+    before = gu.clone()
+    out = torch.zeros(1, n)
+    qmatmul_accumulate_swiglu(gu, t, out, config=tile)
+    assert torch.equal(gu, before)
+    act = R.swiglu(gu).half()
+    assert_close(out, ref_linear(act.float(), lin), "fp16_dot")
+
+
+def test_swiglu_fused_gemv_refuses_what_it_cannot_serve():
+    lin = make_linear(16, 64, 4, 32, "int", seed=1)
+    t = prepare(lin, torch.device("cpu"), torch.float16)
+    assert swiglu_fusable(t, (16, 32, 1, 4, "f16x2")) and not swiglu_fusable(t, (16, 32, 1, 4, True))
+    with pytest.raises(ValueError, match="no packed-fp16 GEMV"):
+        qmatmul_accumulate_swiglu(torch.zeros(1, 128), t, torch.zeros(1, 16), config=(16, 32, 1, 4, False))
+    with pytest.raises(ValueError, match="fp32"):
+        qmatmul_accumulate_swiglu(torch.zeros(1, 128).half(), t, torch.zeros(1, 16), config=(16, 32, 1, 4, "f16x2"))
