@@ -19,7 +19,9 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import qruntime
-from gpu_common import dump, environment, prefill_and_capture, time_replays
+from gpu_common import dump, environment, prefill_and_capture, time_graph, time_replays
+from qruntime.kernels.argmax import greedy_advance, greedy_workspace
+from qruntime.kernels.rmsnorm import rmsnorm
 from qruntime.synthetic import synthetic_checkpoint
 
 
@@ -75,10 +77,6 @@ def profile_model(spec: str, bits: int, steps: int = 20, prompt_len: int = 128) 
 def small_kernel_costs() -> dict:
     """us per launch of the step's small kernels when chained in one graph (PDL on, as in the step):
     what a launch costs beyond its work, and the greedy argmax against torch.argmax."""
-    from gpu_common import time_graph
-    from qruntime.kernels.argmax import greedy_advance, greedy_workspace
-    from qruntime.kernels.rmsnorm import rmsnorm
-
     h = torch.randn(1, 4096, device="cuda")
     w = torch.randn(4096, device="cuda", dtype=torch.bfloat16)
     xn = torch.empty(1, 4096, device="cuda", dtype=torch.float16)

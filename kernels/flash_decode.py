@@ -25,6 +25,7 @@ import triton.language as tl
 
 from ._common import attend_block
 from .pdl import pdl_launch, release_dependents, wait_for_producer
+from .rope import roped_heads, write_new_position
 
 
 @dataclass(frozen=True)
@@ -38,40 +39,6 @@ class RopeInput:
     q_norm: torch.Tensor | None = None     # per-head RMSNorm weights [hd] (Qwen3), or None
     k_norm: torch.Tensor | None = None
     eps: float = 1e-6
-
-
-@triton.jit
-def _roped_heads(qkv_ptr, rows, row_ok, pos, cos_ptr, sin_ptr, norm_ptr, eps, d,
-                 HD: tl.constexpr, QK_NORM: tl.constexpr):
-    """Head vectors `rows` of the q|k|v accumulator, RMSNorm-ed over the head (QK_NORM) and rotated
-    for position `pos` ("rotate_half", as kernels.rope): [rows, HD] fp32."""
-    HALF: tl.constexpr = HD // 2
-    partner = (d + HALF) % HD                                  # x2 for the first half, x1 for the second
-    x = tl.load(qkv_ptr + rows[:, None] * HD + d[None, :], mask=row_ok[:, None], other=0.0)
-    xp = tl.load(qkv_ptr + rows[:, None] * HD + partner[None, :], mask=row_ok[:, None], other=0.0)
-    if QK_NORM:
-        rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / HD + eps)
-        x = x * rstd[:, None] * tl.load(norm_ptr + d).to(tl.float32)[None, :]
-        xp = xp * rstd[:, None] * tl.load(norm_ptr + partner).to(tl.float32)[None, :]
-    c = tl.load(cos_ptr + pos * HALF + d % HALF)[None, :]
-    s = tl.load(sin_ptr + pos * HALF + d % HALF)[None, :]
-    return x * c + tl.where((d < HALF)[None, :], -xp, xp) * s
-
-
-@triton.jit
-def _write_new_position(cache_ptr, scale_ptr, x, cache_off, scale_off, d, INT8: tl.constexpr):
-    """Stores the new token's k or v ([1, HD] fp32) in the cache (int8: with its scale, as
-    kernels.rope) and returns it as the cache now holds it, for this step's attention."""
-    if INT8:
-        scale = tl.maximum(tl.max(tl.abs(x), axis=1), 1e-8) / 127.0          # [1]
-        codes = tl.floor(x / scale[:, None] + 0.5)
-        tl.store(cache_ptr + cache_off + d[None, :], codes.to(tl.int8))
-        tl.store(scale_ptr + scale_off + tl.arange(0, 1), scale)
-        return codes * scale[:, None]
-    else:
-        stored = x.to(cache_ptr.dtype.element_ty)
-        tl.store(cache_ptr + cache_off + d[None, :], stored)
-        return stored.to(tl.float32)
 
 
 @triton.jit
@@ -97,7 +64,7 @@ def _flash_decode_kernel(
     heads = kvh * G + g
     if ROPE:  # q from the accumulator; the new token (position length - 1) is not in the cache yet
         pos = length - 1
-        q = _roped_heads(qkv_ptr, heads, g_ok, pos, cos_ptr, sin_ptr, qn_ptr, eps, d, HD, QK_NORM)
+        q = roped_heads(qkv_ptr, heads, g_ok, pos, cos_ptr, sin_ptr, qn_ptr, eps, d, HD, QK_NORM)
         cached_end = tl.minimum(end, pos)
     else:
         q = tl.load(q_ptr + heads[:, None] * stride_qh + d[None, :], mask=g_ok[:, None], other=0.0)
@@ -118,11 +85,11 @@ def _flash_decode_kernel(
     if ROPE:
         if (start <= pos) & (pos < end):  # this program's chunk holds the new token: write it, attend to it
             one = tl.arange(0, 1)
-            k_new = _roped_heads(qkv_ptr, H + kvh + one, one < 1, pos, cos_ptr, sin_ptr, kn_ptr, eps, d, HD, QK_NORM)
+            k_new = roped_heads(qkv_ptr, H + kvh + one, one < 1, pos, cos_ptr, sin_ptr, kn_ptr, eps, d, HD, QK_NORM)
             v_new = tl.load(qkv_ptr + (H + KV + kvh) * HD + d)[None, :]
             cache_off = kv_base + pos * stride_cs
-            k_new = _write_new_position(k_ptr, ks_ptr, k_new, cache_off, kvh * stride_skv + pos, d, INT8)
-            v_new = _write_new_position(v_ptr, vs_ptr, v_new, cache_off, kvh * stride_skv + pos, d, INT8)
+            k_new = write_new_position(k_ptr, ks_ptr, k_new, cache_off, kvh * stride_skv + pos, d, INT8)
+            v_new = write_new_position(v_ptr, vs_ptr, v_new, cache_off, kvh * stride_skv + pos, d, INT8)
             score = tl.sum(q.to(tl.float32) * k_new, axis=1) * sm_scale                  # [BLOCK_G]
             m_new = tl.maximum(m_i, score)
             p = tl.exp(score - m_new)

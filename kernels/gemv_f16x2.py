@@ -20,6 +20,7 @@ import triton.language as tl
 
 from ._common import INTERPRET, group_contribution
 from .pdl import pdl_launch, release_dependents, wait_for_producer
+from .swiglu import silu_times
 
 
 def _f16x2_dot_asm(bits: int, words: int) -> str:
@@ -253,8 +254,9 @@ def _qgemv_f16x2_kernel(
     wait_for_producer(PDL)
     k = k0 + tl.arange(0, BLOCK_K)
     if SWIGLU:  # x_ptr: the fp32 gate|up accumulator [2K]; x = silu(gate) * up
-        g_in = tl.load(x_ptr + k, mask=k < K, other=0.0)
-        xk = (g_in / (1.0 + tl.exp(-g_in)) * tl.load(x_ptr + K + k, mask=k < K, other=0.0)).to(tl.float16).to(tl.float32)
+        gate = tl.load(x_ptr + k, mask=k < K, other=0.0)
+        up = tl.load(x_ptr + K + k, mask=k < K, other=0.0)
+        xk = silu_times(gate, up).to(tl.float16).to(tl.float32)
     else:
         xk = tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32)
     # The fp16 lane sums of a chain overflow past 65504: large activations (a down_proj input

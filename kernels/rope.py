@@ -6,6 +6,8 @@ tables [S_max, hd/2] (fp32, rope scaling already applied). One program per (toke
   q heads  -> optional RMSNorm over the head (Qwen3) -> rotate -> q_out [M, H, hd]
   k heads  -> optional RMSNorm -> rotate -> cache k[kv, pos]   (int8: per-token-per-head scale)
   v heads  -> cache v[kv, pos]
+The decode step does the same inside kernels.flash_decode with `roped_heads` (a tile of heads) and
+`write_new_position` (one cache row) below, sharing this file's int8 quantization.
 Rotation is the "rotate_half" convention: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin).
 int8 cache: scale = max|x| / 127, stored as round(x / scale); dequantized as code * scale.
 """
@@ -68,14 +70,59 @@ def _rope_cache_kernel(
 def _store_cache(cache_ptr, scale_ptr, scale_off, offs, i, x1, x2, HALF: tl.constexpr, INT8: tl.constexpr):
     """Writes one head vector (two halves) at cache offset `offs`; int8: with its scale."""
     if INT8:
-        amax = tl.maximum(tl.max(tl.abs(x1), axis=0), tl.max(tl.abs(x2), axis=0))
-        scale = tl.maximum(amax, 1e-8) / 127.0
-        tl.store(cache_ptr + offs + i, tl.floor(x1 / scale + 0.5).to(tl.int8))
-        tl.store(cache_ptr + offs + HALF + i, tl.floor(x2 / scale + 0.5).to(tl.int8))
+        scale = _int8_scale(tl.maximum(tl.max(tl.abs(x1), axis=0), tl.max(tl.abs(x2), axis=0)))
+        tl.store(cache_ptr + offs + i, _int8_codes(x1, scale).to(tl.int8))
+        tl.store(cache_ptr + offs + HALF + i, _int8_codes(x2, scale).to(tl.int8))
         tl.store(scale_ptr + scale_off, scale)
     else:
         tl.store(cache_ptr + offs + i, x1.to(cache_ptr.dtype.element_ty))
         tl.store(cache_ptr + offs + HALF + i, x2.to(cache_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _int8_scale(amax):
+    """The int8 cache's per-token-per-head scale: max|x| / 127 (kept above 0 for a zero vector)."""
+    return tl.maximum(amax, 1e-8) / 127.0
+
+
+@triton.jit
+def _int8_codes(x, scale):
+    """round(x / scale), halves up, as float (the caller casts to int8)."""
+    return tl.floor(x / scale + 0.5)
+
+
+@triton.jit
+def roped_heads(qkv_ptr, rows, row_ok, pos, cos_ptr, sin_ptr, norm_ptr, eps, d,
+                 HD: tl.constexpr, QK_NORM: tl.constexpr):
+    """Head vectors `rows` of the q|k|v accumulator, RMSNorm-ed over the head (QK_NORM) and rotated
+    for position `pos` ("rotate_half", as kernels.rope): [rows, HD] fp32."""
+    HALF: tl.constexpr = HD // 2
+    partner = (d + HALF) % HD                                  # x2 for the first half, x1 for the second
+    x = tl.load(qkv_ptr + rows[:, None] * HD + d[None, :], mask=row_ok[:, None], other=0.0)
+    xp = tl.load(qkv_ptr + rows[:, None] * HD + partner[None, :], mask=row_ok[:, None], other=0.0)
+    if QK_NORM:
+        rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / HD + eps)
+        x = x * rstd[:, None] * tl.load(norm_ptr + d).to(tl.float32)[None, :]
+        xp = xp * rstd[:, None] * tl.load(norm_ptr + partner).to(tl.float32)[None, :]
+    c = tl.load(cos_ptr + pos * HALF + d % HALF)[None, :]
+    s = tl.load(sin_ptr + pos * HALF + d % HALF)[None, :]
+    return x * c + tl.where((d < HALF)[None, :], -xp, xp) * s
+
+
+@triton.jit
+def write_new_position(cache_ptr, scale_ptr, x, cache_off, scale_off, d, INT8: tl.constexpr):
+    """Stores the new token's k or v ([1, HD] fp32) in the cache (int8: with its scale, as
+    kernels.rope) and returns it as the cache now holds it, for this step's attention."""
+    if INT8:
+        scale = _int8_scale(tl.max(tl.abs(x), axis=1))                        # [1]
+        codes = _int8_codes(x, scale[:, None])
+        tl.store(cache_ptr + cache_off + d[None, :], codes.to(tl.int8))
+        tl.store(scale_ptr + scale_off + tl.arange(0, 1), scale)
+        return codes * scale[:, None]
+    else:
+        stored = x.to(cache_ptr.dtype.element_ty)
+        tl.store(cache_ptr + cache_off + d[None, :], stored)
+        return stored.to(tl.float32)
 
 
 def rope_qkv_to_cache(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,

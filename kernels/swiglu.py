@@ -14,6 +14,13 @@ from .pdl import pdl_launch, release_dependents, wait_for_producer
 
 
 @triton.jit
+def silu_times(g, up):
+    """silu(g) * up in fp32: the activation of the swiglu kernel and of the fused down_proj GEMV
+    (kernels.gemv_f16x2), written once so the two paths round alike."""
+    return g / (1.0 + tl.exp(-g)) * up
+
+
+@triton.jit
 def _swiglu_kernel(gu_ptr, out_ptr, F, stride_gu, stride_out, ZERO_INPUT: tl.constexpr, PDL: tl.constexpr,
                   BLOCK: tl.constexpr):
     release_dependents(PDL)
@@ -23,7 +30,7 @@ def _swiglu_kernel(gu_ptr, out_ptr, F, stride_gu, stride_out, ZERO_INPUT: tl.con
     ok = f < F
     g = tl.load(gu_ptr + row * stride_gu + f, mask=ok, other=0.0).to(tl.float32)
     u = tl.load(gu_ptr + row * stride_gu + F + f, mask=ok, other=0.0).to(tl.float32)
-    act = g / (1.0 + tl.exp(-g)) * u
+    act = silu_times(g, u)
     tl.store(out_ptr + row * stride_out + f, act.to(out_ptr.dtype.element_ty), mask=ok)
     if ZERO_INPUT:
         tl.store(gu_ptr + row * stride_gu + f, tl.zeros([BLOCK], dtype=gu_ptr.dtype.element_ty), mask=ok)
