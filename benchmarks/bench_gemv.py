@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import multiprocessing
 import sys
 
 import torch
@@ -19,6 +20,7 @@ import torch
 from gpu_common import dump, environment, gemv_workload, measure_read_bandwidth, time_graph
 from qruntime.kernels.layout import prepare
 from qruntime.kernels.qmatmul import qmatmul, qmatmul_accumulate
+from qruntime.kernels.tuning import splitk_config
 from qruntime.kernels.reference import linear as ref_linear
 from qruntime.quantizers.rtn import quantize_rtn
 
@@ -26,16 +28,26 @@ SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (4096, 128256), (4096, 614
           (2048, 2048), (2048, 3072), (2048, 16384), (8192, 2048), (2048, 128256)]  # (K, N); fused qkv / gate_up too
 
 
-def configs(m: int, bits: int, quick: bool = False):
+def configs(m: int, bits: int, quick: bool = False, narrow: bool = False):
     """(BLOCK_N, BLOCK_K, K_ITERS, num_warps, path) candidates. M = 1: the packed-fp16 path (it won
     every shape of the earlier sweeps but the smallest int8 one, so the FMA path stays as one
-    candidate there), one K tile of BLOCK_K. M > 1: tensor-core tiles of 16 words along K (each word
-    read once, one dot per code slot: the group of 128 caps BLOCK_K), K_ITERS tiles per program."""
-    if m == 1 and quick:  # the tiles that won on the H100 and H200 (a few minutes for all shapes)
-        return [(bn, bk, 1, nw, "f16x2") for bn in (128, 256, 512) for bk in (64, 128, 256) for nw in (2, 4)]
+    candidate in the full sweep): a program takes one K slice of BLOCK_K across K_ITERS column
+    tiles of BLOCK_N (the next requested while the current is multiplied), kept to 16-64 words per
+    thread for one tile, 8-32 when a second is in flight (more spills or caps occupancy, fewer
+    leaves too little work per load; --quick: at most 4 tiles). M > 1: tensor-core tiles of 16
+    words along K (each word read once, one dot per code slot: the group of 128 caps BLOCK_K),
+    K_ITERS tiles per program."""
     if m == 1:
-        return ([(bn, bk, 1, nw, "f16x2") for bn in (128, 256, 512) for bk in (64, 128, 256, 512) for nw in (1, 2, 4)]
-                + [(64, 64, 1, 2, False)])
+        epw = 32 // bits
+        found = []
+        for bn, bk, nw, tiles in itertools.product((32, 64, 128, 256), (64, 128, 256), (1, 2, 4), (1, 2, 4, 8)):
+            if bn == 32 and nw > 1:  # a warp already spans 32 columns
+                continue
+            words = bn * bk // epw // (32 * nw)
+            fits = 8 <= words <= 32 if tiles > 1 else 16 <= words <= 64
+            if fits and not (quick and tiles > 4) and not (narrow and (nw > 1 or bn > 64)):
+                found.append((bn, bk, tiles, nw, "f16x2"))
+        return found if quick else found + [(64, 64, 1, 2, False)]
     bk = 128 if bits == 4 else 64
     return [(bn, bk, it, nw, True) for bn in (32, 64, 128, 256) for it in (1, 2, 4, 8) for nw in (2, 4, 8)]
 
@@ -54,6 +66,9 @@ def main() -> None:
     ap.add_argument("--prefill", type=int, default=0, help="also sweep the prefill GEMM at this M")
     ap.add_argument("--shapes", default="all", help="'all' or 'issue' (the four shapes of the acceptance)")
     ap.add_argument("--quick", action="store_true", help="M = 1: only the tiles that won the full sweeps")
+    ap.add_argument("--jobs", type=int, default=12, help="processes compiling the configs before the timing")
+    ap.add_argument("--narrow", action="store_true",
+                    help="M = 1: only one-warp tiles of at most 64 columns, against the card's current table entry")
     args = ap.parse_args()
     env = environment()
     bw = measure_read_bandwidth()
@@ -62,32 +77,38 @@ def main() -> None:
     for bits in args.bits:
         # correctness of every path on awkward sizes first
         w = torch.randn(777, 1000, device="cuda")
-        for group, sym, path, m, bk in itertools.product((32, 128, -1), (True, False), [False, True, "f16x2"], (1, 16),
-                                                         (64, 128, 512)):
-            if m > 1 and path is not True:
+        for group, sym, path, m, bk, iters in itertools.product((32, 128, -1), (True, False), [False, True, "f16x2"],
+                                                                (1, 16), (64, 128, 512), (2, 8)):
+            if m not in args.m or (m > 1 and path is not True) or (iters == 8 and path != "f16x2"):
                 continue
             lin = quantize_rtn(w, bits, group, sym)
             x = torch.randn(m, 1000, device="cuda", dtype=torch.float16)
             out = torch.zeros(m, 777, device="cuda")
-            qmatmul_accumulate(x, prepare(lin, torch.device("cuda"), torch.float16), out, config=(64, bk, 2, 4, path))
+            qmatmul_accumulate(x, prepare(lin, torch.device("cuda"), torch.float16), out, config=(64, bk, iters, 4, path))
             ref = ref_linear(x.float(), lin)
             err = ((out - ref).norm() / ref.norm()).item()
-            print(f"# check w{bits} g{group} sym={sym} path={path} M={m} BLOCK_K={bk}: rel err {err:.1e}", flush=True)
+            print(f"# check w{bits} g{group} sym={sym} path={path} M={m} BLOCK_K={bk} K_ITERS={iters}: rel err {err:.1e}",
+                  flush=True)
             assert err < 3e-3, err
         shapes = SHAPES if args.shapes == "all" else SHAPES[:4]
+        compile_ahead(bits, args.m, shapes, args.quick, args.narrow, args.jobs)
         for (k, n), m in itertools.product(shapes, args.m):
             lins, xs, outs, need = gemv_workload(k, n, m, bits)
             count = len(lins)
-            best = None
-            for cfg in configs(m, bits, args.quick):
+            timed = []
+            candidates = configs(m, bits, args.quick, args.narrow)
+            if args.narrow:
+                candidates = list(dict.fromkeys(candidates + [splitk_config(bits, n, k, m, torch.device("cuda"))]))
+            for cfg in candidates:
                 try:
                     t = time_graph([lambda i=i: qmatmul_accumulate(xs[i], lins[i], outs[i], config=cfg) for i in range(count)])
                 except Exception as e:  # a config that does not compile
                     print(f"  skip {cfg}: {type(e).__name__}", file=sys.stderr)
                     continue
-                if best is None or t < best[0]:
-                    best = (t, cfg)
-            t, cfg = best
+                timed.append((t, cfg))
+            timed.sort(key=lambda tc: tc[0])
+            t, cfg = timed[0]
+            print("  runners-up: " + ", ".join(f"{c} {100 * need / s / bw:.1f}%" for s, c in timed[1:4]), flush=True)
             rows.append(dict(bits=bits, k=k, n=n, m=m, us=t * 1e6, bytes=need, tbps=need / t / 1e12,
                              frac_of_read_bw=need / t / bw, config=list(cfg)))
             tuned[f"splitk/w{bits}/m{m}/n{n}/k{k}"] = list(cfg)
@@ -99,6 +120,31 @@ def main() -> None:
         if args.prefill:
             sweep_prefill(bits, args.prefill, shapes, rows, tuned)
     dump(f"{args.out}/gemv_sweep.json", dict(env=env, read_bw=bw, results=rows, tuned=tuned))
+
+
+def compile_ahead(bits: int, ms: list[int], shapes, quick: bool, narrow: bool, jobs: int) -> None:
+    """Compiles every (config, shape) kernel variant in `jobs` processes first, into Triton's disk
+    cache: one after another, the compiles would take most of a sweep's time on the device."""
+    work = [(bits, m, shapes, configs(m, bits, quick, narrow)[j::jobs]) for m in ms for j in range(jobs)]
+    with multiprocessing.get_context("spawn").Pool(jobs) as pool:
+        pool.map(_compile_configs, work)
+    print(f"# compiled w{bits} variants in {jobs} processes", flush=True)
+
+
+def _compile_configs(job) -> None:
+    bits, m, shapes, cfgs = job
+    for k, n in shapes:
+        n = 512 + n % 512  # the same kernel variants (N % BLOCK_N, divisibility) at a fraction of the memory
+        lin = prepare(quantize_rtn(torch.randn(n, k, device="cuda") * 0.02, bits, 128, False), torch.device("cuda"),
+                      torch.float16)
+        x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+        out = torch.zeros(m, n, device="cuda")
+        for cfg in cfgs:
+            try:
+                qmatmul_accumulate(x, lin, out, config=cfg)
+            except Exception:  # reported by the timing loop
+                pass
+    torch.cuda.synchronize()
 
 
 def sweep_prefill(bits: int, m: int, shapes, rows: list, tuned: dict) -> None:

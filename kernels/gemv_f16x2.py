@@ -1,14 +1,18 @@
 """Packed-fp16 decode GEMV: out (fp32) += x @ W.T for ONE activation row over packed int4/int8
 weights (the layout of kernels.layout), with fp16x2 arithmetic instead of fp32 FMAs.
 
-Why a kernel of its own: at M = 1 the dequant-fused GEMV is issue-bound on Hopper (Nsight Compute,
-benchmarks/results/h200/ncu_gemv_w4_4096x14336.txt), so what counts is instructions per packed
-word. Here the codes become fp16x2 pairs by bit tricks (no conversion instruction, see
-`_f16x2_dot_asm`), two products per HFMA2, two word rows per fp16x2 accumulator, one fp32 convert
-per chain; the activations are read once per program and regrouped into the pairs each word row
-multiplies. The fp16 lane sums are kept below overflow by scaling large activations by 2^-e (exact).
-Used by kernels.qmatmul.qmatmul_accumulate when the tuned config picks the "f16x2" path, and by
-the decode step's down_proj with the SwiGLU formed on the fly (`qmatmul_accumulate_swiglu`).
+Why a kernel of its own: at M = 1 the dequant-fused GEMV is bound by instructions and latency on
+Hopper, not by its loads (Nsight Compute, benchmarks/results/h200/ncu_gemv_w4_4096x14336*.txt; a
+kernel that only reads the same tiles reaches the full bandwidth, probe_gemv.json). So what counts
+is instructions per packed word and keeping loads in flight while computing. Here the codes become
+fp16x2 pairs by bit tricks (no conversion instruction, see `_f16x2_dot_asm`), two products per
+HFMA2, two word rows per fp16x2 accumulator, one fp32 convert per chain; a program takes one K
+slice across several column tiles, so the slice's activations are regrouped into the pairs once
+and the next tile loads while the current one is multiplied. The fp16 lane sums are kept below
+overflow by scaling large activations by 2^-e (exact).
+Used by kernels.qmatmul.qmatmul_accumulate when the tuned config picks the "f16x2" path
+(BLOCK_N, BLOCK_K, K_ITERS = column tiles per program, num_warps), and by the decode step's
+down_proj with the SwiGLU formed on the fly (`qmatmul_accumulate_swiglu`).
 On the CPU interpreter (no PTX) the EMULATE branch computes the same sums in plain Triton.
 """
 
@@ -189,13 +193,59 @@ def _wide(col, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _load_words(w_ptr, r, r_ok, n, n_ok, stride_wk, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr):
-    """Word rows r of columns n; unmasked when the tile is whole (no predicate per load)."""
-    ptrs = w_ptr + r[:, None] * stride_wk + n[None, :]
-    if EVEN_K and EVEN_N:
+def _load_tile(w_ptr, s_ptr, z_ptr, ra, ra_ok, rb_ok, g, g_ok, n, n_ok, stride_wk, stride_sg,
+               ZERO_MODE: tl.constexpr, CHAIN: tl.constexpr, EVEN: tl.constexpr):
+    """The words of the program's word rows for columns n: the first and second row of each chain
+    [SLOTS, BLOCK_N], and the scales and zeros of its groups g [GROUPS, BLOCK_N] as fp32.
+    EVEN: the tile is whole (no masks, no predicate per load)."""
+    wa = _load_2d(w_ptr, ra, ra_ok, n, n_ok, stride_wk, EVEN)
+    if CHAIN == 2:
+        wb = _load_2d(w_ptr, ra + 1, rb_ok, n, n_ok, stride_wk, EVEN)
+    else:
+        wb = wa
+    s = _load_2d(s_ptr, g, g_ok, n, n_ok, stride_sg, EVEN).to(tl.float32)
+    z = _load_2d(z_ptr, g, g_ok, n, n_ok, stride_sg, EVEN).to(tl.float32) if ZERO_MODE != 0 else s  # s: unused
+    return wa, wb, s, z
+
+
+@triton.jit
+def _load_2d(ptr, r, r_ok, n, n_ok, stride, EVEN: tl.constexpr):
+    """ptr[r, n] (row stride `stride`), 0 outside the matrix unless the tile is whole (EVEN)."""
+    ptrs = ptr + r[:, None] * stride + n[None, :]
+    if EVEN:
         return tl.load(ptrs)
     else:
         return tl.load(ptrs, mask=r_ok[:, None] & n_ok[None, :], other=0)
+
+
+@triton.jit
+def _slab_activations(x_ptr, k0, K, SWIGLU: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The activations of K slice [k0, k0 + BLOCK_K) as fp32 holding fp16 values: x, or
+    silu(gate) * up formed from the fp32 gate|up accumulator [2K] (rounded to fp16 as the swiglu
+    kernel's output would be)."""
+    k = k0 + tl.arange(0, BLOCK_K)
+    if SWIGLU:
+        gate = tl.load(x_ptr + k, mask=k < K, other=0.0)
+        up = tl.load(x_ptr + K + k, mask=k < K, other=0.0)
+        return silu_times(gate, up).to(tl.float16).to(tl.float32)
+    else:
+        return tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _tile_outputs(wa, wb, s, z, xa0, xa1, xa2, xa3, xb0, xb1, xb2, xb3, xs, e,
+                  BITS: tl.constexpr, ZERO_MODE: tl.constexpr, EMULATE: tl.constexpr, BLOCK_N: tl.constexpr,
+                  GROUPS: tl.constexpr, SLOTS: tl.constexpr, CHAIN: tl.constexpr):
+    """One column tile's share of the outputs [BLOCK_N] (fp32) from its words, scales and zeros and
+    the slice's activation pairs, scaled by 2^-e, and sums per group xs."""
+    OFFSET: tl.constexpr = -8.0 if BITS == 4 else -128.0  # what the products carry besides q: -center
+    per_chain = _f16x2_products(wa, wb, xa0, xa1, xa2, xa3, xb0, xb1, xb2, xb3, BITS, CHAIN, EMULATE)  # [SLOTS, BN]
+    if GROUPS == 1:
+        d = tl.sum(per_chain, axis=0)[None, :]
+    else:  # one partial sum per group, each with its own scale
+        d = tl.sum(tl.reshape(per_chain, (GROUPS, SLOTS // GROUPS, BLOCK_N)), axis=1)
+    d = d * ((127 + e) << 23).to(tl.float32, bitcast=True)                               # * 2^e
+    return tl.sum(group_contribution(d, xs, s, z, BITS, ZERO_MODE, OFFSET), axis=0)
 
 
 @triton.jit
@@ -203,78 +253,59 @@ def _qgemv_f16x2_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr,
     N, K, group_size, stride_wk, stride_sg,
     BITS: tl.constexpr, ZERO_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, EMULATE: tl.constexpr,
-    PDL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUPS: tl.constexpr, CHAIN: tl.constexpr,
-    EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, SWIGLU: tl.constexpr,
+    PDL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TILES: tl.constexpr, GROUPS: tl.constexpr,
+    CHAIN: tl.constexpr, EVEN: tl.constexpr, SWIGLU: tl.constexpr,
 ):
     """Decode GEMV, M = 1, no act-order: out (fp32) += x @ W.T with packed fp16x2 math; x is the
     fp16 row [K], or with SWIGLU silu(gate) * up formed from the fp32 gate|up accumulator [2K].
 
-    Each program reads one [BLOCK_K / EPW, BLOCK_N] tile of words once and multiplies every word by
-    its EPW activations (`_f16x2_products`), CHAIN consecutive word rows (2, or 1 when the rows of
-    a group are odd) into one fp16x2 accumulator; the activations are read once per program and
-    regrouped into the fp16 pairs each row needs (`_tile_pairs`). The tile spans GROUPS whole
-    groups (or lies inside one: GROUPS = 1). EVEN_N / EVEN_K: the tile is whole in N / K (no masks).
-    Weights, scales, zeros and bias are requested before waiting for the previous kernel (PDL,
-    kernels.pdl): they are most of the bytes, and no kernel of the step writes them."""
+    Each program owns one K slice of BLOCK_K (BLOCK_K / EPW word rows) and TILES consecutive column
+    tiles of BLOCK_N. The slice's activations are read and regrouped into the fp16 pairs each word
+    row multiplies once (`_tile_pairs`, a pass through shared memory) and serve every tile; the
+    next tile's words, scales and zeros are requested before the current one is multiplied, so the
+    program keeps loads in flight while it computes. Every word is multiplied by its EPW activations
+    (`_f16x2_products`), CHAIN consecutive word rows (2, or 1 when the rows of a group are odd) into
+    one fp16x2 accumulator; each tile's outputs are added to `out` with fp32 atomics. The slice
+    spans GROUPS whole groups (or lies inside one: GROUPS = 1). EVEN: every tile is whole (no
+    masks). The first tile is requested before waiting for the previous kernel (PDL, kernels.pdl):
+    no kernel of the step writes weights."""
     EPW: tl.constexpr = 32 // BITS
-    RW: tl.constexpr = BLOCK_K // EPW                     # word rows of the tile
-    SLOTS: tl.constexpr = RW // CHAIN                     # chains of the tile
+    SLOTS: tl.constexpr = BLOCK_K // EPW // CHAIN         # chains of the slice
     PAIRS: tl.constexpr = EPW // 2                        # fp16 pairs of x per word
-    OFFSET: tl.constexpr = -8.0 if BITS == 4 else -128.0  # what the products carry besides q: -center
     release_dependents(PDL)
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = n < N
-    k0 = pid_k * BLOCK_K
-    ra = k0 // EPW + CHAIN * tl.arange(0, SLOTS)          # first row of each chain
+    n0 = tl.program_id(0) * TILES * BLOCK_N
+    k0 = tl.program_id(1) * BLOCK_K
+    ra = k0 // EPW + CHAIN * tl.arange(0, SLOTS)          # first word row of each chain
     ra_ok = ra < K // EPW
-    wa = _load_words(w_ptr, ra, ra_ok, n, n_ok, stride_wk, EVEN_K, EVEN_N)
-    if CHAIN == 2:
-        rb = ra + 1
-        rb_ok = rb < K // EPW
-        wb = _load_words(w_ptr, rb, rb_ok, n, n_ok, stride_wk, EVEN_K, EVEN_N)
-    else:
-        rb, rb_ok, wb = ra, ra_ok, wa
+    rb_ok = ra + 1 < K // EPW                             # the chain's second row (K may end between them)
     g = k0 // group_size + tl.arange(0, GROUPS)
-    if EVEN_K and EVEN_N:
-        s = tl.load(s_ptr + g[:, None] * stride_sg + n[None, :]).to(tl.float32)            # [GROUPS, BN]
-    else:
-        sm = ((g * group_size) < K)[:, None] & n_ok[None, :]
-        s = tl.load(s_ptr + g[:, None] * stride_sg + n[None, :], mask=sm, other=0.0).to(tl.float32)
-    if ZERO_MODE != 0:
-        if EVEN_K and EVEN_N:
-            z = tl.load(z_ptr + g[:, None] * stride_sg + n[None, :]).to(tl.float32)
-        else:
-            z = tl.load(z_ptr + g[:, None] * stride_sg + n[None, :], mask=sm, other=0).to(tl.float32)
-    else:
-        z = s  # unused
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + n, mask=n_ok, other=0.0).to(tl.float32) * (pid_k == 0).to(tl.float32)
+    g_ok = g * group_size < K
+    n = n0 + tl.arange(0, BLOCK_N)
+    wa, wb, s, z = _load_tile(w_ptr, s_ptr, z_ptr, ra, ra_ok, rb_ok, g, g_ok, n, n < N, stride_wk, stride_sg,
+                              ZERO_MODE, CHAIN, EVEN)
     wait_for_producer(PDL)
-    k = k0 + tl.arange(0, BLOCK_K)
-    if SWIGLU:  # x_ptr: the fp32 gate|up accumulator [2K]; x = silu(gate) * up
-        gate = tl.load(x_ptr + k, mask=k < K, other=0.0)
-        up = tl.load(x_ptr + K + k, mask=k < K, other=0.0)
-        xk = silu_times(gate, up).to(tl.float16).to(tl.float32)
-    else:
-        xk = tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32)
+    xk = _slab_activations(x_ptr, k0, K, SWIGLU, BLOCK_K)
     # The fp16 lane sums of a chain overflow past 65504: large activations (a down_proj input
     # reaches thousands in some models) are scaled down by 2^-e first, and d back up by 2^e.
     e = _overflow_shift(tl.max(tl.abs(xk), axis=0), BITS, CHAIN)
     xa0, xa1, xa2, xa3, xb0, xb1, xb2, xb3 = _tile_pairs(xk, e, SLOTS, CHAIN, PAIRS, BLOCK_K, BLOCK_N)
-    per_chain = _f16x2_products(wa, wb, xa0, xa1, xa2, xa3, xb0, xb1, xb2, xb3, BITS, CHAIN, EMULATE)  # [SLOTS, BN]
     if GROUPS == 1:
-        d = tl.sum(per_chain, axis=0)[None, :]
         xs = tl.sum(xk, axis=0)
-    else:  # one partial sum per group, each with its own scale
-        d = tl.sum(tl.reshape(per_chain, (GROUPS, SLOTS // GROUPS, BLOCK_N)), axis=1)
+    else:
         xs = tl.sum(tl.reshape(xk, (GROUPS, BLOCK_K // GROUPS)), axis=1)[:, None]
-    d = d * ((127 + e) << 23).to(tl.float32, bitcast=True)                               # * 2^e
-    acc = tl.sum(group_contribution(d, xs, s, z, BITS, ZERO_MODE, OFFSET), axis=0)
-    if HAS_BIAS:
-        acc += bias
-    tl.atomic_add(out_ptr + n, acc, mask=n_ok, sem="relaxed")
+    for i in tl.static_range(TILES):
+        n = n0 + i * BLOCK_N + tl.arange(0, BLOCK_N)
+        if i + 1 < TILES:  # in flight while tile i is multiplied
+            n_next = n + BLOCK_N
+            next_wa, next_wb, next_s, next_z = _load_tile(w_ptr, s_ptr, z_ptr, ra, ra_ok, rb_ok, g, g_ok, n_next, n_next < N,
+                                                          stride_wk, stride_sg, ZERO_MODE, CHAIN, EVEN)
+        acc = _tile_outputs(wa, wb, s, z, xa0, xa1, xa2, xa3, xb0, xb1, xb2, xb3, xs, e,
+                            BITS, ZERO_MODE, EMULATE, BLOCK_N, GROUPS, SLOTS, CHAIN)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + n, mask=n < N, other=0.0).to(tl.float32) * (k0 == 0).to(tl.float32)
+        tl.atomic_add(out_ptr + n, acc, mask=n < N, sem="relaxed")
+        if i + 1 < TILES:
+            wa, wb, s, z = next_wa, next_wb, next_s, next_z
 
 
 def _packed_fp16_path(x2: torch.Tensor, lin) -> bool:
@@ -298,27 +329,29 @@ def _packed_fp16_tile(lin, block_k: int) -> tuple[int, int] | None:
     return None
 
 
-def _launch_packed_fp16(x2: torch.Tensor, lin, out2: torch.Tensor, bn: int, tile: tuple[int, int], nw: int,
+def _launch_packed_fp16(x2: torch.Tensor, lin, out2: torch.Tensor, bn: int, tile: tuple[int, int], tiles: int, nw: int,
                         swiglu: bool) -> None:
     block_k, groups = tile
     k = lin.in_features
+    n = lin.out_features
+    tiles = max(1, min(tiles, triton.cdiv(n, bn)))  # no program of tiles wholly past N
     rows = block_k * lin.bits // 32
     chain = 2 if rows % 2 == 0 and (rows // groups) % 2 == 0 else 1  # a chain stays inside one group
-    _qgemv_f16x2_kernel[(triton.cdiv(lin.out_features, bn), triton.cdiv(k, block_k))](
+    _qgemv_f16x2_kernel[(triton.cdiv(n, bn * tiles), triton.cdiv(k, block_k))](
         x2, lin.words, lin.scales, lin.zeros_or_offsets, lin.bias, out2,
-        lin.out_features, k, lin.group_size_eff, lin.words.stride(0), lin.scales.stride(0),
+        n, k, lin.group_size_eff, lin.words.stride(0), lin.scales.stride(0),
         BITS=lin.bits, ZERO_MODE=lin.zero_mode_id, HAS_BIAS=lin.bias is not None, EMULATE=INTERPRET,
-        BLOCK_N=bn, BLOCK_K=block_k, GROUPS=groups, CHAIN=chain,
-        EVEN_N=lin.out_features % bn == 0, EVEN_K=k % block_k == 0, SWIGLU=swiglu, num_warps=nw, **pdl_launch(x2),
+        BLOCK_N=bn, BLOCK_K=block_k, TILES=tiles, GROUPS=groups, CHAIN=chain,
+        EVEN=n % (bn * tiles) == 0 and k % block_k == 0, SWIGLU=swiglu, num_warps=nw, **pdl_launch(x2),
     )
 
 
 def swiglu_fusable(lin, config: tuple[int, int, int, int, bool | str] | None = None) -> bool:
     """Whether qmatmul_accumulate_swiglu serves `lin`: its decode GEMV is the packed-fp16 one
     (K a multiple of the codes per word, no act-order, a K tile of whole groups exists)."""
-    _, bk, iters, _, path = config or lin.splitk_config(1)
+    _, bk, _, _, path = config or lin.splitk_config(1)
     return (path == "f16x2" and lin.in_features % (32 // lin.bits) == 0 and lin.perm is None
-            and _packed_fp16_tile(lin, bk * iters) is not None)
+            and _packed_fp16_tile(lin, bk) is not None)
 
 
 def qmatmul_accumulate_swiglu(gate_up: torch.Tensor, lin, out: torch.Tensor,
@@ -337,19 +370,19 @@ def qmatmul_accumulate_swiglu(gate_up: torch.Tensor, lin, out: torch.Tensor,
         raise ValueError(f"qmatmul_accumulate_swiglu: no packed-fp16 GEMV for this linear (bits {lin.bits}, K {k}, "
                          f"act-order {lin.perm is not None}, config {config or lin.splitk_config(1)}); use swiglu + qmatmul_accumulate")
     bn, bk, iters, nw, _ = config or lin.splitk_config(1)
-    _launch_packed_fp16(gate_up, lin, out.view(1, lin.out_features), bn, _packed_fp16_tile(lin, bk * iters), nw, swiglu=True)
+    _launch_packed_fp16(gate_up, lin, out.view(1, lin.out_features), bn, _packed_fp16_tile(lin, bk), iters, nw, swiglu=True)
     return out
 
 
 def try_packed_fp16_gemv(x2: torch.Tensor, lin, out2: torch.Tensor, config: tuple) -> bool:
-    """Runs out2 += x2 @ W.T with the packed-fp16 GEMV when `config` (BLOCK_N, BLOCK_K, K_ITERS,
-    num_warps, path) selects it ("f16x2") and it applies (one fp16 row, K a multiple of the codes
+    """Runs out2 += x2 @ W.T with the packed-fp16 GEMV when `config` (BLOCK_N, BLOCK_K, K_ITERS
+    column tiles per program, num_warps, path) selects it ("f16x2") and it applies (one fp16 row, K a multiple of the codes
     per word, no act-order, a K tile of whole groups); returns whether it ran."""
     bn, bk, iters, nw, path = config
     if path != "f16x2" or not _packed_fp16_path(x2, lin):
         return False
-    tile = _packed_fp16_tile(lin, bk * iters)
+    tile = _packed_fp16_tile(lin, bk)
     if tile is None:
         return False
-    _launch_packed_fp16(x2, lin, out2, bn, tile, nw, swiglu=False)
+    _launch_packed_fp16(x2, lin, out2, bn, tile, iters, nw, swiglu=False)
     return True

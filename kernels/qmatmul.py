@@ -144,7 +144,8 @@ def qmatmul_accumulate(x: torch.Tensor, lin, out: torch.Tensor,
 
     config = (BLOCK_N, BLOCK_K, K_ITERS, num_warps, path) with path False (fp32 FMA, M = 1), True
     (tensor cores) or "f16x2" (packed-fp16 GEMV, M = 1, fp16 x, K a multiple of 32 / bits, no
-    act-order; otherwise the FMA path)."""
+    act-order; otherwise the FMA path). K_ITERS: K tiles per program, or for "f16x2" the column
+    tiles each program's K slice spans."""
     x2 = _check(x, lin)
     m, k = x2.shape
     if m > 16:
@@ -153,7 +154,7 @@ def qmatmul_accumulate(x: torch.Tensor, lin, out: torch.Tensor,
         raise ValueError(f"qmatmul_accumulate: out must be fp32 [{m}, {lin.out_features}], got {out.dtype} {tuple(out.shape)}")
     out2 = out.view(m, lin.out_features)
     bn, bk, iters, nw, use_dot = config or lin.splitk_config(m)
-    if try_packed_fp16_gemv(x2, lin, out2, (bn, bk, iters, nw, use_dot)):  # one K tile of bk * iters per program
+    if try_packed_fp16_gemv(x2, lin, out2, (bn, bk, iters, nw, use_dot)):  # iters K tiles of bk per program
         return out
     use_dot = use_dot is True or m > 1
     bk = min(bk, lin.group_size_eff)  # a tile must stay inside one group

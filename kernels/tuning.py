@@ -70,4 +70,4 @@ def splitk_config(bits: int, n: int, k: int, m: int = 1,
         return 64, 128, 1, 4, True
     # the packed-fp16 path won every measured shape but the smallest int8 one
     # (benchmarks/results/gemv_sweep_w4.json, gemv_sweep_w8.json)
-    return (256, 64, 2, 2, "f16x2") if bits == 4 else (256, 128, 1, 2, "f16x2")
+    return (256, 128, 1, 2, "f16x2")

@@ -31,6 +31,25 @@ def test_packed_fp16_gemv_matches_reference(bits, zero_mode, group, shape):
     assert_close(out - start, ref_linear(x.float(), lin), "fp16_dot")
 
 
+@pytest.mark.parametrize("tiles", [2, 3], ids=["2-tiles", "3-tiles"])
+@pytest.mark.parametrize("shape", [(40, 200), (96, 384)], ids=["n40-k200", "n96-k384"])
+@pytest.mark.parametrize("group", [32, 128], ids=["g32", "g128"])
+@pytest.mark.parametrize("bits", [4, 8], ids=["int4", "int8"])
+def test_packed_fp16_gemv_several_tiles_per_program(bits, group, shape, tiles):
+    """A program takes a K slice of 64 (two groups of 32, or inside a group of 128) across `tiles`
+    column tiles of 16, requesting the next while multiplying the current. N 40: a partial tile,
+    and with 2 tiles a program whose second tile lies wholly past N; K 200 ends inside a chain of
+    two int4 word rows. N 96, K 384: only whole tiles (no masks)."""
+    n, k = shape
+    lin = make_linear(n, k, bits, group, "int", seed=k + tiles)
+    t = prepare(lin, torch.device("cpu"), torch.float16)
+    x = torch.randn(1, k, generator=torch.Generator().manual_seed(11)).half()
+    start = torch.randn(1, n)
+    out = start.clone()
+    qmatmul_accumulate(x, t, out, config=(16, 64, tiles, 4, "f16x2"))
+    assert_close(out - start, ref_linear(x.float(), lin), "fp16_dot")
+
+
 @pytest.mark.parametrize("shape", [(33, 96), (32, 128)], ids=["n33-k96", "n32-k128-whole-tiles"])
 @pytest.mark.parametrize("zero_mode", ["symmetric", "int", "float"])
 @pytest.mark.parametrize("bits", [4, 8], ids=["int4", "int8"])
