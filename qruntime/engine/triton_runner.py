@@ -169,12 +169,12 @@ class TritonRunner:
         self.v_cache = torch.zeros(shape, device=device, dtype=cache_dtype)
         self.k_scale = torch.zeros(shape[:3], device=device, dtype=torch.float32) if int8 else None
         self.v_scale = torch.zeros(shape[:3], device=device, dtype=torch.float32) if int8 else None
-        self._allocate_decode_buffers()
         # down_proj forms silu(gate) * up itself when every layer's can (one launch fewer per
         # layer); flash-decoding's second launch then zeroes the gate|up accumulator in place of the
         # swiglu kernel.
         # Not in fp32 mode, which exists to match the reference without fp16 activations.
         self.fused_swiglu = dtype != torch.float32 and all(lw.down.fuses_swiglu() for lw in self.layers)
+        self._allocate_decode_buffers()
         self.rope_inputs = [RopeInput(self.qkv_acc, self.cos, self.sin, lw.q_norm, lw.k_norm, cfg.rms_norm_eps)
                             for lw in self.layers]
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -198,7 +198,8 @@ class TritonRunner:
         self.qkv_acc = self.accumulators[:qkv_width].view(1, qkv_width)
         self.attn = torch.zeros((1, cfg.num_heads * cfg.head_dim), **act)
         self.gu_acc = self.accumulators[qkv_width:].view(1, 2 * cfg.intermediate_size)
-        self.act = torch.zeros((1, cfg.intermediate_size), **act)
+        # silu(gate) * up for a down_proj that cannot form it itself (fused_swiglu: none is needed)
+        self.act = None if self.fused_swiglu else torch.zeros((1, cfg.intermediate_size), **act)
         self.logits = torch.zeros((1, cfg.vocab_size), **f32)
         self.greedy_ws = greedy_workspace(dev)  # argmax key and finish counter; the kernel resets them
         self.workspace = (torch.empty((self.num_splits, cfg.num_heads, cfg.head_dim), **f32),
