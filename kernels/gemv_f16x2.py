@@ -169,10 +169,10 @@ def _columns(t, PAIRS: tl.constexpr):
 @triton.jit
 def _tile_pairs(xk, e, SLOTS: tl.constexpr, CHAIN: tl.constexpr, PAIRS: tl.constexpr,
                 BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
-    """The tile's activations xk [BLOCK_K] (fp32 holding fp16 values) times 2^-e as the fp16 pairs
-    each chain multiplies, [SLOTS, BLOCK_N] per (row in chain, pair): formed once per program in a
-    compact layout and regrouped by reshape/split (a pass through shared memory), not loaded or
-    computed again by every thread for each of its rows."""
+    """The K slice's activations xk [BLOCK_K] (fp32 holding fp16 values) times 2^-e as the fp16
+    pairs each chain multiplies, [SLOTS, BLOCK_N] per (row in chain, pair): formed once per program
+    in a compact layout and regrouped by reshape/split (a pass through shared memory), not loaded or
+    computed again by every thread for each of its rows, and kept for all the program's tiles."""
     scaled = (xk * ((127 - e) << 23).to(tl.float32, bitcast=True)).to(tl.float16)     # exact: 2^-e
     lo, hi = tl.split(tl.reshape(scaled, (BLOCK_K // 2, 2)))
     pairs = tl.reshape(_fp16_pair(lo, hi), (SLOTS, CHAIN, PAIRS))                       # [slot, row in chain, pair]
