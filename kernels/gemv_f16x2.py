@@ -219,7 +219,7 @@ def _load_2d(ptr, r, r_ok, n, n_ok, stride, EVEN: tl.constexpr):
 
 
 @triton.jit
-def _slab_activations(x_ptr, k0, K, SWIGLU: tl.constexpr, BLOCK_K: tl.constexpr):
+def _slice_activations(x_ptr, k0, K, SWIGLU: tl.constexpr, BLOCK_K: tl.constexpr):
     """The activations of K slice [k0, k0 + BLOCK_K) as fp32 holding fp16 values: x, or
     silu(gate) * up formed from the fp32 gate|up accumulator [2K] (rounded to fp16 as the swiglu
     kernel's output would be)."""
@@ -284,7 +284,7 @@ def _qgemv_f16x2_kernel(
     wa, wb, s, z = _load_tile(w_ptr, s_ptr, z_ptr, ra, ra_ok, rb_ok, g, g_ok, n, n < N, stride_wk, stride_sg,
                               ZERO_MODE, CHAIN, EVEN)
     wait_for_producer(PDL)
-    xk = _slab_activations(x_ptr, k0, K, SWIGLU, BLOCK_K)
+    xk = _slice_activations(x_ptr, k0, K, SWIGLU, BLOCK_K)
     # The fp16 lane sums of a chain overflow past 65504: large activations (a down_proj input
     # reaches thousands in some models) are scaled down by 2^-e first, and d back up by 2^e.
     e = _overflow_shift(tl.max(tl.abs(xk), axis=0), BITS, CHAIN)
