@@ -28,7 +28,7 @@ SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (4096, 128256), (4096, 614
           (2048, 2048), (2048, 3072), (2048, 16384), (8192, 2048), (2048, 128256)]  # (K, N); fused qkv / gate_up too
 
 
-def configs(m: int, bits: int, quick: bool = False, narrow: bool = False):
+def configs(m: int, bits: int, quick: bool = False, narrow: bool = False, slots: bool = False):
     """(BLOCK_N, BLOCK_K, K_ITERS, num_warps, path) candidates. M = 1: the packed-fp16 path (it won
     every shape of the earlier sweeps but the smallest int8 one, so the FMA path stays as one
     candidate in the full sweep): a program takes one K slice of BLOCK_K across K_ITERS column
@@ -36,7 +36,8 @@ def configs(m: int, bits: int, quick: bool = False, narrow: bool = False):
     thread for one tile, 8-32 when a second is in flight (more spills or caps occupancy, fewer
     leaves too little work per load; --quick: at most 4 tiles). M > 1: tensor-core tiles of 16
     words along K (each word read once, one dot per code slot: the group of 128 caps BLOCK_K),
-    K_ITERS tiles per program."""
+    K_ITERS tiles per program; and the slot kernel (kernels.slot_gemm), whose K_ITERS are column tiles.
+    --slots adds the slot kernel's tiles at M = 1 too."""
     if m == 1:
         epw = 32 // bits
         found = []
@@ -47,9 +48,16 @@ def configs(m: int, bits: int, quick: bool = False, narrow: bool = False):
             fits = 8 <= words <= 32 if tiles > 1 else 16 <= words <= 64
             if fits and not (quick and tiles > 4) and not (narrow and (nw > 1 or bn > 64)):
                 found.append((bn, bk, tiles, nw, "f16x2"))
+        found += slot_configs(bits) if slots else []
         return found if quick else found + [(64, 64, 1, 2, False)]
-    bk = 128 if bits == 4 else 64
-    return [(bn, bk, it, nw, True) for bn in (32, 64, 128, 256) for it in (1, 2, 4, 8) for nw in (2, 4, 8)]
+    return slot_configs(bits) + [(64, 128, 1, 4, True), (128, 128, 1, 4, True), (64, 128, 2, 4, True), (64, 64, 2, 4, True)]
+
+
+def slot_configs(bits: int):
+    """The few-row kernel (kernels.slot_gemm): K slices of 16 word rows (int8 also 32), 1-4 column
+    tiles per program."""
+    return [(bn, bk, tiles, nw, "slots") for bn in (64, 128, 256) for bk in ((128,) if bits == 4 else (64, 128))
+            for tiles in (1, 2, 4) for nw in (2, 4, 8)]
 
 
 def gemm_configs():
@@ -69,6 +77,7 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=12, help="processes compiling the configs before the timing")
     ap.add_argument("--narrow", action="store_true",
                     help="M = 1: only one-warp tiles of at most 64 columns, against the card's current table entry")
+    ap.add_argument("--slots", action="store_true", help="M = 1: also the slot kernel's tiles")
     args = ap.parse_args()
     env = environment()
     bw = measure_read_bandwidth()
@@ -77,9 +86,9 @@ def main() -> None:
     for bits in args.bits:
         # correctness of every path on awkward sizes first
         w = torch.randn(777, 1000, device="cuda")
-        for group, sym, path, m, bk, iters in itertools.product((32, 128, -1), (True, False), [False, True, "f16x2"],
+        for group, sym, path, m, bk, iters in itertools.product((32, 128, -1), (True, False), [False, True, "f16x2", "slots"],
                                                                 (1, 16), (64, 128, 512), (2, 8)):
-            if m not in args.m or (m > 1 and path is not True) or (iters == 8 and path != "f16x2"):
+            if m not in args.m or (m > 1 and path not in (True, "slots")) or (iters == 8 and path not in ("f16x2", "slots")):
                 continue
             lin = quantize_rtn(w, bits, group, sym)
             x = torch.randn(m, 1000, device="cuda", dtype=torch.float16)
@@ -91,12 +100,12 @@ def main() -> None:
                   flush=True)
             assert err < 3e-3, err
         shapes = SHAPES if args.shapes == "all" else SHAPES[:4]
-        compile_ahead(bits, args.m, shapes, args.quick, args.narrow, args.jobs)
+        compile_ahead(bits, args.m, shapes, args.quick, args.narrow, args.slots, args.jobs)
         for (k, n), m in itertools.product(shapes, args.m):
             lins, xs, outs, need = gemv_workload(k, n, m, bits)
             count = len(lins)
             timed = []
-            candidates = configs(m, bits, args.quick, args.narrow)
+            candidates = configs(m, bits, args.quick, args.narrow, args.slots)
             if args.narrow:
                 candidates = list(dict.fromkeys(candidates + [splitk_config(bits, n, k, m, torch.device("cuda"))]))
             for cfg in candidates:
@@ -122,10 +131,10 @@ def main() -> None:
     dump(f"{args.out}/gemv_sweep.json", dict(env=env, read_bw=bw, results=rows, tuned=tuned))
 
 
-def compile_ahead(bits: int, ms: list[int], shapes, quick: bool, narrow: bool, jobs: int) -> None:
+def compile_ahead(bits: int, ms: list[int], shapes, quick: bool, narrow: bool, slots: bool, jobs: int) -> None:
     """Compiles every (config, shape) kernel variant in `jobs` processes first, into Triton's disk
     cache: one after another, the compiles would take most of a sweep's time on the device."""
-    work = [(bits, m, shapes, configs(m, bits, quick, narrow)[j::jobs]) for m in ms for j in range(jobs)]
+    work = [(bits, m, shapes, configs(m, bits, quick, narrow, slots)[j::jobs]) for m in ms for j in range(jobs)]
     with multiprocessing.get_context("spawn").Pool(jobs) as pool:
         pool.map(_compile_configs, work)
     print(f"# compiled w{bits} variants in {jobs} processes", flush=True)

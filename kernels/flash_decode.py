@@ -126,14 +126,17 @@ def flash_decode(q: torch.Tensor | None, k_cache: torch.Tensor, v_cache: torch.T
                  out: torch.Tensor, num_splits: int = 32, block_s: int = 128,
                  k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
                  workspace: tuple[torch.Tensor, torch.Tensor] | None = None, num_warps: int = 4,
-                 rope: RopeInput | None = None, clear: torch.Tensor | None = None) -> torch.Tensor:
+                 rope: RopeInput | None = None, clear: torch.Tensor | None = None,
+                 num_stages: int | None = None) -> torch.Tensor:
     """q [H, hd] over one layer's cache [KV, S, hd] for the first seq_len (int32 [1], device) positions.
 
     out [H * hd]. `workspace` (o [splits, H, hd] fp32, lse [splits, H] fp32) can be passed to avoid
     allocations (required under CUDA graph capture). With `rope` (the decode step), q is None: q and
     the new token's k and v come from rope.qkv at position seq_len - 1; the new k/v are written into
     the cache and attended to in the same launch. `clear`, a contiguous buffer, is zeroed by the
-    second launch (after every read of the first): the decode step's split-K accumulators."""
+    second launch (after every read of the first): the decode step's split-K accumulators.
+    num_stages: K/V blocks Triton's pipeline keeps in flight plus one (its default when None); long
+    contexts want more bytes in flight per program than the default's one block."""
     kv, hd = k_cache.shape[0], k_cache.shape[-1]
     if rope is not None:
         if q is not None:
@@ -173,7 +176,7 @@ def flash_decode(q: torch.Tensor | None, k_cache: torch.Tensor, v_cache: torch.T
         NUM_SPLITS=num_splits, INT8=int8,
         PRECISION="ieee" if k_cache.dtype == torch.float32 else "tf32",  # fp32 caches: exact dots
         ROPE=rope is not None, QK_NORM=rope is not None and rope.q_norm is not None,
-        num_warps=num_warps, **pdl_launch(ref),
+        num_warps=num_warps, **({} if num_stages is None else dict(num_stages=num_stages)), **pdl_launch(ref),
     )
     clear_n = 0 if clear is None else clear.numel()
     _combine_kernel[(h,)](o, lse, out, clear, clear_n, H=h, HD=hd, NUM_SPLITS=num_splits,

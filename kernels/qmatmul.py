@@ -30,6 +30,7 @@ import triton.language as tl
 
 from ._common import group_contribution, int_to_float_exact
 from .gemv_f16x2 import try_packed_fp16_gemv
+from .slot_gemm import try_slot_gemm
 from .pdl import pdl_launch, release_dependents, wait_for_producer
 
 
@@ -143,9 +144,11 @@ def qmatmul_accumulate(x: torch.Tensor, lin, out: torch.Tensor,
     """out [M, N] (fp32) += x [M <= 16, K] @ W.T (+ bias), split over K with atomics; returns out.
 
     config = (BLOCK_N, BLOCK_K, K_ITERS, num_warps, path) with path False (fp32 FMA, M = 1), True
-    (tensor cores) or "f16x2" (packed-fp16 GEMV, M = 1, fp16 x, K a multiple of 32 / bits, no
-    act-order; otherwise the FMA path). K_ITERS: K tiles per program, or for "f16x2" the column
-    tiles each program's K slice spans."""
+    (tensor cores), "f16x2" (packed-fp16 GEMV, M = 1, fp16 x, K a multiple of 32 / bits, no
+    act-order; otherwise the FMA path) or "slots" (kernels.slot_gemm: tensor cores, one dot per
+    code slot, when a K slice of 16 word rows fits in a group; otherwise the tensor-core path).
+    K_ITERS: K tiles per program, or for "f16x2" and "slots" the column tiles each program's K
+    slice spans."""
     x2 = _check(x, lin)
     m, k = x2.shape
     if m > 16:
@@ -154,7 +157,9 @@ def qmatmul_accumulate(x: torch.Tensor, lin, out: torch.Tensor,
         raise ValueError(f"qmatmul_accumulate: out must be fp32 [{m}, {lin.out_features}], got {out.dtype} {tuple(out.shape)}")
     out2 = out.view(m, lin.out_features)
     bn, bk, iters, nw, use_dot = config or lin.splitk_config(m)
-    if try_packed_fp16_gemv(x2, lin, out2, (bn, bk, iters, nw, use_dot)):  # iters K tiles of bk per program
+    if try_packed_fp16_gemv(x2, lin, out2, (bn, bk, iters, nw, use_dot)):  # iters column tiles per program
+        return out
+    if try_slot_gemm(x2, lin, out2, (bn, bk, iters, nw, use_dot)):  # likewise
         return out
     use_dot = use_dot is True or m > 1
     bk = min(bk, lin.group_size_eff)  # a tile must stay inside one group

@@ -62,12 +62,12 @@ def gemm_config(bits: int, n: int, k: int, m: int, device: torch.device | None =
 
 def splitk_config(bits: int, n: int, k: int, m: int = 1,
                   device: torch.device | None = None) -> tuple[int, int, int, int, bool | str]:
-    """(BLOCK_N, BLOCK_K, K_ITERS, num_warps, USE_DOT) for the split-K GEMV kernel."""
+    """(BLOCK_N, BLOCK_K, K_ITERS, num_warps, path) for the split-K decode kernels (kernels.qmatmul.qmatmul_accumulate)."""
     hit = _table_for(device).get(f"splitk/w{bits}/m{1 if m == 1 else 16}/n{n}/k{k}")
     if hit:
         return tuple(hit)
-    if m > 1:
-        return 64, 128, 1, 4, True
+    if m > 1:  # the slot kernel won every M = 16 shape measured (H200, benchmarks/results/h200/gemv_sweep_m16.json)
+        return 128, 128, 4, 4, "slots"
     # the packed-fp16 path won every measured shape but the smallest int8 one
     # (benchmarks/results/gemv_sweep_w4.json, gemv_sweep_w8.json)
     return (256, 128, 1, 2, "f16x2")
