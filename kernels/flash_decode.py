@@ -100,7 +100,9 @@ def _flash_decode_kernel(
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), m_i + tl.log(tl.where(empty, 1.0, l_i)))
-    tl.store(o_ptr + (split * H + heads)[:, None] * HD + d[None, :], out, mask=g_ok[:, None])
+    # an empty split (past the sequence: most of them at short contexts) leaves its o unwritten;
+    # the combine does not read it
+    tl.store(o_ptr + (split * H + heads)[:, None] * HD + d[None, :], out, mask=(g_ok & ~empty)[:, None])
     tl.store(lse_ptr + split * H + heads, lse, mask=g_ok)
 
 
@@ -118,7 +120,7 @@ def _combine_kernel(o_ptr, lse_ptr, out_ptr, clear_ptr, CLEAR_N, H: tl.constexpr
     lse = tl.load(lse_ptr + sp * H + h)
     w = tl.exp(lse - tl.max(lse, axis=0))          # empty splits have lse -inf: weight 0
     w = w / tl.sum(w, axis=0)
-    o = tl.load(o_ptr + (sp * H + h)[:, None] * HD + d[None, :])
+    o = tl.load(o_ptr + (sp * H + h)[:, None] * HD + d[None, :], mask=(lse > float("-inf"))[:, None], other=0.0)
     tl.store(out_ptr + h * HD + d, tl.sum(o * w[:, None], axis=0).to(out_ptr.dtype.element_ty))
 
 
