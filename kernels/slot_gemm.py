@@ -2,11 +2,11 @@
 (the layout of kernels.layout), on tensor cores, each packed word read once.
 
 Why a kernel of its own: the general kernel (kernels.qmatmul) unpacks a [BLOCK_K, BLOCK_N] tile by
-reading each word row once per code it holds and shifting every code separately, about 30
-instructions per int4 word; at M = 16 the tensor cores leave the unpacking as the whole cost. Here
-a word becomes its EPW codes as exact fp16 (code - center) by the bit tricks of
-kernels.gemv_f16x2 (5 LOP3/SHF and 4 HSUB2/HFMA2 for 8 int4 codes), and the K sum is split by code
-slot: slot j of word row r is column k = EPW r + j of x, so
+reading each word row once per code it holds and shifting every code separately, about 78
+instructions per int4 word in its sm_90 code; at M = 16 the tensor cores leave the unpacking as the
+whole cost. Here a word becomes its EPW codes as exact fp16 (code - center) by the bit tricks of
+kernels.gemv_f16x2 (10 instructions per int4 word, `_unpack_asm`; about 26 per word in all), and
+the K sum is split by code slot: slot j of word row r is column k = EPW r + j of x, so
 
     sum_k x[m, k] (q[k, n] - center) = sum_j  x[:, j::EPW] @ slot_j        (EPW dots of K = word rows)
 
@@ -15,8 +15,8 @@ x is read with a stride of EPW (a few KB per program, from L2). The dots accumul
 scale, zero point and center are applied once per group afterwards (kernels._common.group_contribution).
 
 A program owns one K slice inside one group (or a whole number of word rows of a per-channel
-weight) and one column tile, and adds its [16, BLOCK_N] outputs with fp32 atomics (split-K, as
-the M = 1 kernels). The slice must hold at least 16 word rows (the tensor-core K): int4 group
+weight) and TILES column tiles, and adds each tile's [16, BLOCK_N] outputs with fp32 atomics
+(split-K, as the M = 1 kernels). The slice must hold at least 16 word rows (the tensor-core K): int4 group
 sizes of 128 and up, int8 of 64 and up; other weights keep the general kernel.
 """
 
@@ -138,9 +138,9 @@ def _slot_gemm_kernel(
     EVEN: tl.constexpr,
 ):
     """out [M, N] += x [M, K] @ W.T for M <= 16: program (TILES column tiles of BLOCK_N, K slice of
-    ROWS word rows inside one group). The slice's x columns are loaded once for all tiles; the
-    next tile's words are requested before the current one is multiplied. EVEN: the tiles are
-    whole (no masks on the words)."""
+    ROWS word rows inside one group). The slice's x columns are loaded once for all tiles; Triton's
+    pipeline copies the next tiles' words to shared memory while the current one is multiplied.
+    EVEN: the tiles are whole (no masks on the words)."""
     EPW: tl.constexpr = 32 // BITS
     OFFSET: tl.constexpr = -8.0 if BITS == 4 else -128.0  # what the codes carry besides q: -center
     release_dependents(PDL)
