@@ -24,6 +24,27 @@ def int_to_float_exact(q):
 
 
 @triton.jit
+def nibble_slot(k, BITS: tl.constexpr):
+    """Where column k sits in its word. int8: byte k % 4. int4 (pair-interleaved layout, see
+    kernels.layout): columns 2i and 2i+1 of each block of 8 sit in nibbles i and i + 4."""
+    if BITS == 4:
+        c = k % 8
+        return c // 2 + 4 * (c % 2)
+    else:
+        return k % 4
+
+
+@triton.jit
+def load_2d(ptr, r, r_ok, n, n_ok, stride, EVEN: tl.constexpr):
+    """ptr[r, n] (row stride `stride`), 0 outside the matrix unless the tile is whole (EVEN)."""
+    ptrs = ptr + r[:, None] * stride + n[None, :]
+    if EVEN:
+        return tl.load(ptrs)
+    else:
+        return tl.load(ptrs, mask=r_ok[:, None] & n_ok[None, :], other=0)
+
+
+@triton.jit
 def unpack_words(words, BITS: tl.constexpr):
     """int32 words [..., W] -> codes [..., W, 32 // BITS] as exact float32.
 

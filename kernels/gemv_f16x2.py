@@ -22,9 +22,25 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, group_contribution
+from ._common import INTERPRET, group_contribution, load_2d
 from .pdl import pdl_launch, release_dependents, wait_for_producer
 from .swiglu import silu_times
+
+
+# int4 codes -> exact fp16 (q - 8), the recipe of this kernel and of kernels.slot_gemm: LOP3 or-s a
+# low nibble (lo4) or a high one (hi4) of each half into the mantissa of 1024.0 (m), giving 1024 + q
+# or 1024 + 16 q; minus 1032 (c), or times 1/16 (r16) minus 72 (k72), leaves q - 8. The constants
+# live in registers (f16x2 arithmetic takes no immediates); ptxas folds them.
+INT4_CONSTANT_REGS = "m, c, lo4, hi4, r16, k72"
+INT4_CONSTANTS = ["mov.b32 m, 0x64006400;", "mov.b32 c, 0x64086408;", "mov.b32 lo4, 0x000F000F;",
+                  "mov.b32 hi4, 0x00F000F0;", "mov.b32 r16, 0x2C002C00;", "mov.b32 k72, 0xD480D480;"]
+
+
+def int4_to_centered(dst: str, src: str, mask: str) -> tuple[str, str]:
+    """The two PTX lines that make fp16x2 dst (q - 8 of the nibbles `mask` selects in each half of
+    src: "lo4" or "hi4"): the LOP3, then the centering (callers may put other lines between)."""
+    center = f"sub.f16x2 {dst}, {dst}, c;" if mask == "lo4" else f"fma.rn.f16x2 {dst}, {dst}, r16, k72;"
+    return f"lop3.b32 {dst}, {src}, {mask}, m, 0xEA;", center
 
 
 def _f16x2_dot_asm(bits: int, words: int) -> str:
@@ -41,11 +57,10 @@ def _f16x2_dot_asm(bits: int, words: int) -> str:
     leaves q - 8), the high one 1024 + 16 q (one HFMA2 by 1/16 and -72 leaves q - 8), exactly.
     int8: PRMT places bytes (0, 1) and (2, 3) into the mantissas of 1024.0; one HSUB2 of 1152."""
     pairs = 4 if bits == 4 else 2
-    body = [".reg .b32 acc, t0, t1, t2, t3, w8, m, c, lo4, hi4, r16, k72;", ".reg .b16 lo, hi;", ".reg .f32 flo, fhi;"]
+    body = [f".reg .b32 acc, t0, t1, t2, t3, w8, {INT4_CONSTANT_REGS};", ".reg .b16 lo, hi;", ".reg .f32 flo, fhi;"]
     # constants in registers (f16x2 arithmetic takes no immediates); ptxas folds them
     if bits == 4:
-        body += ["mov.b32 m, 0x64006400;", "mov.b32 c, 0x64086408;", "mov.b32 lo4, 0x000F000F;",
-                 "mov.b32 hi4, 0x00F000F0;", "mov.b32 r16, 0x2C002C00;", "mov.b32 k72, 0xD480D480;"]
+        body += INT4_CONSTANTS
     else:
         body += ["mov.b32 m, 0x64646464;", "mov.b32 c, 0x64806480;"]
     first = True
@@ -53,16 +68,9 @@ def _f16x2_dot_asm(bits: int, words: int) -> str:
         w = f"${1 + i}"
         x = [f"${1 + words + i * pairs + p}" for p in range(pairs)]
         if bits == 4:
-            # (w & mask) | 1024.0; then - 1032 (low nibbles) or * 1/16 - 72 (high nibbles)
-            body += [f"shr.u32 w8, {w}, 8;",
-                     f"lop3.b32 t0, {w}, lo4, m, 0xEA;",
-                     f"lop3.b32 t1, {w}, hi4, m, 0xEA;",
-                     "lop3.b32 t2, w8, lo4, m, 0xEA;",
-                     "lop3.b32 t3, w8, hi4, m, 0xEA;",
-                     "sub.f16x2 t0, t0, c;",
-                     "fma.rn.f16x2 t1, t1, r16, k72;",
-                     "sub.f16x2 t2, t2, c;",
-                     "fma.rn.f16x2 t3, t3, r16, k72;"]
+            # pairs 0, 1 from the word, 2, 3 from its shift by 8: the four LOP3s, then the centerings
+            steps = [int4_to_centered(f"t{p}", w if p < 2 else "w8", "lo4" if p % 2 == 0 else "hi4") for p in range(4)]
+            body += [f"shr.u32 w8, {w}, 8;"] + [lop for lop, _ in steps] + [center for _, center in steps]
         else:
             # bytes (0, 1) and (2, 3) under the 0x64 high bytes of 1024.0; then - 1152
             body += [f"prmt.b32 t0, {w}, m, 0x4140;",
@@ -198,24 +206,14 @@ def _load_tile(w_ptr, s_ptr, z_ptr, ra, ra_ok, rb_ok, g, g_ok, n, n_ok, stride_w
     """The words of the program's word rows for columns n: the first and second row of each chain
     [SLOTS, BLOCK_N], and the scales and zeros of its groups g [GROUPS, BLOCK_N] as fp32.
     EVEN: the tile is whole (no masks, no predicate per load)."""
-    wa = _load_2d(w_ptr, ra, ra_ok, n, n_ok, stride_wk, EVEN)
+    wa = load_2d(w_ptr, ra, ra_ok, n, n_ok, stride_wk, EVEN)
     if CHAIN == 2:
-        wb = _load_2d(w_ptr, ra + 1, rb_ok, n, n_ok, stride_wk, EVEN)
+        wb = load_2d(w_ptr, ra + 1, rb_ok, n, n_ok, stride_wk, EVEN)
     else:
         wb = wa
-    s = _load_2d(s_ptr, g, g_ok, n, n_ok, stride_sg, EVEN).to(tl.float32)
-    z = _load_2d(z_ptr, g, g_ok, n, n_ok, stride_sg, EVEN).to(tl.float32) if ZERO_MODE != 0 else s  # s: unused
+    s = load_2d(s_ptr, g, g_ok, n, n_ok, stride_sg, EVEN).to(tl.float32)
+    z = load_2d(z_ptr, g, g_ok, n, n_ok, stride_sg, EVEN).to(tl.float32) if ZERO_MODE != 0 else s  # s: unused
     return wa, wb, s, z
-
-
-@triton.jit
-def _load_2d(ptr, r, r_ok, n, n_ok, stride, EVEN: tl.constexpr):
-    """ptr[r, n] (row stride `stride`), 0 outside the matrix unless the tile is whole (EVEN)."""
-    ptrs = ptr + r[:, None] * stride + n[None, :]
-    if EVEN:
-        return tl.load(ptrs)
-    else:
-        return tl.load(ptrs, mask=r_ok[:, None] & n_ok[None, :], other=0)
 
 
 @triton.jit

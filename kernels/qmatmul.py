@@ -29,21 +29,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import group_contribution, int_to_float_exact
+from ._common import group_contribution, int_to_float_exact, nibble_slot
 from .gemv_f16x2 import try_packed_fp16_gemv
 from .slot_gemm import try_slot_gemm
 from .pdl import pdl_launch, release_dependents, wait_for_producer
-
-
-@triton.jit
-def _nibble_slot(k, BITS: tl.constexpr):
-    """Where column k sits in its word. int8: byte k % 4. int4 (pair-interleaved layout, see
-    kernels.layout): columns 2i and 2i+1 of each block of 8 sit in nibbles i and i + 4."""
-    if BITS == 4:
-        c = k % 8
-        return c // 2 + 4 * (c % 2)
-    else:
-        return k % 4
 
 
 @triton.jit
@@ -57,7 +46,7 @@ def _accumulate_tile(acc, k0, x_ptr, w_ptr, s_ptr, z_ptr, perm_ptr, rm, m_ok, n,
     k = k0 + tl.arange(0, BLOCK_K)
     k_ok = k < K
     w = tl.load(w_ptr + (k // EPW)[:, None] * stride_wk + n[None, :], mask=k_ok[:, None] & n_ok[None, :], other=0)
-    codes = (w >> (_nibble_slot(k, BITS) * BITS)[:, None]) & ((1 << BITS) - 1)                # [BK, BN]
+    codes = (w >> (nibble_slot(k, BITS) * BITS)[:, None]) & ((1 << BITS) - 1)                # [BK, BN]
     if HAS_PERM:
         src = tl.load(perm_ptr + k, mask=k_ok, other=0)
     else:

@@ -26,7 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, group_contribution
+from ._common import INTERPRET, group_contribution, load_2d, nibble_slot
+from .gemv_f16x2 import INT4_CONSTANT_REGS, INT4_CONSTANTS, int4_to_centered
 from .pdl import pdl_launch, release_dependents, wait_for_producer
 
 MIN_ROWS = 16  # word rows per slice: the K of one tensor-core dot
@@ -44,16 +45,14 @@ def _unpack_asm(bits: int) -> str:
     72 leaves q - 8). 10 instructions per word. int8: PRMT takes byte j of each word, LOP3 sets
     0x64 above them, minus 1152 leaves q - 128. 6 instructions per word."""
     if bits == 4:
-        body = ["mov.b32 m, 0x64006400; mov.b32 c, 0x64086408; mov.b32 lo4, 0x000F000F; mov.b32 hi4, 0x00F000F0;",
-                "mov.b32 r16, 0x2C002C00; mov.b32 k72, 0xD480D480;",
-                "prmt.b32 lo, $8, $9, 0x5410;",      # nibbles 0-3 of both words: slots 0, 2, 4, 6
-                "prmt.b32 hi, $8, $9, 0x7632;",      # nibbles 4-7: slots 1, 3, 5, 7
-                "shr.u32 lo8, lo, 8;", "shr.u32 hi8, hi, 8;"]
+        body = INT4_CONSTANTS + [
+            "prmt.b32 lo, $8, $9, 0x5410;",      # nibbles 0-3 of both words: slots 0, 2, 4, 6
+            "prmt.b32 hi, $8, $9, 0x7632;",      # nibbles 4-7: slots 1, 3, 5, 7
+            "shr.u32 lo8, lo, 8;", "shr.u32 hi8, hi, 8;"]
         for slot, (src, mask) in enumerate([("lo", "lo4"), ("hi", "lo4"), ("lo", "hi4"), ("hi", "hi4"),
                                             ("lo8", "lo4"), ("hi8", "lo4"), ("lo8", "hi4"), ("hi8", "hi4")]):
-            body.append(f"lop3.b32 ${slot}, {src}, {mask}, m, 0xEA;")
-            body.append(f"sub.f16x2 ${slot}, ${slot}, c;" if mask == "lo4" else f"fma.rn.f16x2 ${slot}, ${slot}, r16, k72;")
-        regs = ".reg .b32 lo, hi, lo8, hi8, m, c, lo4, hi4, r16, k72;"
+            body += int4_to_centered(f"${slot}", src, mask)
+        regs = f".reg .b32 lo, hi, lo8, hi8, {INT4_CONSTANT_REGS};"
     else:
         body = ["mov.b32 m, 0x64006400; mov.b32 c, 0x64806480; mov.b32 ff, 0x00FF00FF;"]
         for slot in range(4):
@@ -71,11 +70,8 @@ _UNPACK_W8 = tl.constexpr(_unpack_asm(8))
 @triton.jit
 def _slot(w, j: tl.constexpr, BITS: tl.constexpr):
     """Plain-Triton code of slot j (column EPW r + j) minus the center, as fp16 (the interpreter's path)."""
-    if BITS == 4:
-        shift: tl.constexpr = 4 * (j // 2 + 4 * (j % 2))  # pair-interleaved: columns 2i, 2i + 1 in nibbles i, i + 4
-        return (((w >> shift) & 15).to(tl.float32) - 8.0).to(tl.float16)
-    else:
-        return (((w >> (8 * j)) & 255).to(tl.float32) - 128.0).to(tl.float16)
+    code = (w >> (nibble_slot(j, BITS) * BITS)) & ((1 << BITS) - 1)
+    return (code.to(tl.float32) - (8.0 if BITS == 4 else 128.0)).to(tl.float16)
 
 
 @triton.jit
@@ -84,14 +80,6 @@ def _slot_x(x_ptr, rows, m_ok, stride_xm, perm_ptr, kj, k_ok, HAS_PERM: tl.const
     if HAS_PERM:
         kj = tl.load(perm_ptr + kj, mask=k_ok, other=0)
     return tl.load(x_ptr + rows[:, None] * stride_xm + kj[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float16)
-
-
-@triton.jit
-def _load_words(w_ptr, r, r_ok, n, n_ok, stride_wk, EVEN: tl.constexpr):
-    if EVEN:
-        return tl.load(w_ptr + r[:, None] * stride_wk + n[None, :])
-    else:
-        return tl.load(w_ptr + r[:, None] * stride_wk + n[None, :], mask=r_ok[:, None] & n_ok[None, :], other=0)
 
 
 @triton.jit
@@ -177,7 +165,7 @@ def _slot_gemm_kernel(
     for i in tl.range(0, TILES):
         n = n0 + i * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = n < N
-        w = _load_words(w_ptr, r, r_ok, n, n_ok, stride_wk, EVEN)
+        w = load_2d(w_ptr, r, r_ok, n, n_ok, stride_wk, EVEN)
         s = tl.load(s_ptr + g * stride_sg + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         if ZERO_MODE != 0:
             z = tl.load(z_ptr + g * stride_sg + n, mask=n_ok, other=0).to(tl.float32)[None, :]

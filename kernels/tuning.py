@@ -66,7 +66,7 @@ def splitk_config(bits: int, n: int, k: int, m: int = 1,
     hit = _table_for(device).get(f"splitk/w{bits}/m{1 if m == 1 else 16}/n{n}/k{k}")
     if hit:
         return tuple(hit)
-    if m > 1:  # the slot kernel won every M = 16 shape measured (H200, benchmarks/results/h200/gemv_sweep_m16.json)
+    if m > 1:  # the slot kernel won all but the smallest M = 16 shapes measured (H200, benchmarks/results/h200/gemv_sweep_m16.json)
         return 128, 128, 4, 4, "slots"
     # the packed-fp16 path won every measured shape but the smallest int8 one
     # (benchmarks/results/gemv_sweep_w4.json, gemv_sweep_w8.json)
