@@ -2,12 +2,14 @@
 against the torch backend's on a 2-layer 8B-shaped w4 model, per row, repeated, with PDL on and off,
 and with the caches and hidden states compared layer by layer where they differ.
 
-    PYTHONPATH=$(bash benchmarks/stage_package.sh) python3 benchmarks/diag_prefill.py
+    PYTHONPATH=$(bash benchmarks/stage_package.sh):benchmarks python3 benchmarks/diag_prefill.py [--after-fd]
+    ... diag_prefill.py --trace     (prompts 3 and 5 of the Generator(1234) series, which hold such rows)
 """
 
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 
@@ -28,7 +30,6 @@ def dirty_free_memory(gib: float = 40.0) -> None:
 
 
 def main() -> None:
-    import sys
     if "--after-fd" in sys.argv:  # the state bench_decode.py leaves before its correctness checks
         from bench_decode import bench_flash_decode
         from gpu_common import measure_read_bandwidth
@@ -151,5 +152,4 @@ def trace_main() -> None:
 
 
 if __name__ == "__main__":
-    import sys
     trace_main() if "--trace" in sys.argv else main()
