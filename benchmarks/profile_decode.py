@@ -68,9 +68,17 @@ def profile_model(spec: str, bits: int, steps: int = 20, prompt_len: int = 128) 
     for row in rows:
         print(f"{row['kernel']:48s} {row['per_step']:7.1f} {row['median_us']:8.2f} {row['us_per_step']:8.1f} "
               f"{100 * row['us_per_step'] / step_us:6.1f}%")
+    # the step's launches by position (kernels in issue order; one step = launches/steps of them):
+    # layer 1's kernels tell the GEMVs apart (q|k|v, o, gate|up, down)
+    per_step = len(kernels) // steps
+    ordered = sorted(kernels, key=lambda e: e.time_range.start)
+    position = [statistics.median(ordered[i + j * per_step].time_range.end - ordered[i + j * per_step].time_range.start
+                                  for j in range(steps)) for i in range(min(per_step, 12))]
+    print("first launches of the step, median us:", " ".join(f"{short_name(ordered[i].name)[:22]}={position[i]:.2f}"
+                                                            for i in range(len(position))))
     del model, r
     torch.cuda.empty_cache()
-    return dict(spec=spec, bits=bits, step_us=step_us, kernel_sum_us=total, kernel_union_us=union / steps,
+    return dict(spec=spec, bits=bits, step_us=step_us, first_launches_us=position, kernel_sum_us=total, kernel_union_us=union / steps,
                 launches_per_step=len(kernels) / steps, kernels=rows)
 
 
