@@ -76,9 +76,15 @@ def profile_model(spec: str, bits: int, steps: int = 20, prompt_len: int = 128) 
                                   for j in range(steps)) for i in range(min(per_step, 12))]
     print("first launches of the step, median us:", " ".join(f"{short_name(ordered[i].name)[:22]}={position[i]:.2f}"
                                                             for i in range(len(position))))
+    # what each launch adds to the step: its end minus the previous launch's end (with PDL a kernel
+    # starts before its predecessor ends, so its duration overstates what it costs)
+    added = [statistics.median(ordered[i + j * per_step].time_range.end - ordered[i - 1 + j * per_step].time_range.end
+                               for j in range(steps)) for i in range(1, min(per_step, 12))]
+    print("end-to-end added by each launch, median us:", " ".join(f"{short_name(ordered[i + 1].name)[:22]}={added[i]:.2f}"
+                                                                 for i in range(len(added))))
     del model, r
     torch.cuda.empty_cache()
-    return dict(spec=spec, bits=bits, step_us=step_us, first_launches_us=position, kernel_sum_us=total, kernel_union_us=union / steps,
+    return dict(spec=spec, bits=bits, step_us=step_us, first_launches_us=position, first_launches_added_us=added, kernel_sum_us=total, kernel_union_us=union / steps,
                 launches_per_step=len(kernels) / steps, kernels=rows)
 
 

@@ -91,16 +91,22 @@ def int8_to_fp16_exact(codes, IN_PLACE: tl.constexpr = False):
 
 
 @triton.jit
-def attend_block(q, m_i, l_i, acc, k_ptr, v_ptr, ks_ptr, vs_ptr, kv_base, scale_base, j, j_ok, visible, d,
-                 stride_cs, sm_scale, INT8: tl.constexpr, PRECISION: tl.constexpr):
-    """One online-softmax step of flash attention over cache positions j (shared by decode and
-    prefill): scores of q against K[j], running max m_i, running sum l_i, output acc.
+def load_block(k_ptr, v_ptr, kv_base, j, j_ok, d, stride_cs):
+    """K and V of cache positions j. V is requested with K, so the two cache reads overlap instead
+    of V waiting for the scores."""
+    k = tl.load(k_ptr + kv_base + j[:, None] * stride_cs + d[None, :], mask=j_ok[:, None], other=0)
+    v = tl.load(v_ptr + kv_base + j[:, None] * stride_cs + d[None, :], mask=j_ok[:, None], other=0)
+    return k, v
+
+
+@triton.jit
+def attend_loaded(q, m_i, l_i, acc, k, v, ks_ptr, vs_ptr, scale_base, j, j_ok, visible, sm_scale,
+                  INT8: tl.constexpr, PRECISION: tl.constexpr):
+    """One online-softmax step of flash attention over the K, V of positions j (from load_block):
+    scores of q against k, running max m_i, running sum l_i, output acc.
 
     int8 caches: K and V become fp16 exactly (int8_to_fp16_exact); their per-position scales are
     applied to the scores and to the probabilities, not to every element."""
-    k = tl.load(k_ptr + kv_base + j[:, None] * stride_cs + d[None, :], mask=j_ok[:, None], other=0)
-    # V is requested with K, so the two cache reads overlap instead of V waiting for the scores
-    v = tl.load(v_ptr + kv_base + j[:, None] * stride_cs + d[None, :], mask=j_ok[:, None], other=0)
     if INT8:
         k = int8_to_fp16_exact(k)
     scores = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PRECISION)
@@ -116,6 +122,14 @@ def attend_block(q, m_i, l_i, acc, k_ptr, v_ptr, ks_ptr, vs_ptr, kv_base, scale_
         p = p * tl.load(vs_ptr + scale_base + j, mask=j_ok, other=0.0)[None, :]
     acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=PRECISION)
     return m_new, l_i, acc
+
+
+@triton.jit
+def attend_block(q, m_i, l_i, acc, k_ptr, v_ptr, ks_ptr, vs_ptr, kv_base, scale_base, j, j_ok, visible, d,
+                 stride_cs, sm_scale, INT8: tl.constexpr, PRECISION: tl.constexpr):
+    """load_block then attend_loaded (shared by decode and prefill)."""
+    k, v = load_block(k_ptr, v_ptr, kv_base, j, j_ok, d, stride_cs)
+    return attend_loaded(q, m_i, l_i, acc, k, v, ks_ptr, vs_ptr, scale_base, j, j_ok, visible, sm_scale, INT8, PRECISION)
 
 
 @triton.jit

@@ -23,9 +23,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import attend_block
+from ._common import attend_block, attend_loaded, load_block
 from .pdl import pdl_launch, release_dependents, wait_for_producer
-from .rope import roped_heads, write_new_position
+from .rope import rope_factors, roped_heads, write_new_position
 
 
 @dataclass(frozen=True)
@@ -51,9 +51,16 @@ def _flash_decode_kernel(
     ROPE: tl.constexpr, QK_NORM: tl.constexpr, PDL: tl.constexpr,
 ):
     release_dependents(PDL)
-    wait_for_producer(PDL)
     kvh = tl.program_id(0)
     split = tl.program_id(1)
+    # In the decode step (ROPE), the sequence length, the cache's earlier positions and the RoPE
+    # tables were all written before the step began (its first kernel is an ordinary launch), and
+    # no kernel of the step writes them: the first block of the chunk is requested before waiting
+    # for the previous kernel (PDL), and its latency overlaps the q|k|v GEMV's end; only q waits.
+    # (At a few hundred positions that block is the program's whole chunk.) Called alone, q and the
+    # cache may both come from the previous kernel: wait first.
+    if not ROPE:
+        wait_for_producer(PDL)
     length = tl.load(seqlen_ptr)
     chunk = tl.cdiv(tl.cdiv(length, NUM_SPLITS), BLOCK_S) * BLOCK_S
     start = split * chunk
@@ -62,13 +69,28 @@ def _flash_decode_kernel(
     g_ok = g < G
     d = tl.arange(0, HD)
     heads = kvh * G + g
-    if ROPE:  # q from the accumulator; the new token (position length - 1) is not in the cache yet
+    kv_base = kvh * stride_ckv
+    if ROPE:
+        # the new token (position length - 1) is not in the cache yet: this launch writes it
         pos = length - 1
-        q = roped_heads(qkv_ptr, heads, g_ok, pos, cos_ptr, sin_ptr, qn_ptr, eps, d, HD, QK_NORM)
         cached_end = tl.minimum(end, pos)
+        rope_cos, rope_sin = rope_factors(cos_ptr, sin_ptr, pos, d, HD)
+        s = start + tl.arange(0, BLOCK_S)
+        s_ok = s < cached_end
+        k0, v0 = load_block(k_ptr, v_ptr, kv_base, s, s_ok, d, stride_cs)
+        wait_for_producer(PDL)
+        # q, and the new token's k and v, from the accumulator the q|k|v GEMV just filled; the
+        # program whose chunk holds the new position requests k and v with q, not after its
+        # attention over the cache: that program is the step's slowest
+        q = roped_heads(qkv_ptr, heads, g_ok, rope_cos, rope_sin, qn_ptr, eps, d, HD, QK_NORM)
+        holds_new = (start <= pos) & (pos < end)
+        one = tl.arange(0, 1)
+        new_ok = (start + one <= pos) & (pos < end + one)                               # holds_new, as [1]
+        k_new = roped_heads(qkv_ptr, H + kvh + one, new_ok, rope_cos, rope_sin, kn_ptr, eps, d, HD, QK_NORM)
+        v_new = tl.load(qkv_ptr + (H + KV + kvh) * HD + d[None, :], mask=new_ok[:, None], other=0.0)
     else:
-        q = tl.load(q_ptr + heads[:, None] * stride_qh + d[None, :], mask=g_ok[:, None], other=0.0)
         cached_end = end
+        q = tl.load(q_ptr + heads[:, None] * stride_qh + d[None, :], mask=g_ok[:, None], other=0.0)
     if INT8:
         q = q.to(tl.float16)
     else:
@@ -76,17 +98,18 @@ def _flash_decode_kernel(
     m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
     acc = tl.zeros([BLOCK_G, HD], dtype=tl.float32)
-    kv_base = kvh * stride_ckv
-    for s0 in range(start, cached_end, BLOCK_S):
-        s = s0 + tl.arange(0, BLOCK_S)
-        s_ok = s < cached_end
-        m_i, l_i, acc = attend_block(q, m_i, l_i, acc, k_ptr, v_ptr, ks_ptr, vs_ptr, kv_base, kvh * stride_skv,
-                                     s, s_ok, s_ok[None, :], d, stride_cs, sm_scale, INT8, PRECISION)
+    if ROPE and cached_end - start <= BLOCK_S:  # the chunk is one block at most: the one requested above
+        if start < cached_end:
+            m_i, l_i, acc = attend_loaded(q, m_i, l_i, acc, k0, v0, ks_ptr, vs_ptr, kvh * stride_skv, s, s_ok,
+                                          s_ok[None, :], sm_scale, INT8, PRECISION)
+    else:  # longer chunks: the whole loop, which Triton pipelines (peeling its first block costs a stall)
+        for s0 in range(start, cached_end, BLOCK_S):
+            s = s0 + tl.arange(0, BLOCK_S)
+            s_ok = s < cached_end
+            m_i, l_i, acc = attend_block(q, m_i, l_i, acc, k_ptr, v_ptr, ks_ptr, vs_ptr, kv_base, kvh * stride_skv,
+                                         s, s_ok, s_ok[None, :], d, stride_cs, sm_scale, INT8, PRECISION)
     if ROPE:
-        if (start <= pos) & (pos < end):  # this program's chunk holds the new token: write it, attend to it
-            one = tl.arange(0, 1)
-            k_new = roped_heads(qkv_ptr, H + kvh + one, one < 1, pos, cos_ptr, sin_ptr, kn_ptr, eps, d, HD, QK_NORM)
-            v_new = tl.load(qkv_ptr + (H + KV + kvh) * HD + d)[None, :]
+        if holds_new:  # this program's chunk holds the new token: write it, attend to it
             cache_off = kv_base + pos * stride_cs
             k_new = write_new_position(k_ptr, ks_ptr, k_new, cache_off, kvh * stride_skv + pos, d, INT8)
             v_new = write_new_position(v_ptr, vs_ptr, v_new, cache_off, kvh * stride_skv + pos, d, INT8)

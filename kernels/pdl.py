@@ -9,7 +9,8 @@ while the current one still runs, and everything it reads that no kernel of the 
 The protocol every kernel here follows when PDL is on:
   1. `release_dependents` first: the next kernel may launch once all of this one's programs are
      resident (it then only occupies spare SM slots; ours never wait on something that cannot run).
-  2. loads of constant data (weights), if any;
+  2. loads of data no kernel of the chain writes, if any (weights; in the decode step's
+     flash-decoding, the cache's earlier positions);
   3. `wait_for_producer` before reading any activation and before writing anything: it returns
      when the previous kernel has completed and its writes are visible.
 Because every kernel waits before it completes, completion is transitive: when kernel i's wait

@@ -16,13 +16,15 @@ from .pdl import pdl_launch, release_dependents, wait_for_producer
 @triton.jit
 def _rmsnorm_kernel(x_ptr, w_ptr, y_ptr, D, stride_x, stride_y, eps, PDL: tl.constexpr, BLOCK_D: tl.constexpr):
     release_dependents(PDL)
-    wait_for_producer(PDL)
     row = tl.program_id(0)
     d = tl.arange(0, BLOCK_D)
     ok = d < D
+    # the weight is no kernel's output: requested before waiting for the previous kernel (PDL), its
+    # HBM latency overlaps that kernel's end, and only the row (just written, in L2) waits
+    w = tl.load(w_ptr + d, mask=ok, other=0.0).to(tl.float32)
+    wait_for_producer(PDL)
     x = tl.load(x_ptr + row * stride_x + d, mask=ok, other=0.0).to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / D + eps)
-    w = tl.load(w_ptr + d, mask=ok, other=0.0).to(tl.float32)
     tl.store(y_ptr + row * stride_y + d, (x * rstd * w).to(y_ptr.dtype.element_ty), mask=ok)
 
 

@@ -92,10 +92,18 @@ def _int8_codes(x, scale):
 
 
 @triton.jit
-def roped_heads(qkv_ptr, rows, row_ok, pos, cos_ptr, sin_ptr, norm_ptr, eps, d,
-                 HD: tl.constexpr, QK_NORM: tl.constexpr):
+def rope_factors(cos_ptr, sin_ptr, pos, d, HD: tl.constexpr):
+    """cos and sin of position `pos` for each of the HD dims of a head ("rotate_half" order): [1, HD]."""
+    HALF: tl.constexpr = HD // 2
+    c = tl.load(cos_ptr + pos * HALF + d % HALF)[None, :]
+    s = tl.load(sin_ptr + pos * HALF + d % HALF)[None, :]
+    return c, s
+
+
+@triton.jit
+def roped_heads(qkv_ptr, rows, row_ok, c, s, norm_ptr, eps, d, HD: tl.constexpr, QK_NORM: tl.constexpr):
     """Head vectors `rows` of the q|k|v accumulator, RMSNorm-ed over the head (QK_NORM) and rotated
-    for position `pos` ("rotate_half", as kernels.rope): [rows, HD] fp32."""
+    by the factors c, s of rope_factors ("rotate_half", as kernels.rope): [rows, HD] fp32."""
     HALF: tl.constexpr = HD // 2
     partner = (d + HALF) % HD                                  # x2 for the first half, x1 for the second
     x = tl.load(qkv_ptr + rows[:, None] * HD + d[None, :], mask=row_ok[:, None], other=0.0)
@@ -104,8 +112,6 @@ def roped_heads(qkv_ptr, rows, row_ok, pos, cos_ptr, sin_ptr, norm_ptr, eps, d,
         rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / HD + eps)
         x = x * rstd[:, None] * tl.load(norm_ptr + d).to(tl.float32)[None, :]
         xp = xp * rstd[:, None] * tl.load(norm_ptr + partner).to(tl.float32)[None, :]
-    c = tl.load(cos_ptr + pos * HALF + d % HALF)[None, :]
-    s = tl.load(sin_ptr + pos * HALF + d % HALF)[None, :]
     return x * c + tl.where((d < HALF)[None, :], -xp, xp) * s
 
 

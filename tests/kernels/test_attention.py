@@ -53,7 +53,9 @@ def test_prefill_attention(int8, start, m):
 def test_flash_decode_with_rope_equals_rope_then_attention(int8, qk_norm, heads, kv, pos):
     """The decode step's flash_decode(rope=...) rotates q and the new k from the fp32 q|k|v
     accumulator, writes the new k/v at `pos` and attends to them in the same launch: the cache it
-    leaves and its output equal kernels.rope followed by the cache-only flash_decode; `clear` is zeroed."""
+    leaves and its output equal kernels.rope followed by the cache-only flash_decode; `clear` is zeroed.
+    With 4 splits of 16-position blocks, pos 95 gives chunks of two blocks (the loop) and the others
+    chunks of one (the block requested before the kernel waits for its producer)."""
     g = torch.Generator().manual_seed(pos + 100 * heads)
     cache, _, _ = make_cache(kv, int8, seed=pos)
     qkv = torch.randn(1, (heads + 2 * kv) * HD, generator=g)

@@ -1,0 +1,49 @@
+"""Decode ms/token of the same model with an environment switch the kernels read at launch (e.g.
+QRUNTIME_PDL, or one added for an experiment) flipped back and forth in one process, the step
+recaptured each time, so that card-to-card and run noise cancel out:
+
+    PYTHONPATH=$(bash benchmarks/stage_package.sh):. python3 benchmarks/ab_env.py VAR VALUE1 VALUE2 \
+        [--spec SPEC ...] [--bits 4] [--rounds 3]
+"""
+import argparse
+import os
+
+import torch
+
+import qruntime
+from bench_decode import time_decode
+from gpu_common import prefill_and_capture
+from qruntime.synthetic import synthetic_checkpoint
+
+ap = argparse.ArgumentParser()
+ap.add_argument("var")
+ap.add_argument("values", nargs="+")
+ap.add_argument("--spec", action="append")
+ap.add_argument("--bits", type=int, default=4)
+ap.add_argument("--rounds", type=int, default=3)
+args = ap.parse_intermixed_args()
+for spec in args.spec or ["synthetic:llama3.1-8b"]:
+    model = qruntime.Model(synthetic_checkpoint(spec, bits=args.bits, dtype=torch.bfloat16), device="cuda",
+                           backend="triton", max_seq_len=512)
+    r = model.runner
+    reference, results = None, {v: [] for v in args.values}
+    for _ in range(args.rounds):
+        for value in args.values:
+            os.environ[args.var] = value
+            r.graph = None
+            torch.manual_seed(0)
+            prefill_and_capture(r, model.config.vocab_size, 128)
+            tokens = []
+            for _ in range(32):
+                r.graph.replay()
+                tokens.append(r.token.clone())
+            tokens = torch.cat(tokens).tolist()
+            reference = reference or tokens
+            ms = time_decode(model, repeats=3)
+            results[value].append(ms)
+            print(f"{spec} w{args.bits} {args.var}={value}: {ms:.4f} ms/token; greedy "
+                  f"{sum(a == b for a, b in zip(tokens, reference))}/32 as the first", flush=True)
+    for value, ms in results.items():
+        print(f"{spec} w{args.bits} {args.var}={value}: best {min(ms):.4f} median {sorted(ms)[len(ms) // 2]:.4f} ms/token")
+    del model, r
+    torch.cuda.empty_cache()

@@ -1,0 +1,64 @@
+"""Chooses the decode step's GEMV tiles by end-to-end decode ms/token instead of by each GEMV in
+isolation: coordinate descent over a few candidate configs per shape of one model, the others at
+their current best, in one process. Prints what to merge into kernels/tuned/<card>.json.
+
+    PYTHONPATH=$(bash benchmarks/stage_package.sh):. python3 benchmarks/e2e_tune.py [--spec SPEC] [--bits 4]
+"""
+import argparse
+import json
+import time
+
+import torch
+
+import qruntime
+from bench_decode import time_decode
+from qruntime.kernels import tuning
+from qruntime.synthetic import synthetic_checkpoint
+
+# candidates per (N, K) of Llama-3.1-8B's decode GEMVs: the isolated sweep's winner first
+CANDIDATES = {
+    (6144, 4096): [[128, 128, 1, 1], [64, 128, 2, 1], [128, 256, 1, 2]],
+    (4096, 4096): [[64, 128, 1, 1], [64, 128, 2, 1], [128, 256, 1, 2]],
+    (28672, 4096): [[64, 128, 4, 1], [128, 128, 2, 2], [64, 256, 2, 2]],
+    (4096, 14336): [[64, 128, 2, 1], [32, 256, 2, 1], [64, 256, 1, 1]],
+}
+
+ap = argparse.ArgumentParser()
+ap.add_argument("--spec", default="synthetic:llama3.1-8b")
+ap.add_argument("--bits", type=int, default=4)
+ap.add_argument("--budget-s", type=float, default=400)
+ap.add_argument("--candidates", help='JSON {"N,K": [[BLOCK_N, BLOCK_K, K_ITERS, warps], ...]} instead of CANDIDATES')
+ap.add_argument("--set", help='JSON {table key: config} applied first (an earlier round\'s choice)')
+args = ap.parse_args()
+t0 = time.time()
+model = qruntime.Model(synthetic_checkpoint(args.spec, bits=args.bits, dtype=torch.bfloat16), device="cuda",
+                       backend="triton", max_seq_len=512)
+table = tuning._table_for(torch.device("cuda"))
+table.update(json.loads(args.set) if args.set else {})
+candidates = ({tuple(map(int, key.split(","))): v for key, v in json.loads(args.candidates).items()}
+              if args.candidates else CANDIDATES)
+
+
+def measure() -> float:
+    model.runner.graph = None
+    return time_decode(model, repeats=3)
+
+
+best = measure()
+print(f"{args.spec} w{args.bits} current table: {best:.4f} ms/token", flush=True)
+chosen = {}
+for (n, k), alternatives in candidates.items():
+    key = f"splitk/w{args.bits}/m1/n{n}/k{k}"
+    current = table.get(key)
+    for alt in alternatives:
+        if time.time() - t0 > args.budget_s:
+            break
+        table[key] = alt + ["f16x2"]
+        ms = measure()
+        print(f"  {key} {alt}: {ms:.4f} ms/token (best so far {best:.4f} with {current})", flush=True)
+        if ms < best * 0.997:  # a gain beyond run noise
+            best, current = ms, table[key]
+    table[key] = current
+    chosen[key] = current
+print(f"{args.spec} w{args.bits} after: {measure():.4f} ms/token")
+print(json.dumps(chosen))
