@@ -6,7 +6,7 @@ tables [S_max, hd/2] (fp32, rope scaling already applied). One program per (toke
   q heads  -> optional RMSNorm over the head (Qwen3) -> rotate -> q_out [M, H, hd]
   k heads  -> optional RMSNorm -> rotate -> cache k[kv, pos]   (int8: per-token-per-head scale)
   v heads  -> cache v[kv, pos]
-The decode step does the same inside kernels.flash_decode with `roped_heads` (a tile of heads) and
+The decode step does the same inside kernels.flash_decode with `rope_factors`, `roped_heads` (a tile of heads) and
 `write_new_position` (one cache row) below, sharing this file's int8 quantization.
 Rotation is the "rotate_half" convention: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin).
 int8 cache: scale = max|x| / 127, stored as round(x / scale); dequantized as code * scale.
