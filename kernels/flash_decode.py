@@ -57,8 +57,8 @@ def _flash_decode_kernel(
     # tables were all written before the step began (its first kernel is an ordinary launch), and
     # no kernel of the step writes them: the first block of the chunk is requested before waiting
     # for the previous kernel (PDL), and its latency overlaps the q|k|v GEMV's end; only q waits.
-    # (At a few hundred positions that block is the program's whole chunk.) Called alone, q and the
-    # cache may both come from the previous kernel: wait first.
+    # (With the decode step's 32 splits of 64 positions, that block is the whole chunk up to 2048
+    # positions.) Called alone, q and the cache may both come from the previous kernel: wait first.
     if not ROPE:
         wait_for_producer(PDL)
     length = tl.load(seqlen_ptr)
