@@ -10,10 +10,8 @@ import os
 
 import torch
 
-import qruntime
 from bench_decode import time_decode
-from gpu_common import prefill_and_capture
-from qruntime.synthetic import synthetic_checkpoint
+from gpu_common import prefill_and_capture, synthetic_model
 
 ap = argparse.ArgumentParser()
 ap.add_argument("var")
@@ -23,8 +21,7 @@ ap.add_argument("--bits", type=int, default=4)
 ap.add_argument("--rounds", type=int, default=3)
 args = ap.parse_intermixed_args()
 for spec in args.spec or ["synthetic:llama3.1-8b"]:
-    model = qruntime.Model(synthetic_checkpoint(spec, bits=args.bits, dtype=torch.bfloat16), device="cuda",
-                           backend="triton", max_seq_len=512)
+    model = synthetic_model(spec, args.bits)
     r = model.runner
     reference, results = None, {v: [] for v in args.values}
     for _ in range(args.rounds):

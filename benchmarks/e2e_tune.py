@@ -10,10 +10,9 @@ import time
 
 import torch
 
-import qruntime
 from bench_decode import time_decode
+from gpu_common import synthetic_model
 from qruntime.kernels import tuning
-from qruntime.synthetic import synthetic_checkpoint
 
 # candidates per (N, K) of Llama-3.1-8B's decode GEMVs: the isolated sweep's winner first
 CANDIDATES = {
@@ -31,8 +30,7 @@ ap.add_argument("--candidates", help='JSON {"N,K": [[BLOCK_N, BLOCK_K, K_ITERS, 
 ap.add_argument("--set", help='JSON {table key: config} applied first (an earlier round\'s choice)')
 args = ap.parse_args()
 t0 = time.time()
-model = qruntime.Model(synthetic_checkpoint(args.spec, bits=args.bits, dtype=torch.bfloat16), device="cuda",
-                       backend="triton", max_seq_len=512)
+model = synthetic_model(args.spec, args.bits)
 table = tuning._table_for(torch.device("cuda"))
 table.update(json.loads(args.set) if args.set else {})
 candidates = ({tuple(map(int, key.split(","))): v for key, v in json.loads(args.candidates).items()}

@@ -7,15 +7,13 @@ import sys
 
 import torch
 
-import qruntime
 import qruntime.engine.triton_runner as tr
 from bench_decode import time_decode
-from qruntime.synthetic import synthetic_checkpoint
+from gpu_common import synthetic_model
 
 tag = sys.argv[1]
 for spec in sys.argv[2:] or ("synthetic:llama3.1-8b",):
-    model = qruntime.Model(synthetic_checkpoint(spec, bits=4, dtype=torch.bfloat16), device="cuda", backend="triton",
-                           max_seq_len=512)
+    model = synthetic_model(spec, 4)
     r = model.runner
     for splits in (8, 16, 32):
         r.num_splits = splits

@@ -13,10 +13,12 @@ import statistics
 
 import torch
 
+import qruntime
 from qruntime.bench.measure import measure_read_bandwidth as bench_read_bandwidth
 from qruntime.bench.report import environment as bench_environment
 from qruntime.kernels.layout import prepare
 from qruntime.quantizers.rtn import quantize_rtn
+from qruntime.synthetic import synthetic_checkpoint
 
 
 def environment() -> dict:
@@ -66,6 +68,13 @@ def time_graph(fns, repeats: int = 10) -> float:
         end.synchronize()
         times.append(start.elapsed_time(end) / 1e3 / len(fns))
     return statistics.median(times)
+
+
+def synthetic_model(spec: str, bits: int, max_seq_len: int = 512) -> "qruntime.Model":
+    """A random-weight model of `spec`'s exact shapes (bf16 dense parts) on the triton backend:
+    what the decode benchmarks time."""
+    ckpt = synthetic_checkpoint(spec, bits=bits, dtype=torch.bfloat16)
+    return qruntime.Model(ckpt, device="cuda", backend="triton", max_seq_len=max_seq_len)
 
 
 def prefill_and_capture(runner, vocab_size: int, prompt_len: int) -> None:

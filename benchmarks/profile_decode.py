@@ -18,11 +18,9 @@ import statistics
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-import qruntime
-from gpu_common import dump, environment, prefill_and_capture, time_graph, time_replays
+from gpu_common import dump, environment, prefill_and_capture, synthetic_model, time_graph, time_replays
 from qruntime.kernels.argmax import greedy_advance, greedy_workspace
 from qruntime.kernels.rmsnorm import rmsnorm
-from qruntime.synthetic import synthetic_checkpoint
 
 
 def short_name(name: str) -> str:
@@ -32,9 +30,7 @@ def short_name(name: str) -> str:
 
 
 def profile_model(spec: str, bits: int, steps: int = 20, prompt_len: int = 128) -> dict:
-    ckpt = synthetic_checkpoint(spec, bits=bits, dtype=torch.bfloat16)
-    model = qruntime.Model(ckpt, device="cuda", backend="triton", max_seq_len=512)
-    del ckpt
+    model = synthetic_model(spec, bits)
     r = model.runner
     prefill_and_capture(r, model.config.vocab_size, prompt_len)
     time_replays(r, 10)  # warm-up
