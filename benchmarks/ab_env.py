@@ -3,7 +3,11 @@ QRUNTIME_PDL, or one added for an experiment) flipped back and forth in one proc
 recaptured each time, so that card-to-card and run noise cancel out:
 
     PYTHONPATH=$(bash benchmarks/stage_package.sh):. python3 benchmarks/ab_env.py VAR VALUE1 VALUE2 \
-        [--spec SPEC ...] [--bits 4] [--rounds 3]
+        [--spec SPEC ...] [--bits 4] [--rounds 3] [--prompt 128]
+
+VAR may also name a setting of the triton runner, as runner.fused_merge (0/1: o_proj merges
+flash-decoding's splits, or the combine launch does) or runner.num_splits (the decode step's split
+count).
 """
 import argparse
 import os
@@ -13,30 +17,48 @@ import torch
 from bench_decode import time_decode
 from gpu_common import prefill_and_capture, synthetic_model
 
+
+def set_switch(r, var: str, value: str) -> None:
+    if not var.startswith("runner."):
+        os.environ[var] = value
+        return
+    name = var[len("runner."):]
+    if name == "fused_merge":
+        r.fused_merge = value == "1"
+        if r.attn is None:  # the combine path's output buffer
+            r.attn = torch.zeros((1, r.cfg.num_heads * r.cfg.head_dim), device=r.device, dtype=torch.float16)
+    elif name == "num_splits":
+        r.num_splits = int(value)
+        r.workspace = (torch.empty((r.num_splits, r.cfg.num_heads, r.cfg.head_dim), device=r.device),
+                       torch.empty((r.num_splits, r.cfg.num_heads), device=r.device))
+    else:
+        raise SystemExit(f"unknown runner setting {name}")
+
 ap = argparse.ArgumentParser()
 ap.add_argument("var")
 ap.add_argument("values", nargs="+")
 ap.add_argument("--spec", action="append")
 ap.add_argument("--bits", type=int, default=4)
 ap.add_argument("--rounds", type=int, default=3)
+ap.add_argument("--prompt", type=int, default=128, help="prompt length: the context the 256 timed steps start from")
 args = ap.parse_intermixed_args()
 for spec in args.spec or ["synthetic:llama3.1-8b"]:
-    model = synthetic_model(spec, args.bits)
+    model = synthetic_model(spec, args.bits, max_seq_len=args.prompt + 384)
     r = model.runner
     reference, results = None, {v: [] for v in args.values}
     for _ in range(args.rounds):
         for value in args.values:
-            os.environ[args.var] = value
+            set_switch(r, args.var, value)
             r.graph = None
             torch.manual_seed(0)
-            prefill_and_capture(r, model.config.vocab_size, 128)
+            prefill_and_capture(r, model.config.vocab_size, args.prompt)
             tokens = []
             for _ in range(32):
                 r.graph.replay()
                 tokens.append(r.token.clone())
             tokens = torch.cat(tokens).tolist()
             reference = reference or tokens
-            ms = time_decode(model, repeats=3)
+            ms = time_decode(model, prompt_len=args.prompt, repeats=3)
             results[value].append(ms)
             print(f"{spec} w{args.bits} {args.var}={value}: {ms:.4f} ms/token; greedy "
                   f"{sum(a == b for a, b in zip(tokens, reference))}/32 as the first", flush=True)

@@ -2,13 +2,16 @@
 
 Grid (KV heads, NUM_SPLITS): each program takes the G = H / KV query heads of one KV head (they
 share every K/V load: GQA) and one contiguous chunk of the cache, and writes an unnormalised
-partial output with its log-sum-exp; `_combine_kernel` merges the splits. In the decode step
-(ROPE) the programs also do kernels.rope's work for the new token: each rotates its q heads from
-the fp32 q|k|v accumulator, and the program whose chunk holds the new position writes the
-rotated k and v there and attends to them from registers (no other program reads that position),
-so the step has no RoPE launch; the combine then zeroes the accumulators (`clear`). (Merging the
-splits in the last program to finish instead of a second launch was measured slower on an H200:
-one program per KV head merges serially.) The chunk size is
+partial output with its log-sum-exp; `_combine_kernel` merges the splits (`merge_splits`). In
+the decode step (ROPE) the programs also do kernels.rope's work for the new token: each rotates
+its q heads from the fp32 q|k|v accumulator, and the program whose chunk holds the new position
+writes the rotated k and v there and attends to them from registers (no other program reads that
+position), so the step has no RoPE launch. The decode step has no combine launch either: its
+o_proj GEMV merges the splits of its own K slice (flash_decode_splits, then
+kernels.gemv_f16x2.qmatmul_accumulate_attention; 8B w4 -6.6% per token at 384 positions, -13.6%
+at 8k on an H200), and zeroes the accumulators the combine would (`clear`). (Merging the splits
+in the last program to finish instead was measured slower: one program per KV head merges
+serially.) The chunk size is
 computed in the kernel from the sequence length held in device memory, so the grid is fixed and a
 CUDA graph can replay the step at any length. Cache layout per layer: k, v [KV, S_max, hd]
 (fp16/bf16, or int8 with fp32 scales [KV, S_max] per token and head, applied to the scores and
@@ -130,6 +133,35 @@ def _flash_decode_kernel(
 
 
 @triton.jit
+def merge_splits(o_ptr, lse_ptr, o_offs, lse_offs, ok, o_split_stride, lse_split_stride,
+                 NUM_SPLITS: tl.constexpr, CHUNK: tl.constexpr):
+    """The splits' partial outputs merged by their log-sum-exps, for NH pieces of W dims, each piece
+    inside one head: o_offs [NH, W] and lse_offs [NH] index split 0 (split s adds s times the
+    strides), ok [NH] masks pieces; returns fp32 [NH, W]. Empty splits (lse -inf) weigh 0 and their
+    o is not read. Used by the combine kernel and by the decode step's o_proj GEMV, which merges
+    the splits of its own K slice (kernels.gemv_f16x2).
+
+    The non-empty splits are a prefix (a split is empty when its chunk starts past the sequence),
+    and o is read only over that prefix, CHUNK splits at a time: at a few hundred positions one
+    chunk holds them all, while the split count stays what long contexts want (a [NUM_SPLITS, NH, W]
+    block would also spill in one warp)."""
+    sp = tl.arange(0, NUM_SPLITS)[:, None]
+    lse = tl.load(lse_ptr + sp * lse_split_stride + lse_offs[None, :], mask=ok[None, :], other=0.0)  # [S, NH]
+    top = tl.max(lse, axis=0)[None, :]
+    total = tl.sum(tl.exp(lse - top), axis=0)[None, :]
+    used = tl.max(tl.sum(((lse > float("-inf")) & ok[None, :]).to(tl.int32), axis=0), axis=0)
+    merged = tl.zeros(o_offs.shape, dtype=tl.float32)
+    for c in tl.range(0, used, CHUNK, num_stages=1):
+        spc = c + tl.arange(0, CHUNK)[:, None]
+        lse_c = tl.load(lse_ptr + spc * lse_split_stride + lse_offs[None, :], mask=ok[None, :], other=0.0)  # [C, NH]
+        w = tl.exp(lse_c - top) / total
+        o = tl.load(o_ptr + spc[:, :, None] * o_split_stride + o_offs[None, :, :],
+                    mask=((lse_c > float("-inf")) & ok[None, :])[:, :, None], other=0.0)             # [C, NH, W]
+        merged += tl.sum(o * w[:, :, None], axis=0)
+    return merged
+
+
+@triton.jit
 def _combine_kernel(o_ptr, lse_ptr, out_ptr, clear_ptr, CLEAR_N, H: tl.constexpr, HD: tl.constexpr,
                     NUM_SPLITS: tl.constexpr, CLEAR_CHUNK: tl.constexpr, PDL: tl.constexpr):
     release_dependents(PDL)
@@ -138,30 +170,22 @@ def _combine_kernel(o_ptr, lse_ptr, out_ptr, clear_ptr, CLEAR_N, H: tl.constexpr
     if CLEAR_CHUNK > 0:  # each program zeroes its chunk of `clear` (accumulators read by the step so far)
         offs = h * CLEAR_CHUNK + tl.arange(0, CLEAR_CHUNK)
         tl.store(clear_ptr + offs, tl.zeros([CLEAR_CHUNK], dtype=clear_ptr.dtype.element_ty), mask=offs < CLEAR_N)
-    sp = tl.arange(0, NUM_SPLITS)
     d = tl.arange(0, HD)
-    lse = tl.load(lse_ptr + sp * H + h)
-    w = tl.exp(lse - tl.max(lse, axis=0))          # empty splits have lse -inf: weight 0
-    w = w / tl.sum(w, axis=0)
-    o = tl.load(o_ptr + (sp * H + h)[:, None] * HD + d[None, :], mask=(lse > float("-inf"))[:, None], other=0.0)
-    tl.store(out_ptr + h * HD + d, tl.sum(o * w[:, None], axis=0).to(out_ptr.dtype.element_ty))
+    one = tl.arange(0, 1)
+    out = merge_splits(o_ptr, lse_ptr, (h + one[:, None]) * HD + d[None, :], h + one, one == 0, H * HD, H,
+                       NUM_SPLITS, 8 if NUM_SPLITS > 8 else NUM_SPLITS)
+    tl.store(out_ptr + h * HD + d[None, :], out.to(out_ptr.dtype.element_ty))
 
 
-def flash_decode(q: torch.Tensor | None, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_len: torch.Tensor,
-                 out: torch.Tensor, num_splits: int = 32, block_s: int = 128,
-                 k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
-                 workspace: tuple[torch.Tensor, torch.Tensor] | None = None, num_warps: int = 4,
-                 rope: RopeInput | None = None, clear: torch.Tensor | None = None,
-                 num_stages: int | None = None) -> torch.Tensor:
-    """q [H, hd] over one layer's cache [KV, S, hd] for the first seq_len (int32 [1], device) positions.
-
-    out [H * hd]. `workspace` (o [splits, H, hd] fp32, lse [splits, H] fp32) can be passed to avoid
-    allocations (required under CUDA graph capture). With `rope` (the decode step), q is None: q and
-    the new token's k and v come from rope.qkv at position seq_len - 1; the new k/v are written into
-    the cache and attended to in the same launch. `clear`, a contiguous buffer, is zeroed by the
-    second launch (after every read of the first): the decode step's split-K accumulators.
-    num_stages: K/V blocks Triton's pipeline keeps in flight plus one (its default when None); long
-    contexts want more bytes in flight per program than the default's one block."""
+def flash_decode_splits(q: torch.Tensor | None, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_len: torch.Tensor,
+                        num_splits: int = 32, block_s: int = 128,
+                        k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
+                        workspace: tuple[torch.Tensor, torch.Tensor] | None = None, num_warps: int = 4,
+                        rope: RopeInput | None = None, num_stages: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first launch of flash_decode alone: each split's unnormalised output and log-sum-exp,
+    returned as (o [splits, H, hd] fp32, lse [splits, H] fp32) (the workspace); an empty split's o
+    is left unwritten and its lse is -inf. For a consumer that merges the splits itself
+    (merge_splits: the decode step's o_proj GEMV). Arguments as flash_decode's."""
     kv, hd = k_cache.shape[0], k_cache.shape[-1]
     if rope is not None:
         if q is not None:
@@ -185,8 +209,6 @@ def flash_decode(q: torch.Tensor | None, k_cache: torch.Tensor, v_cache: torch.T
         raise ValueError("flash_decode: an int8 cache needs k_scale and v_scale")
     if num_splits & (num_splits - 1):
         raise ValueError(f"flash_decode: num_splits={num_splits} must be a power of two")
-    if clear is not None and not clear.is_contiguous():
-        raise ValueError("flash_decode: the buffer to clear must be contiguous")
     if workspace is None:
         workspace = (torch.empty((num_splits, h, hd), device=ref.device, dtype=torch.float32),
                      torch.empty((num_splits, h), device=ref.device, dtype=torch.float32))
@@ -203,8 +225,31 @@ def flash_decode(q: torch.Tensor | None, k_cache: torch.Tensor, v_cache: torch.T
         ROPE=rope is not None, QK_NORM=rope is not None and rope.q_norm is not None,
         num_warps=num_warps, **({} if num_stages is None else dict(num_stages=num_stages)), **pdl_launch(ref),
     )
+    return o, lse
+
+
+def flash_decode(q: torch.Tensor | None, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_len: torch.Tensor,
+                 out: torch.Tensor, num_splits: int = 32, block_s: int = 128,
+                 k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
+                 workspace: tuple[torch.Tensor, torch.Tensor] | None = None, num_warps: int = 4,
+                 rope: RopeInput | None = None, clear: torch.Tensor | None = None,
+                 num_stages: int | None = None) -> torch.Tensor:
+    """q [H, hd] over one layer's cache [KV, S, hd] for the first seq_len (int32 [1], device) positions.
+
+    out [H * hd]. `workspace` (o [splits, H, hd] fp32, lse [splits, H] fp32) can be passed to avoid
+    allocations (required under CUDA graph capture). With `rope` (the decode step), q is None: q and
+    the new token's k and v come from rope.qkv at position seq_len - 1; the new k/v are written into
+    the cache and attended to in the same launch. `clear`, a contiguous buffer, is zeroed by the
+    second launch (after every read of the first): the decode step's split-K accumulators.
+    num_stages: K/V blocks Triton's pipeline keeps in flight plus one (its default when None); long
+    contexts want more bytes in flight per program than the default's one block."""
+    if clear is not None and not clear.is_contiguous():
+        raise ValueError("flash_decode: the buffer to clear must be contiguous")
+    o, lse = flash_decode_splits(q, k_cache, v_cache, seq_len, num_splits, block_s, k_scale, v_scale, workspace,
+                                 num_warps, rope, num_stages)
+    h, hd = lse.shape[1], o.shape[2]
     clear_n = 0 if clear is None else clear.numel()
     _combine_kernel[(h,)](o, lse, out, clear, clear_n, H=h, HD=hd, NUM_SPLITS=num_splits,
                           CLEAR_CHUNK=triton.next_power_of_2(triton.cdiv(clear_n, h)) if clear_n else 0,
-                          **pdl_launch(ref))
+                          **pdl_launch(lse))
     return out

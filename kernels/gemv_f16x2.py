@@ -11,18 +11,23 @@ slice across several column tiles, so the slice's activations are regrouped into
 and the next tile loads while the current one is multiplied. The fp16 lane sums are kept below
 overflow by scaling large activations by 2^-e (exact).
 Used by kernels.qmatmul.qmatmul_accumulate when the tuned config picks the "f16x2" path
-(BLOCK_N, BLOCK_K, K_ITERS = column tiles per program, num_warps), and by the decode step's
-down_proj with the SwiGLU formed on the fly (`qmatmul_accumulate_swiglu`).
+(BLOCK_N, BLOCK_K, K_ITERS = column tiles per program, num_warps), and by the decode step where
+a GEMV forms its own input, saving the launch that would have written it: down_proj with the
+SwiGLU (`qmatmul_accumulate_swiglu`), o_proj with flash-decoding's splits merged
+(`qmatmul_accumulate_attention`).
 On the CPU interpreter (no PTX) the EMULATE branch computes the same sums in plain Triton.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import triton
 import triton.language as tl
 
 from ._common import INTERPRET, group_contribution, load_2d
+from .flash_decode import merge_splits
 from .pdl import pdl_launch, release_dependents, wait_for_producer
 from .swiglu import silu_times
 
@@ -216,16 +221,32 @@ def _load_tile(w_ptr, s_ptr, z_ptr, ra, ra_ok, rb_ok, g, g_ok, n, n_ok, stride_w
     return wa, wb, s, z
 
 
+# where the GEMV's activations come from (SOURCE)
+FROM_X = 0           # an fp16 row
+FROM_SWIGLU = 1      # silu(gate) * up of the fp32 gate|up accumulator (down_proj)
+FROM_SPLITS = 2      # flash-decoding's partial outputs, merged (o_proj)
+
+
 @triton.jit
-def _slice_activations(x_ptr, k0, K, SWIGLU: tl.constexpr, BLOCK_K: tl.constexpr):
-    """The activations of K slice [k0, k0 + BLOCK_K) as fp32 holding fp16 values: x, or
-    silu(gate) * up formed from the fp32 gate|up accumulator [2K] (rounded to fp16 as the swiglu
-    kernel's output would be)."""
+def _slice_activations(x_ptr, aux_ptr, k0, K, SOURCE: tl.constexpr, NUM_SPLITS: tl.constexpr,
+                       HEAD_DIM: tl.constexpr, PIECE: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The activations of K slice [k0, k0 + BLOCK_K) as fp32 holding fp16 values (rounded as the
+    kernel that would otherwise have written them rounds): x itself; or silu(gate) * up formed from
+    the fp32 gate|up accumulator [2K]; or the attention output merged from flash-decoding's
+    splits, x = o [NUM_SPLITS, K] and aux = lse [NUM_SPLITS, K / HEAD_DIM] (column k is dim
+    k % HEAD_DIM of head k // HEAD_DIM), as its combine kernel would merge them."""
     k = k0 + tl.arange(0, BLOCK_K)
-    if SWIGLU:
+    if SOURCE == 1:  # FROM_SWIGLU
         gate = tl.load(x_ptr + k, mask=k < K, other=0.0)
         up = tl.load(x_ptr + K + k, mask=k < K, other=0.0)
         return silu_times(gate, up).to(tl.float16).to(tl.float32)
+    elif SOURCE == 2:  # FROM_SPLITS
+        # the slice as BLOCK_K / PIECE pieces, each inside one head (PIECE divides BLOCK_K and HEAD_DIM)
+        CHUNK: tl.constexpr = 8 if NUM_SPLITS > 8 else NUM_SPLITS
+        piece = k0 + PIECE * tl.arange(0, BLOCK_K // PIECE)
+        merged = merge_splits(x_ptr, aux_ptr, piece[:, None] + tl.arange(0, PIECE)[None, :], piece // HEAD_DIM,
+                              piece < K, K, K // HEAD_DIM, NUM_SPLITS, CHUNK)
+        return tl.reshape(merged, (BLOCK_K,)).to(tl.float16).to(tl.float32)
     else:
         return tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32)
 
@@ -248,14 +269,16 @@ def _tile_outputs(wa, wb, s, z, xa0, xa1, xa2, xa3, xb0, xb1, xb2, xb3, xs, e,
 
 @triton.jit
 def _qgemv_f16x2_kernel(
-    x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr,
-    N, K, group_size, stride_wk, stride_sg,
+    x_ptr, aux_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, clear_ptr,
+    N, K, group_size, stride_wk, stride_sg, CLEAR_N,
     BITS: tl.constexpr, ZERO_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, EMULATE: tl.constexpr,
     PDL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TILES: tl.constexpr, GROUPS: tl.constexpr,
-    CHAIN: tl.constexpr, EVEN: tl.constexpr, SWIGLU: tl.constexpr,
+    CHAIN: tl.constexpr, EVEN: tl.constexpr, SOURCE: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    HEAD_DIM: tl.constexpr, PIECE: tl.constexpr, CLEAR_CHUNK: tl.constexpr,
 ):
     """Decode GEMV, M = 1, no act-order: out (fp32) += x @ W.T with packed fp16x2 math; x is the
-    fp16 row [K], or with SWIGLU silu(gate) * up formed from the fp32 gate|up accumulator [2K].
+    fp16 row [K], or formed from what precedes the GEMV in the decode step (SOURCE,
+    `_slice_activations`): silu(gate) * up, or the merged flash-decoding splits.
 
     Each program owns one K slice of BLOCK_K (BLOCK_K / EPW word rows) and TILES consecutive column
     tiles of BLOCK_N. The slice's activations are read and regrouped into the fp16 pairs each word
@@ -282,7 +305,10 @@ def _qgemv_f16x2_kernel(
     wa, wb, s, z = _load_tile(w_ptr, s_ptr, z_ptr, ra, ra_ok, rb_ok, g, g_ok, n, n < N, stride_wk, stride_sg,
                               ZERO_MODE, CHAIN, EVEN)
     wait_for_producer(PDL)
-    xk = _slice_activations(x_ptr, k0, K, SWIGLU, BLOCK_K)
+    if CLEAR_CHUNK > 0:  # each program zeroes its chunk of `clear` (accumulators the step has read by now)
+        offs = (tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)) * CLEAR_CHUNK + tl.arange(0, CLEAR_CHUNK)
+        tl.store(clear_ptr + offs, tl.zeros([CLEAR_CHUNK], dtype=tl.float32), mask=offs < CLEAR_N)
+    xk = _slice_activations(x_ptr, aux_ptr, k0, K, SOURCE, NUM_SPLITS, HEAD_DIM, PIECE, BLOCK_K)
     # The fp16 lane sums of a chain overflow past 65504: large activations (a down_proj input
     # reaches thousands in some models) are scaled down by 2^-e first, and d back up by 2^e.
     e = _overflow_shift(tl.max(tl.abs(xk), axis=0), BITS, CHAIN)
@@ -328,28 +354,46 @@ def _packed_fp16_tile(lin, block_k: int) -> tuple[int, int] | None:
 
 
 def _launch_packed_fp16(x2: torch.Tensor, lin, out2: torch.Tensor, bn: int, tile: tuple[int, int], tiles: int, nw: int,
-                        swiglu: bool) -> None:
+                        source: int = FROM_X, aux: torch.Tensor | None = None, clear: torch.Tensor | None = None) -> None:
     block_k, groups = tile
     k = lin.in_features
     n = lin.out_features
     tiles = max(1, min(tiles, triton.cdiv(n, bn)))  # no program of tiles wholly past N
     rows = block_k * lin.bits // 32
     chain = 2 if rows % 2 == 0 and (rows // groups) % 2 == 0 else 1  # a chain stays inside one group
-    _qgemv_f16x2_kernel[(triton.cdiv(n, bn * tiles), triton.cdiv(k, block_k))](
-        x2, lin.words, lin.scales, lin.zeros_or_offsets, lin.bias, out2,
-        n, k, lin.group_size_eff, lin.words.stride(0), lin.scales.stride(0),
+    grid = (triton.cdiv(n, bn * tiles), triton.cdiv(k, block_k))
+    head_dim = k // aux.shape[1] if source == FROM_SPLITS else 1
+    clear_n = 0 if clear is None else clear.numel()
+    _qgemv_f16x2_kernel[grid](
+        x2, aux, lin.words, lin.scales, lin.zeros_or_offsets, lin.bias, out2, clear,
+        n, k, lin.group_size_eff, lin.words.stride(0), lin.scales.stride(0), clear_n,
         BITS=lin.bits, ZERO_MODE=lin.zero_mode_id, HAS_BIAS=lin.bias is not None, EMULATE=INTERPRET,
         BLOCK_N=bn, BLOCK_K=block_k, TILES=tiles, GROUPS=groups, CHAIN=chain,
-        EVEN=n % (bn * tiles) == 0 and k % block_k == 0, SWIGLU=swiglu, num_warps=nw, **pdl_launch(x2),
+        EVEN=n % (bn * tiles) == 0 and k % block_k == 0, SOURCE=source,
+        NUM_SPLITS=aux.shape[0] if source == FROM_SPLITS else 1, HEAD_DIM=head_dim, PIECE=math.gcd(block_k, head_dim),
+        CLEAR_CHUNK=triton.next_power_of_2(triton.cdiv(clear_n, grid[0] * grid[1])) if clear_n else 0,
+        num_warps=nw, **pdl_launch(x2),
     )
 
 
-def swiglu_fusable(lin, config: tuple[int, int, int, int, bool | str] | None = None) -> bool:
-    """Whether qmatmul_accumulate_swiglu serves `lin`: its decode GEMV is the packed-fp16 one
-    (K a multiple of the codes per word, no act-order, a K tile of whole groups exists)."""
+def packed_fp16_serves(lin, config: tuple[int, int, int, int, bool | str] | None = None) -> bool:
+    """Whether `lin`'s decode GEMV is the packed-fp16 one (K a multiple of the codes per word, no
+    act-order, a K tile of whole groups exists), and so can form its own input:
+    qmatmul_accumulate_swiglu and qmatmul_accumulate_attention serve it."""
     _, bk, _, _, path = config or lin.splitk_config(1)
     return (path == "f16x2" and lin.in_features % (32 // lin.bits) == 0 and lin.perm is None
             and _packed_fp16_tile(lin, bk) is not None)
+
+
+def _decode_gemv_config(caller: str, lin, out: torch.Tensor, config, alternative: str) -> tuple:
+    """The checks the decode step's input-forming GEMVs share; returns (BLOCK_N, tile, tiles, warps)."""
+    if out.dtype != torch.float32 or out.numel() != lin.out_features:
+        raise ValueError(f"{caller}: out must be fp32 [1, {lin.out_features}], got {out.dtype} {tuple(out.shape)}")
+    if not packed_fp16_serves(lin, config):
+        raise ValueError(f"{caller}: no packed-fp16 GEMV for this linear (bits {lin.bits}, K {lin.in_features}, "
+                         f"act-order {lin.perm is not None}, config {config or lin.splitk_config(1)}); use {alternative}")
+    bn, bk, tiles, nw, _ = config or lin.splitk_config(1)
+    return bn, _packed_fp16_tile(lin, bk), tiles, nw
 
 
 def qmatmul_accumulate_swiglu(gate_up: torch.Tensor, lin, out: torch.Tensor,
@@ -362,13 +406,8 @@ def qmatmul_accumulate_swiglu(gate_up: torch.Tensor, lin, out: torch.Tensor,
     if gate_up.dtype != torch.float32 or gate_up.shape != (1, 2 * k) or not gate_up.is_contiguous():
         raise ValueError(f"qmatmul_accumulate_swiglu: gate_up must be contiguous fp32 [1, {2 * k}], got "
                          f"{gate_up.dtype} {tuple(gate_up.shape)}")
-    if out.dtype != torch.float32 or out.numel() != lin.out_features:
-        raise ValueError(f"qmatmul_accumulate_swiglu: out must be fp32 [1, {lin.out_features}], got {out.dtype} {tuple(out.shape)}")
-    if not swiglu_fusable(lin, config):
-        raise ValueError(f"qmatmul_accumulate_swiglu: no packed-fp16 GEMV for this linear (bits {lin.bits}, K {k}, "
-                         f"act-order {lin.perm is not None}, config {config or lin.splitk_config(1)}); use swiglu + qmatmul_accumulate")
-    bn, bk, iters, nw, _ = config or lin.splitk_config(1)
-    _launch_packed_fp16(gate_up, lin, out.view(1, lin.out_features), bn, _packed_fp16_tile(lin, bk), iters, nw, swiglu=True)
+    bn, tile, tiles, nw = _decode_gemv_config("qmatmul_accumulate_swiglu", lin, out, config, "swiglu + qmatmul_accumulate")
+    _launch_packed_fp16(gate_up, lin, out.view(1, lin.out_features), bn, tile, tiles, nw, source=FROM_SWIGLU)
     return out
 
 
@@ -382,5 +421,31 @@ def try_packed_fp16_gemv(x2: torch.Tensor, lin, out2: torch.Tensor, config: tupl
     tile = _packed_fp16_tile(lin, bk)
     if tile is None:
         return False
-    _launch_packed_fp16(x2, lin, out2, bn, tile, iters, nw, swiglu=False)
+    _launch_packed_fp16(x2, lin, out2, bn, tile, iters, nw)
     return True
+
+
+def qmatmul_accumulate_attention(splits: tuple[torch.Tensor, torch.Tensor], lin, out: torch.Tensor,
+                                 clear: torch.Tensor | None = None,
+                                 config: tuple[int, int, int, int, bool | str] | None = None) -> torch.Tensor:
+    """out [1, N] (fp32) += attn @ W.T (+ bias) for one decode row, attn the merge of flash-decoding's
+    splits (o [S, H, hd], lse [S, H]: kernels.flash_decode.flash_decode_splits): each program merges
+    the splits of its own K slice as the combine kernel would (rounded to fp16 as its output), so
+    the decode step needs no combine launch. `clear` (contiguous fp32), if given, is zeroed by the
+    programs after the previous kernel has completed: the accumulators the step has read by then,
+    which the combine kernel would have zeroed. Returns out."""
+    o, lse = splits
+    k = lin.in_features
+    if o.dtype != torch.float32 or lse.dtype != torch.float32 or o.dim() != 3 or lse.shape != o.shape[:2] \
+            or o.shape[1] * o.shape[2] != k or not (o.is_contiguous() and lse.is_contiguous()):
+        raise ValueError(f"qmatmul_accumulate_attention: splits must be contiguous fp32 o [S, H, hd] and lse [S, H] "
+                         f"with H * hd = {k}, got {tuple(o.shape)} {o.dtype} and {tuple(lse.shape)} {lse.dtype}")
+    if o.shape[0] & (o.shape[0] - 1):
+        raise ValueError(f"qmatmul_accumulate_attention: the split count {o.shape[0]} must be a power of two")
+    if clear is not None and (clear.dtype != torch.float32 or not clear.is_contiguous()):
+        raise ValueError("qmatmul_accumulate_attention: the buffer to clear must be contiguous fp32")
+    bn, tile, tiles, nw = _decode_gemv_config("qmatmul_accumulate_attention", lin, out, config,
+                                              "flash_decode's combine and qmatmul_accumulate")
+    _launch_packed_fp16(o, lin, out.view(1, lin.out_features), bn, tile, tiles, nw,
+                        source=FROM_SPLITS, aux=lse, clear=clear)
+    return out

@@ -62,6 +62,13 @@ def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.silu(g) * u
 
 
+def merge_splits(o: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """Flash-decoding's partial outputs o [S, H, hd] merged by their log-sum-exps lse [S, H] -> [H * hd];
+    an empty split (lse -inf) weighs 0, whatever its o holds."""
+    w = torch.softmax(lse.float(), dim=0)[..., None]
+    return torch.where(w > 0, o.float() * w, 0.0).sum(0).reshape(-1)
+
+
 def quantize_kv_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-vector (last dim) int8 quantization: scale = max|x| / 127, codes round(x / scale)."""
     scale = x.float().abs().amax(-1).clamp(min=1e-8) / 127.0

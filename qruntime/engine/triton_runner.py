@@ -7,16 +7,17 @@ Decode step (one token, all buffers static, positions and lengths in device memo
     per layer:  xn = rmsnorm(h)                          (kernels.rmsnorm)
                 qkv += xn @ Wqkv.T                       (kernels.qmatmul, split-K atomics, fused q|k|v)
                 q, cache[pos] = rope(qkv)                (in flash_decode: norm, rotate, int8-quantize)
-                attn = flash_decode(q, cache[:pos+1])    (kernels.flash_decode; its combine zeroes qkv
-                                                          and gu, read by now)
-                h += attn @ Wo.T                         (atomics straight into the residual stream)
+                attn = flash_decode(q, cache[:pos+1])    (kernels.flash_decode: splits over the cache)
+                h += attn @ Wo.T                         (atomics straight into the residual stream; the
+                                                          GEMV merges the splits itself and zeroes
+                                                          qkv and gu, read by now)
                 xn = rmsnorm(h); gu += xn @ Wgu.T        (fused gate|up)
                 h += (silu(g) * u) @ Wd.T                (formed in the GEMV; else kernels.swiglu first)
     logits = rmsnorm(h) @ lm_head.T; token = argmax     (kernels.argmax: greedy stays on the device)
 
 The split-K matmuls accumulate in fp32 with atomics, so their outputs must start at zero: the
 consumer of each accumulator zeroes it after reading (the gate|up one, read by every program of
-the fused down_proj GEMV, by the next layer's flash-decoding), and the residual stream is itself the
+the fused down_proj GEMV, by the next layer's o_proj), and the residual stream is itself the
 accumulator of o_proj and down_proj ("h += ..." costs no extra pass). Prefill runs the same kernels
 eagerly on M rows (whole-K matmuls, causal flash attention over the cache).
 """
@@ -31,10 +32,10 @@ import torch
 from qruntime.checkpoint import PackedLinear, QuantizedCheckpoint
 from qruntime.config import ModelConfig
 from qruntime.kernels.argmax import greedy_advance, greedy_workspace
-from qruntime.kernels.flash_decode import RopeInput, flash_decode
+from qruntime.kernels.flash_decode import RopeInput, flash_decode, flash_decode_splits
 from qruntime.kernels.layout import concat_out_features, prepare
 from qruntime.kernels.prefill_attention import prefill_attention
-from qruntime.kernels.gemv_f16x2 import qmatmul_accumulate_swiglu, swiglu_fusable
+from qruntime.kernels.gemv_f16x2 import packed_fp16_serves, qmatmul_accumulate_attention, qmatmul_accumulate_swiglu
 from qruntime.kernels.qmatmul import qmatmul, qmatmul_accumulate
 from qruntime.kernels.rmsnorm import rmsnorm
 from qruntime.kernels.rope import rope_qkv_to_cache
@@ -62,13 +63,19 @@ class RunnerLinear:
         else:
             out.add_(torch.nn.functional.linear(x.to(self.weight.dtype), self.weight, self.bias))
 
-    def fuses_swiglu(self) -> bool:
-        """Whether accumulate_swiglu serves this linear (a packed-fp16 decode GEMV)."""
-        return self.triton is not None and swiglu_fusable(self.triton)
+    def forms_own_input(self) -> bool:
+        """Whether accumulate_swiglu and accumulate_attention serve this linear (a packed-fp16
+        decode GEMV)."""
+        return self.triton is not None and packed_fp16_serves(self.triton)
 
     def accumulate_swiglu(self, gate_up: torch.Tensor, out: torch.Tensor) -> None:
         """out (fp32) += (silu(gate) * up) @ W.T for one row of the fp32 gate|up accumulator."""
         qmatmul_accumulate_swiglu(gate_up, self.triton, out)
+
+    def accumulate_attention(self, splits: tuple[torch.Tensor, torch.Tensor], out: torch.Tensor,
+                             clear: torch.Tensor) -> None:
+        """out (fp32) += attn @ W.T, attn merged from flash-decoding's splits; zeroes `clear`."""
+        qmatmul_accumulate_attention(splits, self.triton, out, clear=clear)
 
     def matmul(self, x: torch.Tensor, residual: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
         """x @ W.T (+ bias) (+ residual), written to `out` when given."""
@@ -170,10 +177,12 @@ class TritonRunner:
         self.k_scale = torch.zeros(shape[:3], device=device, dtype=torch.float32) if int8 else None
         self.v_scale = torch.zeros(shape[:3], device=device, dtype=torch.float32) if int8 else None
         # down_proj forms silu(gate) * up itself when every layer's can (one launch fewer per
-        # layer); flash-decoding's second launch then zeroes the gate|up accumulator in place of the
-        # swiglu kernel.
-        # Not in fp32 mode, which exists to match the reference without fp16 activations.
-        self.fused_swiglu = dtype != torch.float32 and all(lw.down.fuses_swiglu() for lw in self.layers)
+        # layer); whoever zeroes the q|k|v accumulator after flash-decoding then zeroes the gate|up
+        # one too, in place of the swiglu kernel. Likewise o_proj merges flash-decoding's splits
+        # itself when every layer's can (no combine launch) and does that zeroing.
+        # Neither in fp32 mode, which exists to match the reference without fp16 activations.
+        self.fused_swiglu = dtype != torch.float32 and all(lw.down.forms_own_input() for lw in self.layers)
+        self.fused_merge = dtype != torch.float32 and all(lw.o.forms_own_input() for lw in self.layers)
         self._allocate_decode_buffers()
         self.rope_inputs = [RopeInput(self.qkv_acc, self.cos, self.sin, lw.q_norm, lw.k_norm, cfg.rms_norm_eps)
                             for lw in self.layers]
@@ -196,7 +205,8 @@ class TritonRunner:
         # the split-K accumulators of q|k|v and gate|up, side by side so one pass zeroes both
         self.accumulators = torch.zeros(qkv_width + 2 * cfg.intermediate_size, **f32)
         self.qkv_acc = self.accumulators[:qkv_width].view(1, qkv_width)
-        self.attn = torch.zeros((1, cfg.num_heads * cfg.head_dim), **act)
+        # the attention output, for an o_proj that cannot merge flash-decoding's splits itself
+        self.attn = None if self.fused_merge else torch.zeros((1, cfg.num_heads * cfg.head_dim), **act)
         self.gu_acc = self.accumulators[qkv_width:].view(1, 2 * cfg.intermediate_size)
         # silu(gate) * up for a down_proj that cannot form it itself (fused_swiglu: none is needed)
         self.act = None if self.fused_swiglu else torch.zeros((1, cfg.intermediate_size), **act)
@@ -239,13 +249,18 @@ class TritonRunner:
         for i, lw in enumerate(self.layers):
             rmsnorm(self.h, lw.input_norm, cfg.rms_norm_eps, out=self.xn)
             self._accumulate_split(lw.qkv, self.xn, self.qkv_acc)
-            # RoPE of q and the new k, the cache write and the attention in one launch; its
-            # second launch zeroes the accumulators read so far (gate|up too when down_proj reads it)
-            flash_decode(None, self.k_cache[i], self.v_cache[i], self.seq_len, self.attn[0],
-                         rope=self.rope_inputs[i], clear=self.accumulators if self.fused_swiglu else self.qkv_acc,
-                         num_splits=self.num_splits, block_s=DECODE_ATTENTION_BLOCK, num_warps=DECODE_ATTENTION_WARPS,
-                         workspace=self.workspace, **self._scales(i))
-            lw.o.accumulate(self.attn, self.h)
+            # RoPE of q and the new k, the cache write and the attention in one launch; the merge
+            # of its splits (by o_proj, or by flash-decoding's second launch) zeroes the
+            # accumulators read so far (gate|up too when down_proj reads it)
+            clear = self.accumulators if self.fused_swiglu else self.qkv_acc
+            attention = dict(rope=self.rope_inputs[i], num_splits=self.num_splits, block_s=DECODE_ATTENTION_BLOCK,
+                             num_warps=DECODE_ATTENTION_WARPS, workspace=self.workspace, **self._scales(i))
+            if self.fused_merge:
+                splits = flash_decode_splits(None, self.k_cache[i], self.v_cache[i], self.seq_len, **attention)
+                lw.o.accumulate_attention(splits, self.h, clear)
+            else:
+                flash_decode(None, self.k_cache[i], self.v_cache[i], self.seq_len, self.attn[0], clear=clear, **attention)
+                lw.o.accumulate(self.attn, self.h)
             rmsnorm(self.h, lw.post_norm, cfg.rms_norm_eps, out=self.xn)
             self._accumulate_split(lw.gate_up, self.xn, self.gu_acc)
             if self.fused_swiglu:
@@ -263,7 +278,6 @@ class TritonRunner:
         for lin in lins:
             lin.accumulate(x, out[:, col:col + lin.out_features] if len(lins) > 1 else out)
             col += lin.out_features
-
     def _advance(self) -> None:
         # token = argmax(logits) (first index, like torch.argmax), pos += 1, seq_len += 1: one launch
         greedy_advance(self.logits, self.token, self.pos, self.seq_len, self.greedy_ws)

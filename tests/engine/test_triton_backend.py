@@ -41,7 +41,8 @@ def test_fp16_decode_steps_match_torch_backend(tiny_model_dir, variant, bits):
     fast = qruntime.Model(ckpt, device="cpu", backend="triton", dtype=torch.float16)
     r = fast.runner
     assert r.xn.dtype == torch.float16
-    assert r.fused_swiglu  # down_proj forms silu(gate) * up itself; rope zeroes the gate|up accumulator
+    assert r.fused_swiglu  # down_proj forms silu(gate) * up itself
+    assert r.fused_merge and r.attn is None  # o_proj merges the attention splits, zeroes q|k|v and gate|up
     ids = list(range(5, 17))
     r.prefill(torch.tensor(ids[:-1]))
     r.token.fill_(ids[-1]); r.pos.fill_(len(ids) - 1); r.seq_len.fill_(len(ids))

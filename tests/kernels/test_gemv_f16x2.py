@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from qruntime.kernels import reference as R
-from qruntime.kernels.gemv_f16x2 import qmatmul_accumulate_swiglu, swiglu_fusable
+from qruntime.kernels.flash_decode import flash_decode, flash_decode_splits
+from qruntime.kernels.gemv_f16x2 import packed_fp16_serves, qmatmul_accumulate_attention, qmatmul_accumulate_swiglu
 from qruntime.kernels.layout import prepare
 from qruntime.kernels.qmatmul import qmatmul_accumulate
 from qruntime.kernels.reference import linear as ref_linear
@@ -102,8 +103,74 @@ def test_swiglu_fused_gemv_matches_swiglu_then_gemv(bits, shape, tile):
 def test_swiglu_fused_gemv_refuses_what_it_cannot_serve():
     lin = make_linear(16, 64, 4, 32, "int", seed=1)
     t = prepare(lin, torch.device("cpu"), torch.float16)
-    assert swiglu_fusable(t, (16, 32, 1, 4, "f16x2")) and not swiglu_fusable(t, (16, 32, 1, 4, True))
+    assert packed_fp16_serves(t, (16, 32, 1, 4, "f16x2")) and not packed_fp16_serves(t, (16, 32, 1, 4, True))
     with pytest.raises(ValueError, match="no packed-fp16 GEMV"):
         qmatmul_accumulate_swiglu(torch.zeros(1, 128), t, torch.zeros(1, 16), config=(16, 32, 1, 4, False))
     with pytest.raises(ValueError, match="fp32"):
         qmatmul_accumulate_swiglu(torch.zeros(1, 128).half(), t, torch.zeros(1, 16), config=(16, 32, 1, 4, "f16x2"))
+
+
+@pytest.mark.parametrize("splits,used", [(4, (2, 3)), (16, (11, 9))], ids=["4-splits", "16-splits-2-chunks"])
+@pytest.mark.parametrize("tile", [(16, 32, 2, 4, "f16x2"), (16, 64, 1, 4, "f16x2")], ids=["k32-2-tiles", "k64"])
+@pytest.mark.parametrize("heads,hd", [(4, 16), (2, 48)], ids=["h4-hd16", "h2-hd48"])
+@pytest.mark.parametrize("bits", [4, 8], ids=["int4", "int8"])
+def test_attention_merging_gemv_matches_merge_then_gemv(bits, heads, hd, tile, splits, used):
+    """o_proj of the decode step merges flash-decoding's splits for its own K slice: the result
+    equals the merged attention rounded to fp16 fed to the plain GEMV. K slices of 32 or 64 span
+    several heads of 16 and cut heads of 48. Heads 0 and 1 use a prefix of `used` splits (as
+    flash-decoding leaves them: the rest empty, lse -inf, o NaN, which must not be read; the
+    others use all); 16 splits are read 8 at a time. The buffer to clear (not a multiple of the
+    programs) ends up zero."""
+    n, k = 40, heads * hd
+    lin = make_linear(n, k, bits, 32, "int", seed=k + bits)
+    t = prepare(lin, torch.device("cpu"), torch.float16)
+    g = torch.Generator().manual_seed(heads + splits)
+    o = torch.randn(splits, heads, hd, generator=g) * 2
+    lse = torch.randn(splits, heads, generator=g) * 3
+    for head, count in enumerate(used):
+        lse[count:, head], o[count:, head] = float("-inf"), float("nan")
+    clear = torch.randn(37)
+    start = torch.randn(1, n)
+    out = start.clone()
+    qmatmul_accumulate_attention((o, lse), t, out, clear=clear, config=tile)
+    assert torch.equal(clear, torch.zeros(37))
+    attn = R.merge_splits(o, lse).half()
+    assert_close(out - start, ref_linear(attn.float()[None], lin), "fp16_dot")
+
+
+@pytest.mark.parametrize("splits,length", [(8, 21), (16, 150)], ids=["8-splits-len21", "16-splits-len150"])
+def test_attention_merging_gemv_after_flash_decode_splits(splits, length):
+    """flash_decode_splits then the merging GEMV equals flash_decode (splits and combine) then the
+    plain GEMV, over a cache where some splits are empty (their o left unwritten: NaN here); at
+    length 150, 10 splits of 16 positions are used, merged in two chunks of 8."""
+    heads, kv, hd = 8, 2, 16
+    g = torch.Generator().manual_seed(length)
+    k_cache, v_cache = torch.randn(kv, 160, hd, generator=g), torch.randn(kv, 160, hd, generator=g)
+    q = torch.randn(heads, hd, generator=g)
+    seq_len = torch.tensor([length], dtype=torch.int32)
+    lin = make_linear(24, heads * hd, 4, 32, "int", seed=9)
+    t = prepare(lin, torch.device("cpu"), torch.float16)
+    workspace = (torch.full((splits, heads, hd), float("nan")), torch.full((splits, heads), float("nan")))
+    fused = torch.zeros(1, 24)
+    qmatmul_accumulate_attention(flash_decode_splits(q, k_cache, v_cache, seq_len, num_splits=splits, block_s=16,
+                                                     workspace=workspace), t, fused, config=(16, 32, 1, 4, "f16x2"))
+    attn = torch.zeros(heads * hd)
+    flash_decode(q, k_cache, v_cache, seq_len, attn, num_splits=splits, block_s=16)
+    reference = R.attention_over_cache(q[None], k_cache, v_cache, length - 1)[0]
+    assert_close(attn, reference, "fp16_dot")
+    plain = torch.zeros(1, 24)
+    qmatmul_accumulate(attn.half()[None], t, plain, config=(16, 32, 1, 4, "f16x2"))
+    assert_close(fused, plain, "fp16_dot")
+    assert_close(fused, ref_linear(reference.half().float()[None], lin), "fp16_dot")
+
+
+def test_attention_merging_gemv_refuses_what_it_cannot_serve():
+    lin = make_linear(16, 64, 4, 32, "int", seed=1)
+    t = prepare(lin, torch.device("cpu"), torch.float16)
+    o, lse = torch.zeros(4, 4, 16), torch.zeros(4, 4)
+    with pytest.raises(ValueError, match="no packed-fp16 GEMV"):
+        qmatmul_accumulate_attention((o, lse), t, torch.zeros(1, 16), config=(16, 32, 1, 4, False))
+    with pytest.raises(ValueError, match="H \\* hd = 64"):
+        qmatmul_accumulate_attention((torch.zeros(4, 4, 8), torch.zeros(4, 4)), t, torch.zeros(1, 16))
+    with pytest.raises(ValueError, match="power of two"):
+        qmatmul_accumulate_attention((torch.zeros(3, 4, 16), torch.zeros(3, 4)), t, torch.zeros(1, 16))
