@@ -172,8 +172,10 @@ def _combine_kernel(o_ptr, lse_ptr, out_ptr, clear_ptr, CLEAR_N, H: tl.constexpr
         tl.store(clear_ptr + offs, tl.zeros([CLEAR_CHUNK], dtype=clear_ptr.dtype.element_ty), mask=offs < CLEAR_N)
     d = tl.arange(0, HD)
     one = tl.arange(0, 1)
+    # all splits in one chunk: 4 warps hold [NUM_SPLITS, HD] without spilling, and at long contexts
+    # (every split used) chunks would be dependent rounds of loads
     out = merge_splits(o_ptr, lse_ptr, (h + one[:, None]) * HD + d[None, :], h + one, one == 0, H * HD, H,
-                       NUM_SPLITS, 8 if NUM_SPLITS > 8 else NUM_SPLITS)
+                       NUM_SPLITS, NUM_SPLITS)
     tl.store(out_ptr + h * HD + d[None, :], out.to(out_ptr.dtype.element_ty))
 
 
