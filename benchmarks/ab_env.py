@@ -6,8 +6,8 @@ recaptured each time, so that card-to-card and run noise cancel out:
         [--spec SPEC ...] [--bits 4] [--rounds 3] [--prompt 128]
 
 VAR may also name a setting of the triton runner, as runner.fused_merge (0/1: o_proj merges
-flash-decoding's splits, or the combine launch does) or runner.num_splits (the decode step's split
-count).
+flash-decoding's splits, or the combine launch does), runner.num_splits (the decode step's split
+count) or runner.plain_step_ends (0/1: the step's start and lm_head's zeroing as torch launches).
 """
 import argparse
 import os
@@ -15,7 +15,30 @@ import os
 import torch
 
 from bench_decode import time_decode
+import qruntime.engine.triton_runner as runner_mod
 from gpu_common import prefill_and_capture, synthetic_model
+
+_REAL = dict(embed_rmsnorm=runner_mod.embed_rmsnorm)
+
+
+def _plain_embed_rmsnorm(table, index, weight, eps, rows, out):
+    """The step's start as it was: embedding lookup and copy (two torch launches), then RMSNorm."""
+    rows.copy_(table.index_select(0, index))
+    return runner_mod.rmsnorm(rows, weight, eps, out=out)
+
+
+def _plain_step_ends(r, on: bool) -> None:
+    """runner.plain_step_ends=1: the step starts with the torch embedding lookup and copy and zeroes
+    the logits with a torch launch before lm_head, as before embed_rmsnorm (layer 0 still zeroes
+    the logits too, a few hundred KB of stores: the old step is emulated a little slow)."""
+    runner_mod.embed_rmsnorm = _plain_embed_rmsnorm if on else _REAL["embed_rmsnorm"]
+    lm_head = r.lm_head
+    if on and not hasattr(lm_head, "_real_accumulate"):
+        lm_head._real_accumulate = lm_head.accumulate
+        lm_head.accumulate = lambda x, out: (out.zero_(), lm_head._real_accumulate(x, out))
+    elif not on and hasattr(lm_head, "_real_accumulate"):
+        lm_head.accumulate = lm_head._real_accumulate
+        del lm_head._real_accumulate
 
 
 def set_switch(r, var: str, value: str) -> None:
@@ -27,6 +50,8 @@ def set_switch(r, var: str, value: str) -> None:
         r.fused_merge = value == "1"
         if r.attn is None:  # the combine path's output buffer
             r.attn = torch.zeros((1, r.cfg.num_heads * r.cfg.head_dim), device=r.device, dtype=torch.float16)
+    elif name == "plain_step_ends":
+        _plain_step_ends(r, value == "1")
     elif name == "num_splits":
         r.num_splits = int(value)
         r.workspace = (torch.empty((r.num_splits, r.cfg.num_heads, r.cfg.head_dim), device=r.device),

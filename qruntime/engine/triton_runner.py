@@ -3,7 +3,7 @@ buffers, with the whole decode step captured in one CUDA graph.
 
 Decode step (one token, all buffers static, positions and lengths in device memory):
 
-    h (fp32 residual) = embed[token]
+    h (fp32 residual) = embed[token]                     (with layer 0's RMSNorm: kernels.rmsnorm.embed_rmsnorm)
     per layer:  xn = rmsnorm(h)                          (kernels.rmsnorm)
                 qkv += xn @ Wqkv.T                       (kernels.qmatmul, split-K atomics, fused q|k|v)
                 q, cache[pos] = rope(qkv)                (in flash_decode: norm, rotate, int8-quantize)
@@ -17,8 +17,8 @@ Decode step (one token, all buffers static, positions and lengths in device memo
 
 The split-K matmuls accumulate in fp32 with atomics, so their outputs must start at zero: the
 consumer of each accumulator zeroes it after reading (the gate|up one, read by every program of
-the fused down_proj GEMV, by the next layer's o_proj), and the residual stream is itself the
-accumulator of o_proj and down_proj ("h += ..." costs no extra pass). Prefill runs the same kernels
+the fused down_proj GEMV, by the next layer's o_proj; the logits by layer 0's o_proj), and the
+residual stream is itself the accumulator of o_proj and down_proj ("h += ..." costs no extra pass). Prefill runs the same kernels
 eagerly on M rows (whole-K matmuls, causal flash attention over the cache).
 """
 
@@ -37,7 +37,7 @@ from qruntime.kernels.layout import concat_out_features, prepare
 from qruntime.kernels.prefill_attention import prefill_attention
 from qruntime.kernels.gemv_f16x2 import packed_fp16_serves, qmatmul_accumulate_attention, qmatmul_accumulate_swiglu
 from qruntime.kernels.qmatmul import qmatmul, qmatmul_accumulate
-from qruntime.kernels.rmsnorm import rmsnorm
+from qruntime.kernels.rmsnorm import embed_rmsnorm, rmsnorm
 from qruntime.kernels.rope import rope_qkv_to_cache
 from qruntime.kernels.swiglu import swiglu
 from qruntime.layers.rotary import inv_frequencies
@@ -202,15 +202,21 @@ class TritonRunner:
         self.seq_len = torch.ones(1, device=dev, dtype=torch.int32)    # pos + 1
         self.h = torch.zeros((1, cfg.hidden_size), **f32)
         self.xn = torch.zeros((1, cfg.hidden_size), **act)
-        # the split-K accumulators of q|k|v and gate|up, side by side so one pass zeroes both
-        self.accumulators = torch.zeros(qkv_width + 2 * cfg.intermediate_size, **f32)
+        # The split-K accumulators: the logits (lm_head's), q|k|v and gate|up, side by side so one
+        # pass zeroes them. Layer 0's zeroing (after its flash-decoding) takes the logits too: the
+        # step's previous ones have been read (argmax, or the host's sampler between steps), and
+        # lm_head's GEMV then needs no zeroing launch before it, which would break the chain of
+        # PDL launches there.
+        v = cfg.vocab_size
+        self.step_accumulators = torch.zeros(v + qkv_width + 2 * cfg.intermediate_size, **f32)
+        self.logits = self.step_accumulators[:v].view(1, v)
+        self.accumulators = self.step_accumulators[v:]
         self.qkv_acc = self.accumulators[:qkv_width].view(1, qkv_width)
         # the attention output, for an o_proj that cannot merge flash-decoding's splits itself
         self.attn = None if self.fused_merge else torch.zeros((1, cfg.num_heads * cfg.head_dim), **act)
         self.gu_acc = self.accumulators[qkv_width:].view(1, 2 * cfg.intermediate_size)
         # silu(gate) * up for a down_proj that cannot form it itself (fused_swiglu: none is needed)
         self.act = None if self.fused_swiglu else torch.zeros((1, cfg.intermediate_size), **act)
-        self.logits = torch.zeros((1, cfg.vocab_size), **f32)
         self.greedy_ws = greedy_workspace(dev)  # argmax key and finish counter; the kernel resets them
         self.workspace = (torch.empty((self.num_splits, cfg.num_heads, cfg.head_dim), **f32),
                           torch.empty((self.num_splits, cfg.num_heads), **f32))
@@ -245,14 +251,19 @@ class TritonRunner:
     # ------------------------------------------------------------------ decode
     def _decode_step(self) -> None:
         cfg = self.cfg
-        self.h.copy_(self.embed.index_select(0, self.token))
         for i, lw in enumerate(self.layers):
-            rmsnorm(self.h, lw.input_norm, cfg.rms_norm_eps, out=self.xn)
+            if i == 0:  # h = embed[token] and its RMSNorm, one launch
+                embed_rmsnorm(self.embed, self.token, lw.input_norm, cfg.rms_norm_eps, rows=self.h, out=self.xn)
+            else:
+                rmsnorm(self.h, lw.input_norm, cfg.rms_norm_eps, out=self.xn)
             self._accumulate_split(lw.qkv, self.xn, self.qkv_acc)
             # RoPE of q and the new k, the cache write and the attention in one launch; the merge
             # of its splits (by o_proj, or by flash-decoding's second launch) zeroes the
-            # accumulators read so far (gate|up too when down_proj reads it)
-            clear = self.accumulators if self.fused_swiglu else self.qkv_acc
+            # accumulators read so far (gate|up too when down_proj reads it; in layer 0 the
+            # logits, which sit before them, too)
+            first = 0 if i == 0 else self.logits.numel()
+            last = self.step_accumulators.numel() if self.fused_swiglu else self.logits.numel() + self.qkv_acc.numel()
+            clear = self.step_accumulators[first:last]
             attention = dict(rope=self.rope_inputs[i], num_splits=self.num_splits, block_s=DECODE_ATTENTION_BLOCK,
                              num_warps=DECODE_ATTENTION_WARPS, workspace=self.workspace, **self._scales(i))
             if self.fused_merge:
@@ -269,8 +280,7 @@ class TritonRunner:
                 swiglu(self.gu_acc, out=self.act, zero_input=True)
                 lw.down.accumulate(self.act, self.h)
         rmsnorm(self.h, self.final_norm, cfg.rms_norm_eps, out=self.xn)
-        self.logits.zero_()
-        self.lm_head.accumulate(self.xn, self.logits)
+        self.lm_head.accumulate(self.xn, self.logits)  # zeroed in layer 0
 
     @staticmethod
     def _accumulate_split(lins: list[RunnerLinear], x: torch.Tensor, out: torch.Tensor) -> None:

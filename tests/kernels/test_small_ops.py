@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from qruntime.kernels import reference as R
-from qruntime.kernels.rmsnorm import rmsnorm
+from qruntime.kernels.rmsnorm import embed_rmsnorm, rmsnorm
 from qruntime.kernels.rope import rope_qkv_to_cache
 from qruntime.kernels.swiglu import swiglu
 from tolerances import assert_close
@@ -17,6 +17,22 @@ def test_rmsnorm(m, d):
     out = torch.full((m, d), float("nan"))
     rmsnorm(x, w, 1e-6, out=out)
     assert_close(out, R.rms_norm(x, w, 1e-6), "fp32")
+
+
+@pytest.mark.parametrize("d", [50, 64], ids=lambda d: f"d{d}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32-table", "fp16-table"])
+def test_embed_rmsnorm(dtype, d):
+    """The decode step's first launch: rows = table[index] in fp32 and out = their RMSNorm (fp16)."""
+    table = torch.randn(40, d).to(dtype)
+    index = torch.tensor([37, 2], dtype=torch.int64)
+    w = torch.randn(d)
+    rows = torch.full((2, d), float("nan"))
+    out = torch.full((2, d), float("nan"), dtype=torch.float16)
+    embed_rmsnorm(table, index, w, 1e-6, rows=rows, out=out)
+    assert torch.equal(rows, table[index].float())
+    assert_close(out, R.rms_norm(table[index].float(), w, 1e-6).half(), "fp16_dot")
+    with pytest.raises(ValueError, match="index must be int64"):
+        embed_rmsnorm(table, index.int(), w, 1e-6, rows=rows, out=out)
 
 
 @pytest.mark.parametrize("f", [7, 1024, 1500], ids=lambda f: f"f{f}")
