@@ -7,7 +7,8 @@ recaptured each time, so that card-to-card and run noise cancel out:
 
 VAR may also name a setting of the triton runner, as runner.fused_merge (0/1: o_proj merges
 flash-decoding's splits, or the combine launch does), runner.num_splits (the decode step's split
-count) or runner.plain_step_ends (0/1: the step's start and lm_head's zeroing as torch launches).
+count), runner.attention_tile (BLOCKxWARPS of its flash-decoding, e.g. 64x8) or
+runner.plain_step_ends (0/1: the step's start and lm_head's zeroing as torch launches).
 """
 import argparse
 import os
@@ -50,6 +51,8 @@ def set_switch(r, var: str, value: str) -> None:
         r.fused_merge = value == "1"
         if r.attn is None:  # the combine path's output buffer
             r.attn = torch.zeros((1, r.cfg.num_heads * r.cfg.head_dim), device=r.device, dtype=torch.float16)
+    elif name == "attention_tile":  # BLOCKxWARPS of the decode step's flash-decoding
+        runner_mod.DECODE_ATTENTION_BLOCK, runner_mod.DECODE_ATTENTION_WARPS = map(int, value.split("x"))
     elif name == "plain_step_ends":
         _plain_step_ends(r, value == "1")
     elif name == "num_splits":
