@@ -288,6 +288,7 @@ class TritonRunner:
         for lin in lins:
             lin.accumulate(x, out[:, col:col + lin.out_features] if len(lins) > 1 else out)
             col += lin.out_features
+
     def _advance(self) -> None:
         # token = argmax(logits) (first index, like torch.argmax), pos += 1, seq_len += 1: one launch
         greedy_advance(self.logits, self.token, self.pos, self.seq_len, self.greedy_ws)
