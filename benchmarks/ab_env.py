@@ -17,7 +17,8 @@ import torch
 
 from bench_decode import time_decode
 import qruntime.engine.triton_runner as runner_mod
-from gpu_common import prefill_and_capture, synthetic_model
+from gpu_common import (prefill_and_capture, set_decode_attention_tile, set_decode_splits, synthetic_model,
+                        use_combine_launch)
 
 _REAL = dict(embed_rmsnorm=runner_mod.embed_rmsnorm)
 
@@ -48,17 +49,13 @@ def set_switch(r, var: str, value: str) -> None:
         return
     name = var[len("runner."):]
     if name == "fused_merge":
-        r.fused_merge = value == "1"
-        if r.attn is None:  # the combine path's output buffer
-            r.attn = torch.zeros((1, r.cfg.num_heads * r.cfg.head_dim), device=r.device, dtype=torch.float16)
+        use_combine_launch(r, value != "1")
     elif name == "attention_tile":  # BLOCKxWARPS of the decode step's flash-decoding
-        runner_mod.DECODE_ATTENTION_BLOCK, runner_mod.DECODE_ATTENTION_WARPS = map(int, value.split("x"))
+        set_decode_attention_tile(*map(int, value.split("x")))
     elif name == "plain_step_ends":
         _plain_step_ends(r, value == "1")
     elif name == "num_splits":
-        r.num_splits = int(value)
-        r.workspace = (torch.empty((r.num_splits, r.cfg.num_heads, r.cfg.head_dim), device=r.device),
-                       torch.empty((r.num_splits, r.cfg.num_heads), device=r.device))
+        set_decode_splits(r, int(value))
     else:
         raise SystemExit(f"unknown runner setting {name}")
 

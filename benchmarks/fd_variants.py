@@ -7,20 +7,17 @@ import sys
 
 import torch
 
-import qruntime.engine.triton_runner as tr
 from bench_decode import time_decode
-from gpu_common import synthetic_model
+from gpu_common import set_decode_attention_tile, set_decode_splits, synthetic_model
 
 tag = sys.argv[1]
 for spec in sys.argv[2:] or ("synthetic:llama3.1-8b",):
     model = synthetic_model(spec, 4)
     r = model.runner
     for splits in (8, 16, 32):
-        r.num_splits = splits
-        r.workspace = (torch.empty((splits, r.cfg.num_heads, r.cfg.head_dim), device="cuda"),
-                       torch.empty((splits, r.cfg.num_heads), device="cuda"))
+        set_decode_splits(r, splits)
         for bs, nw in ((32, 4), (64, 4), (64, 8), (128, 4)):
-            tr.DECODE_ATTENTION_BLOCK, tr.DECODE_ATTENTION_WARPS = bs, nw  # read at each capture
+            set_decode_attention_tile(bs, nw)
             r.graph = None
             ms = [time_decode(model, repeats=2)]
             print(f"{tag} {spec} w4 fd splits={splits} block_s={bs} warps={nw}: {min(ms):.4f} ms/token {ms}", flush=True)

@@ -14,6 +14,7 @@ import statistics
 import torch
 
 import qruntime
+import qruntime.engine.triton_runner as runner_mod
 from qruntime.bench.measure import measure_read_bandwidth as bench_read_bandwidth
 from qruntime.bench.report import environment as bench_environment
 from qruntime.kernels.layout import prepare
@@ -75,6 +76,28 @@ def synthetic_model(spec: str, bits: int, max_seq_len: int = 512) -> "qruntime.M
     what the decode benchmarks time."""
     ckpt = synthetic_checkpoint(spec, bits=bits, dtype=torch.bfloat16)
     return qruntime.Model(ckpt, device="cuda", backend="triton", max_seq_len=max_seq_len)
+
+
+def use_combine_launch(runner, on: bool) -> None:
+    """The decode step with flash-decoding's combine launch and a plain o_proj (on), or with o_proj
+    merging the splits itself (off, the default where every o_proj can); recapture after."""
+    runner.fused_merge = not on
+    if runner.attn is None:  # the combine's output buffer
+        runner.attn = torch.zeros((1, runner.cfg.num_heads * runner.cfg.head_dim), device=runner.device,
+                                  dtype=torch.float16)
+
+
+def set_decode_splits(runner, splits: int) -> None:
+    """The decode step's flash-decoding split count, with a workspace to match; recapture after."""
+    cfg = runner.cfg
+    runner.num_splits = splits
+    runner.workspace = (torch.empty((splits, cfg.num_heads, cfg.head_dim), device=runner.device),
+                        torch.empty((splits, cfg.num_heads), device=runner.device))
+
+
+def set_decode_attention_tile(block: int, warps: int) -> None:
+    """Positions per block and warps of the decode step's flash-decoding (read at each capture)."""
+    runner_mod.DECODE_ATTENTION_BLOCK, runner_mod.DECODE_ATTENTION_WARPS = block, warps
 
 
 def prefill_and_capture(runner, vocab_size: int, prompt_len: int) -> None:

@@ -19,7 +19,7 @@ import torch
 import qruntime.engine.triton_runner as runner_mod
 import qruntime.kernels.flash_decode as fd_mod
 from bench_decode import time_decode
-from gpu_common import synthetic_model
+from gpu_common import synthetic_model, use_combine_launch
 
 
 class _NoLaunch:
@@ -71,8 +71,7 @@ for spec in args.spec or ["synthetic:llama3.1-8b"]:
     model = synthetic_model(spec, args.bits)
     r = model.runner
     if args.combine:
-        r.fused_merge = False
-        r.attn = torch.zeros((1, r.cfg.num_heads * r.cfg.head_dim), device=r.device, dtype=torch.float16)
+        use_combine_launch(r, True)
     results = {name: [] for name in VARIANTS}
     for _ in range(args.rounds):
         for name, what in VARIANTS.items():
