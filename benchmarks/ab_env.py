@@ -8,7 +8,8 @@ recaptured each time, so that card-to-card and run noise cancel out:
 VAR may also name a setting of the triton runner, as runner.fused_merge (0/1: o_proj merges
 flash-decoding's splits, or the combine launch does), runner.num_splits (the decode step's split
 count), runner.attention_tile (BLOCKxWARPS of its flash-decoding, e.g. 64x8) or
-runner.plain_step_ends (0/1: the step's start and lm_head's zeroing as torch launches).
+runner.plain_step_ends (0/1: the step's start and lm_head's zeroing as torch launches) or
+runner.deferred_norms (0/1: the layers' RMSNorms as launches, or deferred to the kernels after their GEMVs).
 """
 import argparse
 import os
@@ -18,7 +19,7 @@ import torch
 from bench_decode import time_decode
 import qruntime.engine.triton_runner as runner_mod
 from gpu_common import (prefill_and_capture, set_decode_attention_tile, set_decode_splits, synthetic_model,
-                        use_combine_launch)
+                        use_combine_launch, use_deferred_norms)
 
 _REAL = dict(embed_rmsnorm=runner_mod.embed_rmsnorm)
 
@@ -54,6 +55,8 @@ def set_switch(r, var: str, value: str) -> None:
         set_decode_attention_tile(*map(int, value.split("x")))
     elif name == "plain_step_ends":
         _plain_step_ends(r, value == "1")
+    elif name == "deferred_norms":
+        use_deferred_norms(r, value == "1")
     elif name == "num_splits":
         set_decode_splits(r, int(value))
     else:

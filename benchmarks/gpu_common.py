@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import statistics
@@ -93,6 +94,16 @@ def set_decode_splits(runner, splits: int) -> None:
     runner.num_splits = splits
     runner.workspace = (torch.empty((splits, cfg.num_heads, cfg.head_dim), device=runner.device),
                         torch.empty((splits, cfg.num_heads), device=runner.device))
+
+
+def use_deferred_norms(runner, on: bool) -> None:
+    """The decode step with its layers' RMSNorms deferred to the kernels after their GEMVs (on, the
+    default where the model allows it) or as launches of their own; recapture after."""
+    if not hasattr(runner, "_deferred_norms_allowed"):
+        runner._deferred_norms_allowed = (runner.defer_attention_norm, runner.defer_mlp_norm)
+    runner.defer_attention_norm, runner.defer_mlp_norm = (on and allowed for allowed in runner._deferred_norms_allowed)
+    runner.rope_inputs = [dataclasses.replace(ri, input_norm=norm if runner.defer_attention_norm else None)
+                          for ri, norm in zip(runner.rope_inputs, runner.input_norms)]
 
 
 def set_decode_attention_tile(block: int, warps: int) -> None:

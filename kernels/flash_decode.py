@@ -6,7 +6,9 @@ partial output with its log-sum-exp; `_combine_kernel` merges the splits (`merge
 the decode step (ROPE) the programs also do kernels.rope's work for the new token: each rotates
 its q heads from the fp32 q|k|v accumulator, and the program whose chunk holds the new position
 writes the rotated k and v there and attends to them from registers (no other program reads that
-position), so the step has no RoPE launch. The decode step has no combine launch either: its
+position), so the step has no RoPE launch; and when the q|k|v GEMV deferred the layer's input
+RMSNorm (RopeInput.input_norm), they apply its scale to q, k and v first, so the step has no norm
+launch there. The decode step has no combine launch either: its
 o_proj GEMV merges the splits of its own K slice (flash_decode_splits, then
 kernels.gemv_f16x2.qmatmul_accumulate_attention; 8B w4 -6.6% per token at 384 positions, -13.6%
 at 8k on an H200), and zeroes the accumulators the combine would (`clear`). (Merging the splits
@@ -28,6 +30,7 @@ import triton.language as tl
 
 from ._common import attend_block, attend_loaded, load_block
 from .pdl import pdl_launch, release_dependents, wait_for_producer
+from .rmsnorm import DeferredNorm, deferred_rms_scale
 from .rope import rope_factors, roped_heads, write_new_position
 
 
@@ -42,16 +45,19 @@ class RopeInput:
     q_norm: torch.Tensor | None = None     # per-head RMSNorm weights [hd] (Qwen3), or None
     k_norm: torch.Tensor | None = None
     eps: float = 1e-6
+    # the layer's input RMSNorm, when the q|k|v GEMV left its scale to this kernel
+    # (kernels.gemv_f16x2.qmatmul_accumulate_deferred_norm): q, k and v are scaled first
+    input_norm: DeferredNorm | None = None
 
 
 @triton.jit
 def _flash_decode_kernel(
     q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, seqlen_ptr, o_ptr, lse_ptr,
-    qkv_ptr, cos_ptr, sin_ptr, qn_ptr, kn_ptr, eps,
+    qkv_ptr, cos_ptr, sin_ptr, qn_ptr, kn_ptr, eps, ss_ptr, norm_dim, norm_eps,
     stride_qh, stride_ckv, stride_cs, stride_skv, sm_scale,
     H: tl.constexpr, KV: tl.constexpr, G: tl.constexpr, HD: tl.constexpr, BLOCK_G: tl.constexpr,
     BLOCK_S: tl.constexpr, NUM_SPLITS: tl.constexpr, INT8: tl.constexpr, PRECISION: tl.constexpr,
-    ROPE: tl.constexpr, QK_NORM: tl.constexpr, PDL: tl.constexpr,
+    ROPE: tl.constexpr, QK_NORM: tl.constexpr, DEFERRED_NORM: tl.constexpr, PDL: tl.constexpr,
 ):
     release_dependents(PDL)
     kvh = tl.program_id(0)
@@ -82,15 +88,19 @@ def _flash_decode_kernel(
         s_ok = s < cached_end
         k0, v0 = load_block(k_ptr, v_ptr, kv_base, s, s_ok, d, stride_cs)
         wait_for_producer(PDL)
+        if DEFERRED_NORM:  # q|k|v was accumulated from h * w: the input RMSNorm's scale applies here
+            norm_scale = deferred_rms_scale(ss_ptr, norm_dim, norm_eps)
+        else:
+            norm_scale = 1.0
         # q, and the new token's k and v, from the accumulator the q|k|v GEMV just filled; the
         # program whose chunk holds the new position requests k and v with q, not after its
         # attention over the cache: that program is the step's slowest
-        q = roped_heads(qkv_ptr, heads, g_ok, rope_cos, rope_sin, qn_ptr, eps, d, HD, QK_NORM)
+        q = roped_heads(qkv_ptr, heads, g_ok, norm_scale, rope_cos, rope_sin, qn_ptr, eps, d, HD, QK_NORM)
         holds_new = (start <= pos) & (pos < end)
         one = tl.arange(0, 1)
         new_ok = (start + one <= pos) & (pos < end + one)                               # holds_new, as [1]
-        k_new = roped_heads(qkv_ptr, H + kvh + one, new_ok, rope_cos, rope_sin, kn_ptr, eps, d, HD, QK_NORM)
-        v_new = tl.load(qkv_ptr + (H + KV + kvh) * HD + d[None, :], mask=new_ok[:, None], other=0.0)
+        k_new = roped_heads(qkv_ptr, H + kvh + one, new_ok, norm_scale, rope_cos, rope_sin, kn_ptr, eps, d, HD, QK_NORM)
+        v_new = tl.load(qkv_ptr + (H + KV + kvh) * HD + d[None, :], mask=new_ok[:, None], other=0.0) * norm_scale
     else:
         cached_end = end
         q = tl.load(q_ptr + heads[:, None] * stride_qh + d[None, :], mask=g_ok[:, None], other=0.0)
@@ -216,15 +226,17 @@ def flash_decode_splits(q: torch.Tensor | None, k_cache: torch.Tensor, v_cache: 
                      torch.empty((num_splits, h), device=ref.device, dtype=torch.float32))
     o, lse = workspace
     g = h // kv
+    norm = rope.input_norm if rope else None
     _flash_decode_kernel[(kv, num_splits)](
         q, k_cache, v_cache, k_scale, v_scale, seq_len, o, lse,
         *((rope.qkv, rope.cos, rope.sin, rope.q_norm, rope.k_norm, rope.eps) if rope else (None,) * 5 + (0.0,)),
+        *((norm.sum_squares, norm.dim, norm.eps) if norm else (None, 1, 0.0)),
         0 if q is None else q.stride(0), k_cache.stride(0), k_cache.stride(1),
         0 if k_scale is None else k_scale.stride(0), hd ** -0.5,
         H=h, KV=kv, G=g, HD=hd, BLOCK_G=max(16, triton.next_power_of_2(g)), BLOCK_S=block_s,
         NUM_SPLITS=num_splits, INT8=int8,
         PRECISION="ieee" if k_cache.dtype == torch.float32 else "tf32",  # fp32 caches: exact dots
-        ROPE=rope is not None, QK_NORM=rope is not None and rope.q_norm is not None,
+        ROPE=rope is not None, QK_NORM=rope is not None and rope.q_norm is not None, DEFERRED_NORM=norm is not None,
         num_warps=num_warps, **({} if num_stages is None else dict(num_stages=num_stages)), **pdl_launch(ref),
     )
     return o, lse

@@ -14,7 +14,9 @@ Used by kernels.qmatmul.qmatmul_accumulate when the tuned config picks the "f16x
 (BLOCK_N, BLOCK_K, K_ITERS = column tiles per program, num_warps), and by the decode step where
 a GEMV forms its own input, saving the launch that would have written it: down_proj with the
 SwiGLU (`qmatmul_accumulate_swiglu`), o_proj with flash-decoding's splits merged
-(`qmatmul_accumulate_attention`).
+(`qmatmul_accumulate_attention`), q|k|v and gate|up with the RMSNorm before them deferred
+(`qmatmul_accumulate_deferred_norm`: h times the norm's weight, and the sum of h^2 for the
+kernel that applies the norm's scale to the output).
 On the CPU interpreter (no PTX) the EMULATE branch computes the same sums in plain Triton.
 """
 
@@ -29,6 +31,7 @@ import triton.language as tl
 from ._common import INTERPRET, group_contribution, load_2d
 from .flash_decode import merge_splits
 from .pdl import pdl_launch, release_dependents, wait_for_producer
+from .rmsnorm import DeferredNorm, deferred_rms_scale
 from .swiglu import silu_times
 
 
@@ -225,21 +228,28 @@ def _load_tile(w_ptr, s_ptr, z_ptr, ra, ra_ok, rb_ok, g, g_ok, n, n_ok, stride_w
 FROM_X = 0           # an fp16 row
 FROM_SWIGLU = 1      # silu(gate) * up of the fp32 gate|up accumulator (down_proj)
 FROM_SPLITS = 2      # flash-decoding's partial outputs, merged (o_proj)
+FROM_RESIDUAL = 3    # the fp32 residual row times the RMSNorm weight, the norm's scale left to the consumer
 
 
 @triton.jit
-def _slice_activations(x_ptr, aux_ptr, k0, K, SOURCE: tl.constexpr, NUM_SPLITS: tl.constexpr,
+def _slice_activations(x_ptr, aux_ptr, k0, K, norm_scale, SOURCE: tl.constexpr, NUM_SPLITS: tl.constexpr,
                        HEAD_DIM: tl.constexpr, PIECE: tl.constexpr, BLOCK_K: tl.constexpr):
     """The activations of K slice [k0, k0 + BLOCK_K) as fp32 holding fp16 values (rounded as the
     kernel that would otherwise have written them rounds): x itself; or silu(gate) * up formed from
     the fp32 gate|up accumulator [2K]; or the attention output merged from flash-decoding's
     splits, x = o [NUM_SPLITS, K] and aux = lse [NUM_SPLITS, K / HEAD_DIM] (column k is dim
-    k % HEAD_DIM of head k // HEAD_DIM), as its combine kernel would merge them."""
+    k % HEAD_DIM of head k // HEAD_DIM), as its combine kernel would merge them; or h * w, x = h
+    the fp32 residual and aux = w the RMSNorm weight, in fp32 (not rounded: the kernel rounds it
+    after scaling, `_round_scaled`). norm_scale multiplies gate and up (the deferred RMSNorm scale of
+    the gate|up GEMV's input, or 1)."""
     k = k0 + tl.arange(0, BLOCK_K)
     if SOURCE == 1:  # FROM_SWIGLU
-        gate = tl.load(x_ptr + k, mask=k < K, other=0.0)
-        up = tl.load(x_ptr + K + k, mask=k < K, other=0.0)
+        gate = tl.load(x_ptr + k, mask=k < K, other=0.0) * norm_scale
+        up = tl.load(x_ptr + K + k, mask=k < K, other=0.0) * norm_scale
         return silu_times(gate, up).to(tl.float16).to(tl.float32)
+    elif SOURCE == 3:  # FROM_RESIDUAL
+        h = tl.load(x_ptr + k, mask=k < K, other=0.0)
+        return h * tl.load(aux_ptr + k, mask=k < K, other=0.0).to(tl.float32)
     elif SOURCE == 2:  # FROM_SPLITS
         # the slice as BLOCK_K / PIECE pieces, each inside one head (PIECE divides BLOCK_K and HEAD_DIM)
         CHUNK: tl.constexpr = 8 if NUM_SPLITS > 8 else NUM_SPLITS
@@ -269,16 +279,18 @@ def _tile_outputs(wa, wb, s, z, xa0, xa1, xa2, xa3, xb0, xb1, xb2, xb3, xs, e,
 
 @triton.jit
 def _qgemv_f16x2_kernel(
-    x_ptr, aux_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, clear_ptr,
-    N, K, group_size, stride_wk, stride_sg, CLEAR_N,
+    x_ptr, aux_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, clear_ptr, ss_ptr,
+    N, K, group_size, stride_wk, stride_sg, CLEAR_N, norm_dim, eps,
     BITS: tl.constexpr, ZERO_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, EMULATE: tl.constexpr,
     PDL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TILES: tl.constexpr, GROUPS: tl.constexpr,
     CHAIN: tl.constexpr, EVEN: tl.constexpr, SOURCE: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    HEAD_DIM: tl.constexpr, PIECE: tl.constexpr, CLEAR_CHUNK: tl.constexpr,
+    HEAD_DIM: tl.constexpr, PIECE: tl.constexpr, CLEAR_CHUNK: tl.constexpr, NORM_SCALE: tl.constexpr,
 ):
     """Decode GEMV, M = 1, no act-order: out (fp32) += x @ W.T with packed fp16x2 math; x is the
     fp16 row [K], or formed from what precedes the GEMV in the decode step (SOURCE,
-    `_slice_activations`): silu(gate) * up, or the merged flash-decoding splits.
+    `_slice_activations`): silu(gate) * up (NORM_SCALE: of gate and up times the deferred RMSNorm
+    scale read from ss_ptr), the merged flash-decoding splits, or h * w (the programs of column
+    tile 0 add their K slice's sum of h^2 to ss_ptr).
 
     Each program owns one K slice of BLOCK_K (BLOCK_K / EPW word rows) and TILES consecutive column
     tiles of BLOCK_N. The slice's activations are read and regrouped into the fp16 pairs each word
@@ -308,10 +320,22 @@ def _qgemv_f16x2_kernel(
     if CLEAR_CHUNK > 0:  # each program zeroes its chunk of `clear` (accumulators the step has read by now)
         offs = (tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)) * CLEAR_CHUNK + tl.arange(0, CLEAR_CHUNK)
         tl.store(clear_ptr + offs, tl.zeros([CLEAR_CHUNK], dtype=tl.float32), mask=offs < CLEAR_N)
-    xk = _slice_activations(x_ptr, aux_ptr, k0, K, SOURCE, NUM_SPLITS, HEAD_DIM, PIECE, BLOCK_K)
+    if NORM_SCALE:  # FROM_SWIGLU: gate|up's input was h * w; its RMSNorm scale applies here
+        norm_scale = deferred_rms_scale(ss_ptr, norm_dim, eps)
+    else:
+        norm_scale = 1.0
+    xk = _slice_activations(x_ptr, aux_ptr, k0, K, norm_scale, SOURCE, NUM_SPLITS, HEAD_DIM, PIECE, BLOCK_K)
+    if SOURCE == 3:  # FROM_RESIDUAL: one program per K slice adds the slice's squares (x: h)
+        if tl.program_id(0) == 0:
+            kk = k0 + tl.arange(0, BLOCK_K)
+            h = tl.load(x_ptr + kk, mask=kk < K, other=0.0)
+            tl.atomic_add(ss_ptr, tl.sum(h * h, axis=0), sem="relaxed")
     # The fp16 lane sums of a chain overflow past 65504: large activations (a down_proj input
     # reaches thousands in some models) are scaled down by 2^-e first, and d back up by 2^e.
     e = _overflow_shift(tl.max(tl.abs(xk), axis=0), BITS, CHAIN)
+    if SOURCE == 3:  # h * w was left in fp32: round it as the products will see it
+        xk = (xk * ((127 - e) << 23).to(tl.float32, bitcast=True)).to(tl.float16).to(tl.float32) \
+            * ((127 + e) << 23).to(tl.float32, bitcast=True)
     xa0, xa1, xa2, xa3, xb0, xb1, xb2, xb3 = _tile_pairs(xk, e, SLOTS, CHAIN, PAIRS, BLOCK_K, BLOCK_N)
     if GROUPS == 1:
         xs = tl.sum(xk, axis=0)
@@ -354,7 +378,10 @@ def _packed_fp16_tile(lin, block_k: int) -> tuple[int, int] | None:
 
 
 def _launch_packed_fp16(x2: torch.Tensor, lin, out2: torch.Tensor, bn: int, tile: tuple[int, int], tiles: int, nw: int,
-                        source: int = FROM_X, aux: torch.Tensor | None = None, clear: torch.Tensor | None = None) -> None:
+                        source: int = FROM_X, aux: torch.Tensor | None = None, clear: torch.Tensor | None = None,
+                        norm: DeferredNorm | None = None) -> None:
+    """norm: for FROM_RESIDUAL, where the row's sum of squares goes; for FROM_SWIGLU, the deferred
+    norm of gate|up's input, applied to gate and up."""
     block_k, groups = tile
     k = lin.in_features
     n = lin.out_features
@@ -366,20 +393,23 @@ def _launch_packed_fp16(x2: torch.Tensor, lin, out2: torch.Tensor, bn: int, tile
     clear_n = 0 if clear is None else clear.numel()
     _qgemv_f16x2_kernel[grid](
         x2, aux, lin.words, lin.scales, lin.zeros_or_offsets, lin.bias, out2, clear,
+        None if norm is None else norm.sum_squares,
         n, k, lin.group_size_eff, lin.words.stride(0), lin.scales.stride(0), clear_n,
+        1 if norm is None else norm.dim, 0.0 if norm is None else norm.eps,
         BITS=lin.bits, ZERO_MODE=lin.zero_mode_id, HAS_BIAS=lin.bias is not None, EMULATE=INTERPRET,
         BLOCK_N=bn, BLOCK_K=block_k, TILES=tiles, GROUPS=groups, CHAIN=chain,
         EVEN=n % (bn * tiles) == 0 and k % block_k == 0, SOURCE=source,
         NUM_SPLITS=aux.shape[0] if source == FROM_SPLITS else 1, HEAD_DIM=head_dim, PIECE=math.gcd(block_k, head_dim),
         CLEAR_CHUNK=triton.next_power_of_2(triton.cdiv(clear_n, grid[0] * grid[1])) if clear_n else 0,
-        num_warps=nw, **pdl_launch(x2),
+        NORM_SCALE=norm is not None and source == FROM_SWIGLU, num_warps=nw, **pdl_launch(x2),
     )
 
 
 def packed_fp16_serves(lin, config: tuple[int, int, int, int, bool | str] | None = None) -> bool:
     """Whether `lin`'s decode GEMV is the packed-fp16 one (K a multiple of the codes per word, no
     act-order, a K tile of whole groups exists), and so can form its own input:
-    qmatmul_accumulate_swiglu and qmatmul_accumulate_attention serve it."""
+    qmatmul_accumulate_swiglu, qmatmul_accumulate_attention and (without a bias)
+    qmatmul_accumulate_deferred_norm serve it."""
     _, bk, _, _, path = config or lin.splitk_config(1)
     return (path == "f16x2" and lin.in_features % (32 // lin.bits) == 0 and lin.perm is None
             and _packed_fp16_tile(lin, bk) is not None)
@@ -397,17 +427,51 @@ def _decode_gemv_config(caller: str, lin, out: torch.Tensor, config, alternative
 
 
 def qmatmul_accumulate_swiglu(gate_up: torch.Tensor, lin, out: torch.Tensor,
-                              config: tuple[int, int, int, int, bool | str] | None = None) -> torch.Tensor:
+                              config: tuple[int, int, int, int, bool | str] | None = None,
+                              norm: DeferredNorm | None = None) -> torch.Tensor:
     """out [1, N] (fp32) += (silu(gate) * up) @ W.T (+ bias) for one decode row, gate_up the fp32
     [1, 2K] gate|up accumulator: the activation is formed inside the packed-fp16 GEMV, as the
     swiglu kernel would form it, so the decode step needs no swiglu launch. gate_up is only read
-    (the caller zeroes it before its next accumulation). Returns out."""
+    (the caller zeroes it before its next accumulation). `norm`: gate_up was accumulated from an
+    un-normalized input (qmatmul_accumulate_deferred_norm), and gate and up are first multiplied
+    by its deferred RMSNorm scale. Returns out."""
     k = lin.in_features
     if gate_up.dtype != torch.float32 or gate_up.shape != (1, 2 * k) or not gate_up.is_contiguous():
         raise ValueError(f"qmatmul_accumulate_swiglu: gate_up must be contiguous fp32 [1, {2 * k}], got "
                          f"{gate_up.dtype} {tuple(gate_up.shape)}")
     bn, tile, tiles, nw = _decode_gemv_config("qmatmul_accumulate_swiglu", lin, out, config, "swiglu + qmatmul_accumulate")
-    _launch_packed_fp16(gate_up, lin, out.view(1, lin.out_features), bn, tile, tiles, nw, source=FROM_SWIGLU)
+    _check_norm("qmatmul_accumulate_swiglu", norm)
+    _launch_packed_fp16(gate_up, lin, out.view(1, lin.out_features), bn, tile, tiles, nw, source=FROM_SWIGLU, norm=norm)
+    return out
+
+
+def _check_norm(caller: str, norm: DeferredNorm | None) -> None:
+    if norm is not None and (norm.sum_squares.dtype != torch.float32 or norm.sum_squares.numel() != 1):
+        raise ValueError(f"{caller}: the deferred norm's sum of squares must be one fp32 element, got "
+                         f"{norm.sum_squares.dtype} {tuple(norm.sum_squares.shape)}")
+
+
+def qmatmul_accumulate_deferred_norm(h: torch.Tensor, norm_weight: torch.Tensor, lin, out: torch.Tensor,
+                                     norm: DeferredNorm,
+                                     config: tuple[int, int, int, int, bool | str] | None = None) -> torch.Tensor:
+    """out [1, N] (fp32) += (h * norm_weight) @ W.T for one decode row h (fp32 [1, K], the residual
+    stream), and norm.sum_squares += sum(h^2): RMSNorm(h) @ W.T without its scale, which the kernel
+    reading `out` applies (kernels.rmsnorm.deferred_rms_scale), so the decode step needs no norm
+    launch. The linear must have no bias (it would be scaled too). Returns out."""
+    k = lin.in_features
+    if h.dtype != torch.float32 or h.shape != (1, k) or not h.is_contiguous():
+        raise ValueError(f"qmatmul_accumulate_deferred_norm: h must be contiguous fp32 [1, {k}], got {h.dtype} {tuple(h.shape)}")
+    if norm_weight.shape != (k,) or not norm_weight.is_contiguous():
+        raise ValueError(f"qmatmul_accumulate_deferred_norm: the norm weight must be contiguous [{k}], got "
+                         f"{tuple(norm_weight.shape)}")
+    if lin.bias is not None:
+        raise ValueError("qmatmul_accumulate_deferred_norm: the linear has a bias, which the deferred scale would "
+                         "multiply; use rmsnorm + qmatmul_accumulate")
+    _check_norm("qmatmul_accumulate_deferred_norm", norm)
+    bn, tile, tiles, nw = _decode_gemv_config("qmatmul_accumulate_deferred_norm", lin, out, config,
+                                              "rmsnorm + qmatmul_accumulate")
+    _launch_packed_fp16(h, lin, out.view(1, lin.out_features), bn, tile, tiles, nw, source=FROM_RESIDUAL,
+                        aux=norm_weight, norm=norm)
     return out
 
 

@@ -4,9 +4,12 @@ Reads the fp32 residual stream of the decode step (or any float rows) and writes
 input of the next matmul: one pass, one launch. `embed_rmsnorm` starts the decode step: it gathers
 the token's embedding row, writes it as the fp32 residual stream and its RMSNorm (the embedding
 lookup and the copy would be two launches more, outside the chain of PDL launches).
+In the decode step the norms inside the layers are deferred instead (`deferred_rms_scale`): no launch.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -35,6 +38,26 @@ def _rmsnorm_kernel(x_ptr, w_ptr, y_ptr, index_ptr, rows_ptr, D, stride_x, strid
         x = tl.load(x_ptr + row * stride_x + d, mask=ok, other=0.0).to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / D + eps)
     tl.store(y_ptr + row * stride_y + d, (x * rstd * w).to(y_ptr.dtype.element_ty), mask=ok)
+
+
+@dataclass(frozen=True)
+class DeferredNorm:
+    """An RMSNorm left to the consumer of the matmul that read its input (kernels.gemv_f16x2's
+    qmatmul_accumulate_deferred_norm): that GEMV multiplies the row by the weight only and adds the
+    row's sum of squares into `sum_squares` (fp32 [1], zero before); whoever reads its output
+    multiplies by `deferred_rms_scale` = 1 / sqrt(sum_squares / dim + eps). The decode step
+    saves the norm's launch this way."""
+    sum_squares: torch.Tensor
+    dim: int
+    eps: float
+
+
+@triton.jit
+def deferred_rms_scale(sum_squares_ptr, D, eps):
+    """1 / sqrt(mean(x^2) + eps) of a row whose sum of squares the GEMV that read it added up
+    (kernels.gemv_f16x2.qmatmul_accumulate_deferred_norm): that GEMV multiplied x * w only, and the
+    kernel reading its output applies this scale (the norm is linear in it)."""
+    return 1.0 / tl.sqrt(tl.load(sum_squares_ptr) / D + eps)
 
 
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor | None = None,

@@ -4,16 +4,22 @@ buffers, with the whole decode step captured in one CUDA graph.
 Decode step (one token, all buffers static, positions and lengths in device memory):
 
     h (fp32 residual) = embed[token]                     (with layer 0's RMSNorm: kernels.rmsnorm.embed_rmsnorm)
-    per layer:  xn = rmsnorm(h)                          (kernels.rmsnorm)
-                qkv += xn @ Wqkv.T                       (kernels.qmatmul, split-K atomics, fused q|k|v)
-                q, cache[pos] = rope(qkv)                (in flash_decode: norm, rotate, int8-quantize)
+    per layer:  qkv += (h * w_in) @ Wqkv.T; ss += h.h    (kernels.gemv_f16x2, split-K atomics, fused q|k|v;
+                                                          the RMSNorm deferred: below)
+                q, cache[pos] = rope(r qkv)              (in flash_decode: r = rsqrt(ss / D + eps), then
+                                                          norm, rotate, int8-quantize)
                 attn = flash_decode(q, cache[:pos+1])    (kernels.flash_decode: splits over the cache)
                 h += attn @ Wo.T                         (atomics straight into the residual stream; the
                                                           GEMV merges the splits itself and zeroes
-                                                          qkv and gu, read by now)
-                xn = rmsnorm(h); gu += xn @ Wgu.T        (fused gate|up)
-                h += (silu(g) * u) @ Wd.T                (formed in the GEMV; else kernels.swiglu first)
+                                                          qkv, ss and gu, read by now)
+                gu += (h * w_post) @ Wgu.T; ss2 += h.h   (fused gate|up, its norm deferred likewise)
+                h += (silu(r2 g) * r2 u) @ Wd.T          (formed in the GEMV; else kernels.swiglu first)
     logits = rmsnorm(h) @ lm_head.T; token = argmax     (kernels.argmax: greedy stays on the device)
+
+An RMSNorm is linear in its scale r, so the GEMV after it multiplies h by the norm's weight only
+and sums h^2 as it reads h, and the kernel reading that GEMV's output applies r: no norm launch
+(8B w4 -1%, 1B w4 -6% per token on an H200). Where that cannot be (q|k|v or gate|up with a bias,
+which r would scale, or not one packed-fp16 linear), the step launches kernels.rmsnorm first.
 
 The split-K matmuls accumulate in fp32 with atomics, so their outputs must start at zero: the
 consumer of each accumulator zeroes it after reading (the gate|up one, read by every program of
@@ -35,9 +41,10 @@ from qruntime.kernels.argmax import greedy_advance, greedy_workspace
 from qruntime.kernels.flash_decode import RopeInput, flash_decode, flash_decode_splits
 from qruntime.kernels.layout import concat_out_features, prepare
 from qruntime.kernels.prefill_attention import prefill_attention
-from qruntime.kernels.gemv_f16x2 import packed_fp16_serves, qmatmul_accumulate_attention, qmatmul_accumulate_swiglu
+from qruntime.kernels.gemv_f16x2 import (packed_fp16_serves, qmatmul_accumulate_attention, qmatmul_accumulate_deferred_norm,
+                                         qmatmul_accumulate_swiglu)
 from qruntime.kernels.qmatmul import qmatmul, qmatmul_accumulate
-from qruntime.kernels.rmsnorm import embed_rmsnorm, rmsnorm
+from qruntime.kernels.rmsnorm import DeferredNorm, embed_rmsnorm, rmsnorm
 from qruntime.kernels.rope import rope_qkv_to_cache
 from qruntime.kernels.swiglu import swiglu
 from qruntime.layers.rotary import inv_frequencies
@@ -68,9 +75,20 @@ class RunnerLinear:
         decode GEMV)."""
         return self.triton is not None and packed_fp16_serves(self.triton)
 
-    def accumulate_swiglu(self, gate_up: torch.Tensor, out: torch.Tensor) -> None:
-        """out (fp32) += (silu(gate) * up) @ W.T for one row of the fp32 gate|up accumulator."""
-        qmatmul_accumulate_swiglu(gate_up, self.triton, out)
+    def defers_norm(self) -> bool:
+        """Whether accumulate_deferred_norm serves this linear (forms_own_input, and no bias)."""
+        return self.forms_own_input() and self.triton.bias is None
+
+    def accumulate_deferred_norm(self, h: torch.Tensor, norm_weight: torch.Tensor, out: torch.Tensor,
+                                 norm: DeferredNorm) -> None:
+        """out (fp32) += (h * norm_weight) @ W.T, the RMSNorm's scale left to out's reader; adds
+        sum(h^2) to norm.sum_squares."""
+        qmatmul_accumulate_deferred_norm(h, norm_weight, self.triton, out, norm)
+
+    def accumulate_swiglu(self, gate_up: torch.Tensor, out: torch.Tensor, norm: DeferredNorm | None = None) -> None:
+        """out (fp32) += (silu(gate) * up) @ W.T for one row of the fp32 gate|up accumulator (first
+        scaled by the deferred norm of its input, if given)."""
+        qmatmul_accumulate_swiglu(gate_up, self.triton, out, norm=norm)
 
     def accumulate_attention(self, splits: tuple[torch.Tensor, torch.Tensor], out: torch.Tensor,
                              clear: torch.Tensor) -> None:
@@ -183,9 +201,22 @@ class TritonRunner:
         # Neither in fp32 mode, which exists to match the reference without fp16 activations.
         self.fused_swiglu = dtype != torch.float32 and all(lw.down.forms_own_input() for lw in self.layers)
         self.fused_merge = dtype != torch.float32 and all(lw.o.forms_own_input() for lw in self.layers)
+        # The RMSNorms inside the layers cost no launch when the GEMV after them (one fused linear,
+        # no bias) multiplies h by the norm's weight and sums h^2 as it reads it, and the kernel
+        # reading that GEMV's output applies the scale: flash-decoding for q|k|v, down_proj (which
+        # forms silu(gate) * up itself) for gate|up.
+        def defers(lins: list[RunnerLinear]) -> bool:
+            return dtype != torch.float32 and len(lins) == 1 and lins[0].defers_norm()
+        self.defer_attention_norm = all(defers(lw.qkv) for lw in self.layers)
+        self.defer_mlp_norm = self.fused_swiglu and all(defers(lw.gate_up) for lw in self.layers)
         self._allocate_decode_buffers()
-        self.rope_inputs = [RopeInput(self.qkv_acc, self.cos, self.sin, lw.q_norm, lw.k_norm, cfg.rms_norm_eps)
-                            for lw in self.layers]
+        self.input_norms = [DeferredNorm(self.sum_squares[i, 0:1], cfg.hidden_size, cfg.rms_norm_eps)
+                            for i in range(cfg.num_layers)]
+        self.post_norms = [DeferredNorm(self.sum_squares[i, 1:2], cfg.hidden_size, cfg.rms_norm_eps)
+                           for i in range(cfg.num_layers)]
+        self.rope_inputs = [RopeInput(self.qkv_acc, self.cos, self.sin, lw.q_norm, lw.k_norm, cfg.rms_norm_eps,
+                                      input_norm=self.input_norms[i] if self.defer_attention_norm else None)
+                            for i, lw in enumerate(self.layers)]
         self.graph: torch.cuda.CUDAGraph | None = None
 
     # ------------------------------------------------------------------ buffers
@@ -202,19 +233,22 @@ class TritonRunner:
         self.seq_len = torch.ones(1, device=dev, dtype=torch.int32)    # pos + 1
         self.h = torch.zeros((1, cfg.hidden_size), **f32)
         self.xn = torch.zeros((1, cfg.hidden_size), **act)
-        # The split-K accumulators: the logits (lm_head's), q|k|v and gate|up, side by side so one
-        # pass zeroes them. Layer 0's zeroing (after its flash-decoding) takes the logits too: the
-        # step's previous ones have been read (argmax, or the host's sampler between steps), and
-        # lm_head's GEMV then needs no zeroing launch before it, which would break the chain of
-        # PDL launches there.
-        v = cfg.vocab_size
-        self.step_accumulators = torch.zeros(v + qkv_width + 2 * cfg.intermediate_size, **f32)
+        # The split-K accumulators: the logits (lm_head's), q|k|v, the deferred norms' sums of
+        # squares (two per layer) and gate|up, side by side so one pass zeroes them. Layer 0's
+        # zeroing (after its flash-decoding) takes the logits too: the step's previous ones have
+        # been read (argmax, or the host's sampler between steps), and lm_head's GEMV then needs no
+        # zeroing launch before it, which would break the chain of PDL launches there. Every
+        # layer's zeroing takes all the sums: each is zeroed after its reader and before its next
+        # accumulation, whichever layer zeroes.
+        v, sums = cfg.vocab_size, 2 * cfg.num_layers
+        self.step_accumulators = torch.zeros(v + qkv_width + sums + 2 * cfg.intermediate_size, **f32)
         self.logits = self.step_accumulators[:v].view(1, v)
         self.accumulators = self.step_accumulators[v:]
         self.qkv_acc = self.accumulators[:qkv_width].view(1, qkv_width)
+        self.sum_squares = self.accumulators[qkv_width:qkv_width + sums].view(cfg.num_layers, 2)
         # the attention output, for an o_proj that cannot merge flash-decoding's splits itself
         self.attn = None if self.fused_merge else torch.zeros((1, cfg.num_heads * cfg.head_dim), **act)
-        self.gu_acc = self.accumulators[qkv_width:].view(1, 2 * cfg.intermediate_size)
+        self.gu_acc = self.accumulators[qkv_width + sums:].view(1, 2 * cfg.intermediate_size)
         # silu(gate) * up for a down_proj that cannot form it itself (fused_swiglu: none is needed)
         self.act = None if self.fused_swiglu else torch.zeros((1, cfg.intermediate_size), **act)
         self.greedy_ws = greedy_workspace(dev)  # argmax key and finish counter; the kernel resets them
@@ -254,15 +288,18 @@ class TritonRunner:
         for i, lw in enumerate(self.layers):
             if i == 0:  # h = embed[token] and its RMSNorm, one launch
                 embed_rmsnorm(self.embed, self.token, lw.input_norm, cfg.rms_norm_eps, rows=self.h, out=self.xn)
+            if self.defer_attention_norm:  # flash-decoding applies the norm's scale
+                lw.qkv[0].accumulate_deferred_norm(self.h, lw.input_norm, self.qkv_acc, self.input_norms[i])
             else:
-                rmsnorm(self.h, lw.input_norm, cfg.rms_norm_eps, out=self.xn)
-            self._accumulate_split(lw.qkv, self.xn, self.qkv_acc)
+                if i > 0:
+                    rmsnorm(self.h, lw.input_norm, cfg.rms_norm_eps, out=self.xn)
+                self._accumulate_split(lw.qkv, self.xn, self.qkv_acc)
             # RoPE of q and the new k, the cache write and the attention in one launch; the merge
             # of its splits (by o_proj, or by flash-decoding's second launch) zeroes the
             # accumulators read so far (gate|up too when down_proj reads it; in layer 0 the
             # logits, which sit before them, too)
             first = 0 if i == 0 else self.logits.numel()
-            last = self.step_accumulators.numel() if self.fused_swiglu else self.logits.numel() + self.qkv_acc.numel()
+            last = self.step_accumulators.numel() if self.fused_swiglu else self.gu_acc.storage_offset()
             clear = self.step_accumulators[first:last]
             attention = dict(rope=self.rope_inputs[i], num_splits=self.num_splits, block_s=DECODE_ATTENTION_BLOCK,
                              num_warps=DECODE_ATTENTION_WARPS, workspace=self.workspace, **self._scales(i))
@@ -272,13 +309,17 @@ class TritonRunner:
             else:
                 flash_decode(None, self.k_cache[i], self.v_cache[i], self.seq_len, self.attn[0], clear=clear, **attention)
                 lw.o.accumulate(self.attn, self.h)
-            rmsnorm(self.h, lw.post_norm, cfg.rms_norm_eps, out=self.xn)
-            self._accumulate_split(lw.gate_up, self.xn, self.gu_acc)
-            if self.fused_swiglu:
-                lw.down.accumulate_swiglu(self.gu_acc, self.h)
+            if self.defer_mlp_norm:  # down_proj applies the norm's scale
+                lw.gate_up[0].accumulate_deferred_norm(self.h, lw.post_norm, self.gu_acc, self.post_norms[i])
+                lw.down.accumulate_swiglu(self.gu_acc, self.h, self.post_norms[i])
             else:
-                swiglu(self.gu_acc, out=self.act, zero_input=True)
-                lw.down.accumulate(self.act, self.h)
+                rmsnorm(self.h, lw.post_norm, cfg.rms_norm_eps, out=self.xn)
+                self._accumulate_split(lw.gate_up, self.xn, self.gu_acc)
+                if self.fused_swiglu:
+                    lw.down.accumulate_swiglu(self.gu_acc, self.h)
+                else:
+                    swiglu(self.gu_acc, out=self.act, zero_input=True)
+                    lw.down.accumulate(self.act, self.h)
         rmsnorm(self.h, self.final_norm, cfg.rms_norm_eps, out=self.xn)
         self.lm_head.accumulate(self.xn, self.logits)  # zeroed in layer 0
 

@@ -7,6 +7,7 @@ import torch
 from qruntime.kernels import reference as R
 from qruntime.kernels.flash_decode import RopeInput, flash_decode
 from qruntime.kernels.prefill_attention import prefill_attention
+from qruntime.kernels.rmsnorm import DeferredNorm
 from qruntime.kernels.rope import rope_qkv_to_cache
 from tolerances import assert_close
 
@@ -51,6 +52,19 @@ def test_prefill_attention(int8, start, m):
 @pytest.mark.parametrize("heads,kv", [(4, 4), (8, 2)], ids=["mha", "gqa4"])
 @pytest.mark.parametrize("pos", [0, 15, 16, 40, 95], ids=lambda p: f"pos{p}")
 def test_flash_decode_with_rope_equals_rope_then_attention(int8, qk_norm, heads, kv, pos):
+    _check_rope_in_flash_decode(int8, qk_norm, heads, kv, pos, deferred=False)
+
+
+@pytest.mark.parametrize("int8", [False, True], ids=["fp32-cache", "int8-cache"])
+@pytest.mark.parametrize("qk_norm", [False, True], ids=["plain", "qk-norm"])
+@pytest.mark.parametrize("pos", [15, 95], ids=lambda p: f"pos{p}")
+def test_flash_decode_applies_a_deferred_input_norm(int8, qk_norm, pos):
+    """q|k|v accumulated from the un-normalized residual (the GEMV left the input RMSNorm's scale
+    to flash-decoding): given the sum of squares, the result is that of the normalized q|k|v."""
+    _check_rope_in_flash_decode(int8, qk_norm, 8, 2, pos, deferred=True)
+
+
+def _check_rope_in_flash_decode(int8, qk_norm, heads, kv, pos, deferred):
     """The decode step's flash_decode(rope=...) rotates q and the new k from the fp32 q|k|v
     accumulator, writes the new k/v at `pos` and attends to them in the same launch: the cache it
     leaves and its output equal kernels.rope followed by the cache-only flash_decode; `clear` is zeroed.
@@ -75,9 +89,13 @@ def test_flash_decode_with_rope_equals_rope_then_attention(int8, qk_norm, heads,
 
     out = torch.full((heads * HD,), float("nan"))
     side = torch.randn(1, 300, generator=g)
+    norm = None
+    if deferred:  # the kernel multiplies the accumulator by 1 / sqrt(37.5 / 24 + 1e-5)
+        norm = DeferredNorm(torch.tensor([37.5]), 24, 1e-5)
+        qkv = qkv * (37.5 / 24 + 1e-5) ** 0.5
     flash_decode(None, cache["k_cache"], cache["v_cache"], seq_len, out, num_splits=4, block_s=16,
                  k_scale=cache.get("k_scale"), v_scale=cache.get("v_scale"), clear=side,
-                 rope=RopeInput(qkv, cos, sin, q_norm=qn, k_norm=kn, eps=1e-6))
+                 rope=RopeInput(qkv, cos, sin, q_norm=qn, k_norm=kn, eps=1e-6, input_norm=norm))
     assert torch.all(side == 0)
     for name in cache:  # the same cache, the new position included (fp32 rounding; int8 codes within one step)
         if int8 and name.endswith("cache"):

@@ -7,10 +7,12 @@ import torch
 
 from qruntime.kernels import reference as R
 from qruntime.kernels.flash_decode import flash_decode, flash_decode_splits
-from qruntime.kernels.gemv_f16x2 import packed_fp16_serves, qmatmul_accumulate_attention, qmatmul_accumulate_swiglu
+from qruntime.kernels.gemv_f16x2 import (packed_fp16_serves, qmatmul_accumulate_attention, qmatmul_accumulate_deferred_norm,
+                                         qmatmul_accumulate_swiglu)
 from qruntime.kernels.layout import prepare
 from qruntime.kernels.qmatmul import qmatmul_accumulate
 from qruntime.kernels.reference import linear as ref_linear
+from qruntime.kernels.rmsnorm import DeferredNorm
 from packed_linears import make_linear
 from tolerances import assert_close
 
@@ -98,6 +100,56 @@ def test_swiglu_fused_gemv_matches_swiglu_then_gemv(bits, shape, tile):
     assert torch.equal(gu, before)
     act = R.swiglu(gu).half()
     assert_close(out, ref_linear(act.float(), lin), "fp16_dot")
+
+
+@pytest.mark.parametrize("tile", [(16, 32, 2, 4, "f16x2"), (8, 64, 3, 4, "f16x2")], ids=["k32-2-tiles", "k64-3-tiles"])
+@pytest.mark.parametrize("shape", [(40, 96), (24, 200)], ids=["f40-k96", "f24-k200"])
+@pytest.mark.parametrize("bits", [4, 8], ids=["int4", "int8"])
+def test_deferred_norm_gemv_then_scaled_swiglu(bits, shape, tile):
+    """gate|up from the un-normalized residual (h * w, the squares summed once per K slice), then
+    down_proj applying the deferred scale before silu: equal to RMSNorm -> GEMV -> swiglu -> GEMV.
+    One residual value makes h * w exceed fp16's range: it is scaled by 2^-e before its fp16 rounding."""
+    n, k = shape
+    gen = torch.Generator().manual_seed(k)
+    gate_up_packed = make_linear(2 * n, k, bits, 32, "int", bias=False, seed=n)
+    gate_up = prepare(gate_up_packed, torch.device("cpu"), torch.float16)
+    down_packed = make_linear(k, n, bits, 32, "float", seed=k)
+    down = prepare(down_packed, torch.device("cpu"), torch.float16)
+    h = torch.randn(1, k, generator=gen) * 30
+    h[0, 5] = 50000.0
+    w = torch.rand(k, generator=gen) + 0.5
+    eps = 1e-5
+    norm = DeferredNorm(torch.full((1,), 2.5), k, eps)  # the sum starts at 2.5: it must be added to
+    gu = torch.zeros(1, 2 * n)
+    qmatmul_accumulate_deferred_norm(h, w, gate_up, gu, norm, config=tile)
+    torch.testing.assert_close(norm.sum_squares, 2.5 + (h.double() ** 2).sum().float().view(1), rtol=1e-6, atol=0)
+    assert torch.isfinite(gu).all()
+    assert_close(gu, ref_linear(h * w, gate_up_packed), "fp16_dot")
+    norm.sum_squares.fill_((h ** 2).sum().item())
+    out = torch.zeros(1, k)
+    qmatmul_accumulate_swiglu(gu, down, out, config=(16, 32, 2, 4, "f16x2"), norm=norm)
+    scale = torch.rsqrt((h ** 2).sum() / k + eps)
+    act = R.swiglu(gu * scale).half()
+    assert_close(out, ref_linear(act.float(), down_packed), "fp16_dot")
+    # the whole chain against the plain one: normalize, then the GEMVs
+    xn = (h * scale * w).half()
+    assert_close(gu * scale, ref_linear(xn.float(), gate_up_packed), "fp16_dot")
+
+
+def test_deferred_norm_gemv_refuses_what_it_cannot_serve():
+    lin = make_linear(16, 64, 4, 32, "int", seed=1, bias=True)
+    t = prepare(lin, torch.device("cpu"), torch.float16)
+    norm = DeferredNorm(torch.zeros(1), 64, 1e-6)
+    with pytest.raises(ValueError, match="bias"):
+        qmatmul_accumulate_deferred_norm(torch.zeros(1, 64), torch.ones(64), t, torch.zeros(1, 16), norm,
+                                         config=(16, 32, 1, 4, "f16x2"))
+    t = prepare(make_linear(16, 64, 4, 32, "int", bias=False, seed=1), torch.device("cpu"), torch.float16)
+    with pytest.raises(ValueError, match="fp32"):
+        qmatmul_accumulate_deferred_norm(torch.zeros(1, 64).half(), torch.ones(64), t, torch.zeros(1, 16), norm,
+                                         config=(16, 32, 1, 4, "f16x2"))
+    with pytest.raises(ValueError, match="one fp32 element"):
+        qmatmul_accumulate_deferred_norm(torch.zeros(1, 64), torch.ones(64), t, torch.zeros(1, 16),
+                                         DeferredNorm(torch.zeros(2), 64, 1e-6), config=(16, 32, 1, 4, "f16x2"))
 
 
 def test_swiglu_fused_gemv_refuses_what_it_cannot_serve():

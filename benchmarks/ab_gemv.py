@@ -1,0 +1,70 @@
+"""Isolated decode GEMV (M = 1) with an environment switch the kernels read at launch flipped back
+and forth in one process, over a few tile configs per shape: what a kernel variant does alone,
+beside what ab_env.py shows it does inside the decode step.
+
+    PYTHONPATH=$(bash benchmarks/stage_package.sh):. python3 benchmarks/ab_gemv.py VAR VALUE1 VALUE2 \
+        [--bits 4 8] [--rounds 2]
+
+Timing as bench_gemv.py (one graph of PDL launches over rotating buffers beyond L2); the outputs
+of the values are compared with each other and with the reference.
+"""
+import argparse
+import multiprocessing
+import os
+
+import torch
+
+from bench_gemv import SHAPES, _compile_configs
+from gpu_common import environment, gemv_workload, measure_read_bandwidth, time_graph
+from qruntime.kernels.qmatmul import qmatmul_accumulate
+from qruntime.kernels.tuning import splitk_config
+
+
+def candidates(bits: int, k: int, n: int) -> list:
+    """The card's table entry and the one-warp packed-fp16 tiles around it."""
+    near = [(32, 128, t, 1, "f16x2") for t in (1, 2, 4)] + [(64, 128, t, 1, "f16x2") for t in (1, 2)]
+    near += [(128, 128, 1, 1, "f16x2"), (64, 256, 1, 1, "f16x2"), (128, 128, 1, 2, "f16x2")]
+    return list(dict.fromkeys([tuple(splitk_config(bits, n, k, 1, torch.device("cuda")))] + near))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("var")
+    ap.add_argument("values", nargs="+")
+    ap.add_argument("--bits", type=int, nargs="+", default=[4, 8])
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--jobs", type=int, default=12)
+    args = ap.parse_args()
+    bw = measure_read_bandwidth()
+    print(f"# {environment()}\n# read bandwidth {bw / 1e12:.3f} TB/s", flush=True)
+    shapes = SHAPES[:4]
+    for value in args.values:  # compile every variant first, in parallel (the children inherit the switch)
+        os.environ[args.var] = value
+        work = [(bits, 1, shapes, candidates(bits, 4096, 4096)[j::args.jobs]) for bits in args.bits for j in range(args.jobs)]
+        with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
+            pool.map(_compile_configs, work)
+    for bits in args.bits:
+        for k, n in shapes:
+            lins, xs, outs, need = gemv_workload(k, n, 1, bits)
+            count = len(lins)
+            print(f"w{bits} K={k} N={n}", flush=True)
+            for cfg in candidates(bits, k, n):
+                times, results = {v: [] for v in args.values}, {}
+                for _ in range(args.rounds):
+                    for value in args.values:
+                        os.environ[args.var] = value
+                        times[value].append(time_graph([lambda i=i: qmatmul_accumulate(xs[i], lins[i], outs[i], config=cfg)
+                                                        for i in range(count)]))
+                        out = torch.zeros(1, n, device="cuda")
+                        qmatmul_accumulate(xs[0], lins[0], out, config=cfg)
+                        results[value] = out
+                first = results[args.values[0]]
+                line = "  ".join(f"{v}: {min(t) * 1e6:6.2f} us {100 * need / min(t) / bw:5.1f}%" for v, t in times.items())
+                diff = max(((r - first).norm() / first.norm()).item() for r in results.values())
+                print(f"  {str(cfg):32s} {line}  (outputs differ by {diff:.1e})", flush=True)
+            del lins, xs, outs
+            torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
