@@ -1,6 +1,6 @@
 """Chooses the decode step's GEMV tiles by end-to-end decode ms/token instead of by each GEMV in
 isolation: coordinate descent over a few candidate configs per shape of one model, the others at
-their current best, in one process. Prints what to merge into kernels/tuned/<card>.json.
+their current best, in one process. Prints the "step/" entries to merge into kernels/tuned/<card>.json.
 
     PYTHONPATH=$(bash benchmarks/stage_package.sh):. python3 benchmarks/e2e_tune.py [--spec SPEC] [--bits 4]
 """
@@ -46,8 +46,8 @@ best = measure()
 print(f"{args.spec} w{args.bits} current table: {best:.4f} ms/token", flush=True)
 chosen = {}
 for (n, k), alternatives in candidates.items():
-    key = f"splitk/w{args.bits}/m1/n{n}/k{k}"
-    current = table.get(key)
+    key = f"step/w{args.bits}/m1/n{n}/k{k}"  # the decode step's entry (kernels.tuning)
+    current = table.get(key) or table.get(f"splitk/w{args.bits}/m1/n{n}/k{k}")
     for alt in alternatives:
         if time.time() - t0 > args.budget_s:
             break

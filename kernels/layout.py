@@ -35,9 +35,10 @@ class TritonLinear:
     zeros_or_offsets: torch.Tensor | None  # [G, N] uint8 zeros or float offsets
     perm: torch.Tensor | None              # int32 [K]
     bias: torch.Tensor | None              # [N]
+    in_decode_step: bool = False           # a linear of the engine's decode step: its tiles come from the step's entries
 
     def splitk_config(self, m: int = 1) -> tuple[int, int, int, int, bool]:
-        return splitk_config(self.bits, self.out_features, self.in_features, m, self.words.device)
+        return splitk_config(self.bits, self.out_features, self.in_features, m, self.words.device, self.in_decode_step)
 
     def gemm_config(self, m: int) -> tuple[int, int, int, int, int]:
         return gemm_config(self.bits, self.out_features, self.in_features, m, self.words.device)

@@ -5,6 +5,12 @@ kernels/tuned/<card>.json (the card's name as torch reports it, lower-cased, non
 '-'), because the best tiles differ between cards (the H200's higher bandwidth favours other
 tiles than the H100's). A card without a table uses the H100's, with a warning that says how to
 make one; a shape missing from a table gets the rule below, which the tables were built to refine.
+
+Two kinds of decode entries: "splitk/..." (a GEMV on its own, measured in a chain of its own
+launches by bench_gemv.py) and "step/..." (inside the decode step, chosen by end-to-end ms/token
+with e2e_tune.py), since the best tiles differ: in the step smaller column tiles over two K-slice
+tiles win, alone they lose (benchmarks/results/h200/e2e_tune.log, ab_gemv_early.log). The decode
+step's linears ask for the step entry first (TritonLinear.in_decode_step).
 """
 
 from __future__ import annotations
@@ -60,10 +66,13 @@ def gemm_config(bits: int, n: int, k: int, m: int, device: torch.device | None =
     return 128, 128, 64, 8, 3
 
 
-def splitk_config(bits: int, n: int, k: int, m: int = 1,
-                  device: torch.device | None = None) -> tuple[int, int, int, int, bool | str]:
-    """(BLOCK_N, BLOCK_K, K_ITERS, num_warps, path) for the split-K decode kernels (kernels.qmatmul.qmatmul_accumulate)."""
-    hit = _table_for(device).get(f"splitk/w{bits}/m{1 if m == 1 else 16}/n{n}/k{k}")
+def splitk_config(bits: int, n: int, k: int, m: int = 1, device: torch.device | None = None,
+                  in_decode_step: bool = False) -> tuple[int, int, int, int, bool | str]:
+    """(BLOCK_N, BLOCK_K, K_ITERS, num_warps, path) for the split-K decode kernels
+    (kernels.qmatmul.qmatmul_accumulate); in_decode_step: the step's entry when the table has one."""
+    table = _table_for(device)
+    shape = f"w{bits}/m{1 if m == 1 else 16}/n{n}/k{k}"
+    hit = (in_decode_step and table.get(f"step/{shape}")) or table.get(f"splitk/{shape}")
     if hit:
         return tuple(hit)
     if m > 1:  # the slot kernel won all but the smallest M = 16 shapes measured (H200, benchmarks/results/h200/gemv_sweep_m16.json)

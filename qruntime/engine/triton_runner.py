@@ -62,6 +62,7 @@ class RunnerLinear:
             self.triton = None
         else:
             self.triton = prepare(packed, device, dtype)
+            self.triton.in_decode_step = True  # tiles chosen by the step's end-to-end time (kernels.tuning)
 
     def accumulate(self, x: torch.Tensor, out: torch.Tensor) -> None:
         """out (fp32) += x @ W.T (+ bias); x has at most 16 rows."""

@@ -25,9 +25,9 @@ def test_every_table_is_well_formed():
         assert table, path
         for key, cfg in table.items():
             kind, bits, m, n, k = key.split("/")
-            assert kind in ("splitk", "gemm") and bits in ("w4", "w8") and m[0] == "m" and n[0] == "n" and k[0] == "k"
+            assert kind in ("splitk", "step", "gemm") and bits in ("w4", "w8") and m[0] == "m" and n[0] == "n" and k[0] == "k"
             assert len(cfg) == 5 and all(isinstance(v, int) and v > 0 for v in cfg[:4]), (path, key)
-            if kind == "splitk":
+            if kind in ("splitk", "step"):
                 assert cfg[4] in (False, True, "f16x2", "slots"), (path, key)
 
 
@@ -57,6 +57,22 @@ def test_unknown_card_warns_and_uses_the_fallback(monkeypatch):
             tuning.splitk_config(4, 4096, 4096, 1, device=torch.device("cuda", 0))
     finally:
         tuning._table.cache_clear()
+
+
+def test_decode_step_linears_take_the_step_entries(monkeypatch):
+    """A linear of the decode step takes the table's "step/" entry when there is one, else the
+    standalone "splitk/" entry, which every other caller takes."""
+    table = {"splitk/w4/m1/n64/k128": [32, 128, 2, 1, "f16x2"], "step/w4/m1/n64/k128": [64, 128, 1, 1, "f16x2"],
+             "splitk/w4/m1/n32/k128": [16, 64, 1, 1, "f16x2"]}
+    monkeypatch.setattr(tuning, "_table_for", lambda device: table)
+    alone = prepare(quantize_rtn(torch.randn(64, 128), 4, 32, False), torch.device("cpu"), torch.float16)
+    in_step = prepare(quantize_rtn(torch.randn(64, 128), 4, 32, False), torch.device("cpu"), torch.float16)
+    in_step.in_decode_step = True
+    assert list(alone.splitk_config(1)) == table["splitk/w4/m1/n64/k128"]
+    assert list(in_step.splitk_config(1)) == table["step/w4/m1/n64/k128"]
+    narrow = prepare(quantize_rtn(torch.randn(32, 128), 4, 32, False), torch.device("cpu"), torch.float16)
+    narrow.in_decode_step = True
+    assert list(narrow.splitk_config(1)) == table["splitk/w4/m1/n32/k128"]
 
 
 def test_linear_asks_for_its_own_device():
