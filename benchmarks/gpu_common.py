@@ -102,8 +102,9 @@ def use_deferred_norms(runner, on: bool) -> None:
     if not hasattr(runner, "_deferred_norms_allowed"):
         runner._deferred_norms_allowed = (runner.defer_attention_norm, runner.defer_mlp_norm)
     runner.defer_attention_norm, runner.defer_mlp_norm = (on and allowed for allowed in runner._deferred_norms_allowed)
-    runner.rope_inputs = [dataclasses.replace(ri, input_norm=norm if runner.defer_attention_norm else None)
-                          for ri, norm in zip(runner.rope_inputs, runner.input_norms)]
+    runner.rope_inputs = [dataclasses.replace(ri, input_norm=norm if runner.defer_attention_norm else None,
+                                              qkv_bias=lw.qkv[0].triton.bias if runner.defer_attention_norm else None)
+                          for ri, norm, lw in zip(runner.rope_inputs, runner.input_norms, runner.layers)]
 
 
 def set_decode_attention_tile(block: int, warps: int) -> None:

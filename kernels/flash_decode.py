@@ -46,18 +46,21 @@ class RopeInput:
     k_norm: torch.Tensor | None = None
     eps: float = 1e-6
     # the layer's input RMSNorm, when the q|k|v GEMV left its scale to this kernel
-    # (kernels.gemv_f16x2.qmatmul_accumulate_deferred_norm): q, k and v are scaled first
+    # (kernels.gemv_f16x2.qmatmul_accumulate_deferred_norm): q, k and v are scaled first, then
+    # qkv_bias (fp32 [(H + 2 KV) * hd]) is added when that GEMV left its bias out too
     input_norm: DeferredNorm | None = None
+    qkv_bias: torch.Tensor | None = None
 
 
 @triton.jit
 def _flash_decode_kernel(
     q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, seqlen_ptr, o_ptr, lse_ptr,
-    qkv_ptr, cos_ptr, sin_ptr, qn_ptr, kn_ptr, eps, ss_ptr, norm_dim, norm_eps,
+    qkv_ptr, cos_ptr, sin_ptr, qn_ptr, kn_ptr, eps, ss_ptr, norm_dim, norm_eps, qkv_bias_ptr,
     stride_qh, stride_ckv, stride_cs, stride_skv, sm_scale,
     H: tl.constexpr, KV: tl.constexpr, G: tl.constexpr, HD: tl.constexpr, BLOCK_G: tl.constexpr,
     BLOCK_S: tl.constexpr, NUM_SPLITS: tl.constexpr, INT8: tl.constexpr, PRECISION: tl.constexpr,
-    ROPE: tl.constexpr, QK_NORM: tl.constexpr, DEFERRED_NORM: tl.constexpr, PDL: tl.constexpr,
+    ROPE: tl.constexpr, QK_NORM: tl.constexpr, DEFERRED_NORM: tl.constexpr, QKV_BIAS: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     release_dependents(PDL)
     kvh = tl.program_id(0)
@@ -95,12 +98,17 @@ def _flash_decode_kernel(
         # q, and the new token's k and v, from the accumulator the q|k|v GEMV just filled; the
         # program whose chunk holds the new position requests k and v with q, not after its
         # attention over the cache: that program is the step's slowest
-        q = roped_heads(qkv_ptr, heads, g_ok, norm_scale, rope_cos, rope_sin, qn_ptr, eps, d, HD, QK_NORM)
+        q = roped_heads(qkv_ptr, heads, g_ok, norm_scale, qkv_bias_ptr, rope_cos, rope_sin, qn_ptr, eps, d, HD,
+                        QK_NORM, QKV_BIAS)
         holds_new = (start <= pos) & (pos < end)
         one = tl.arange(0, 1)
         new_ok = (start + one <= pos) & (pos < end + one)                               # holds_new, as [1]
-        k_new = roped_heads(qkv_ptr, H + kvh + one, new_ok, norm_scale, rope_cos, rope_sin, kn_ptr, eps, d, HD, QK_NORM)
-        v_new = tl.load(qkv_ptr + (H + KV + kvh) * HD + d[None, :], mask=new_ok[:, None], other=0.0) * norm_scale
+        k_new = roped_heads(qkv_ptr, H + kvh + one, new_ok, norm_scale, qkv_bias_ptr, rope_cos, rope_sin, kn_ptr, eps,
+                            d, HD, QK_NORM, QKV_BIAS)
+        v_off = (H + KV + kvh) * HD + d[None, :]
+        v_new = tl.load(qkv_ptr + v_off, mask=new_ok[:, None], other=0.0) * norm_scale
+        if QKV_BIAS:
+            v_new += tl.load(qkv_bias_ptr + v_off, mask=new_ok[:, None], other=0.0).to(tl.float32)
     else:
         cached_end = end
         q = tl.load(q_ptr + heads[:, None] * stride_qh + d[None, :], mask=g_ok[:, None], other=0.0)
@@ -208,6 +216,9 @@ def flash_decode_splits(q: torch.Tensor | None, k_cache: torch.Tensor, v_cache: 
                 or not rope.qkv.is_contiguous():
             raise ValueError(f"flash_decode: rope.qkv must be contiguous fp32 [1, (H + 2 * {kv}) * {hd}], got "
                              f"{rope.qkv.dtype} {tuple(rope.qkv.shape)}")
+        if rope.qkv_bias is not None and (rope.qkv_bias.numel() != width or not rope.qkv_bias.is_contiguous()):
+            raise ValueError(f"flash_decode: rope.qkv_bias must be contiguous with {width} elements, got "
+                             f"{tuple(rope.qkv_bias.shape)}")
         ref = rope.qkv
     else:
         h, hd = q.shape
@@ -230,13 +241,14 @@ def flash_decode_splits(q: torch.Tensor | None, k_cache: torch.Tensor, v_cache: 
     _flash_decode_kernel[(kv, num_splits)](
         q, k_cache, v_cache, k_scale, v_scale, seq_len, o, lse,
         *((rope.qkv, rope.cos, rope.sin, rope.q_norm, rope.k_norm, rope.eps) if rope else (None,) * 5 + (0.0,)),
-        *((norm.sum_squares, norm.dim, norm.eps) if norm else (None, 1, 0.0)),
+        *((norm.sum_squares, norm.dim, norm.eps) if norm else (None, 1, 0.0)), rope.qkv_bias if rope else None,
         0 if q is None else q.stride(0), k_cache.stride(0), k_cache.stride(1),
         0 if k_scale is None else k_scale.stride(0), hd ** -0.5,
         H=h, KV=kv, G=g, HD=hd, BLOCK_G=max(16, triton.next_power_of_2(g)), BLOCK_S=block_s,
         NUM_SPLITS=num_splits, INT8=int8,
         PRECISION="ieee" if k_cache.dtype == torch.float32 else "tf32",  # fp32 caches: exact dots
         ROPE=rope is not None, QK_NORM=rope is not None and rope.q_norm is not None, DEFERRED_NORM=norm is not None,
+        QKV_BIAS=rope is not None and rope.qkv_bias is not None,
         num_warps=num_warps, **({} if num_stages is None else dict(num_stages=num_stages)), **pdl_launch(ref),
     )
     return o, lse

@@ -379,7 +379,7 @@ def _packed_fp16_tile(lin, block_k: int) -> tuple[int, int] | None:
 
 def _launch_packed_fp16(x2: torch.Tensor, lin, out2: torch.Tensor, bn: int, tile: tuple[int, int], tiles: int, nw: int,
                         source: int = FROM_X, aux: torch.Tensor | None = None, clear: torch.Tensor | None = None,
-                        norm: DeferredNorm | None = None) -> None:
+                        norm: DeferredNorm | None = None, add_bias: bool = True) -> None:
     """norm: for FROM_RESIDUAL, where the row's sum of squares goes; for FROM_SWIGLU, the deferred
     norm of gate|up's input, applied to gate and up."""
     block_k, groups = tile
@@ -396,7 +396,7 @@ def _launch_packed_fp16(x2: torch.Tensor, lin, out2: torch.Tensor, bn: int, tile
         None if norm is None else norm.sum_squares,
         n, k, lin.group_size_eff, lin.words.stride(0), lin.scales.stride(0), clear_n,
         1 if norm is None else norm.dim, 0.0 if norm is None else norm.eps,
-        BITS=lin.bits, ZERO_MODE=lin.zero_mode_id, HAS_BIAS=lin.bias is not None, EMULATE=INTERPRET,
+        BITS=lin.bits, ZERO_MODE=lin.zero_mode_id, HAS_BIAS=add_bias and lin.bias is not None, EMULATE=INTERPRET,
         BLOCK_N=bn, BLOCK_K=block_k, TILES=tiles, GROUPS=groups, CHAIN=chain,
         EVEN=n % (bn * tiles) == 0 and k % block_k == 0, SOURCE=source,
         NUM_SPLITS=aux.shape[0] if source == FROM_SPLITS else 1, HEAD_DIM=head_dim, PIECE=math.gcd(block_k, head_dim),
@@ -452,26 +452,28 @@ def _check_norm(caller: str, norm: DeferredNorm | None) -> None:
 
 
 def qmatmul_accumulate_deferred_norm(h: torch.Tensor, norm_weight: torch.Tensor, lin, out: torch.Tensor,
-                                     norm: DeferredNorm,
-                                     config: tuple[int, int, int, int, bool | str] | None = None) -> torch.Tensor:
+                                     norm: DeferredNorm, config: tuple[int, int, int, int, bool | str] | None = None,
+                                     bias_to_reader: bool = False) -> torch.Tensor:
     """out [1, N] (fp32) += (h * norm_weight) @ W.T for one decode row h (fp32 [1, K], the residual
     stream), and norm.sum_squares += sum(h^2): RMSNorm(h) @ W.T without its scale, which the kernel
     reading `out` applies (kernels.rmsnorm.deferred_rms_scale), so the decode step needs no norm
-    launch. The linear must have no bias (it would be scaled too). Returns out."""
+    launch. A bias would be scaled too: a linear with one is refused unless bias_to_reader, where
+    the bias is left out and the reader adds it after the scale (flash-decoding's
+    RopeInput.qkv_bias). Returns out."""
     k = lin.in_features
     if h.dtype != torch.float32 or h.shape != (1, k) or not h.is_contiguous():
         raise ValueError(f"qmatmul_accumulate_deferred_norm: h must be contiguous fp32 [1, {k}], got {h.dtype} {tuple(h.shape)}")
     if norm_weight.shape != (k,) or not norm_weight.is_contiguous():
         raise ValueError(f"qmatmul_accumulate_deferred_norm: the norm weight must be contiguous [{k}], got "
                          f"{tuple(norm_weight.shape)}")
-    if lin.bias is not None:
+    if lin.bias is not None and not bias_to_reader:
         raise ValueError("qmatmul_accumulate_deferred_norm: the linear has a bias, which the deferred scale would "
-                         "multiply; use rmsnorm + qmatmul_accumulate")
+                         "multiply; leave it to the reader (bias_to_reader) or use rmsnorm + qmatmul_accumulate")
     _check_norm("qmatmul_accumulate_deferred_norm", norm)
     bn, tile, tiles, nw = _decode_gemv_config("qmatmul_accumulate_deferred_norm", lin, out, config,
                                               "rmsnorm + qmatmul_accumulate")
     _launch_packed_fp16(h, lin, out.view(1, lin.out_features), bn, tile, tiles, nw, source=FROM_RESIDUAL,
-                        aux=norm_weight, norm=norm)
+                        aux=norm_weight, norm=norm, add_bias=False)
     return out
 
 

@@ -101,14 +101,20 @@ def rope_factors(cos_ptr, sin_ptr, pos, d, HD: tl.constexpr):
 
 
 @triton.jit
-def roped_heads(qkv_ptr, rows, row_ok, scale, c, s, norm_ptr, eps, d, HD: tl.constexpr, QK_NORM: tl.constexpr):
-    """Head vectors `rows` of the q|k|v accumulator times `scale`, RMSNorm-ed over the head
-    (QK_NORM) and rotated by the factors c, s of rope_factors ("rotate_half", as kernels.rope):
-    [rows, HD] fp32."""
+def roped_heads(qkv_ptr, rows, row_ok, scale, bias_ptr, c, s, norm_ptr, eps, d, HD: tl.constexpr,
+                QK_NORM: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Head vectors `rows` of the q|k|v accumulator times `scale` (plus the bias, HAS_BIAS),
+    RMSNorm-ed over the head (QK_NORM) and rotated by the factors c, s of rope_factors
+    ("rotate_half", as kernels.rope): [rows, HD] fp32."""
     HALF: tl.constexpr = HD // 2
     partner = (d + HALF) % HD                                  # x2 for the first half, x1 for the second
-    x = tl.load(qkv_ptr + rows[:, None] * HD + d[None, :], mask=row_ok[:, None], other=0.0) * scale
-    xp = tl.load(qkv_ptr + rows[:, None] * HD + partner[None, :], mask=row_ok[:, None], other=0.0) * scale
+    offs = rows[:, None] * HD + d[None, :]
+    offs_p = rows[:, None] * HD + partner[None, :]
+    x = tl.load(qkv_ptr + offs, mask=row_ok[:, None], other=0.0) * scale
+    xp = tl.load(qkv_ptr + offs_p, mask=row_ok[:, None], other=0.0) * scale
+    if HAS_BIAS:
+        x += tl.load(bias_ptr + offs, mask=row_ok[:, None], other=0.0).to(tl.float32)
+        xp += tl.load(bias_ptr + offs_p, mask=row_ok[:, None], other=0.0).to(tl.float32)
     if QK_NORM:
         rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / HD + eps)
         x = x * rstd[:, None] * tl.load(norm_ptr + d).to(tl.float32)[None, :]

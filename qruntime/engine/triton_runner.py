@@ -18,8 +18,9 @@ Decode step (one token, all buffers static, positions and lengths in device memo
 
 An RMSNorm is linear in its scale r, so the GEMV after it multiplies h by the norm's weight only
 and sums h^2 as it reads h, and the kernel reading that GEMV's output applies r: no norm launch
-(8B w4 -1%, 1B w4 -6% per token on an H200). Where that cannot be (q|k|v or gate|up with a bias,
-which r would scale, or not one packed-fp16 linear), the step launches kernels.rmsnorm first.
+(8B w4 -1%, 1B w4 -6% per token on an H200). A q|k|v bias (Qwen2) is left to flash-decoding too,
+added after r. Where that cannot be (gate|up with a bias, or not one packed-fp16 linear), the step
+launches kernels.rmsnorm first.
 
 The split-K matmuls accumulate in fp32 with atomics, so their outputs must start at zero: the
 consumer of each accumulator zeroes it after reading (the gate|up one, read by every program of
@@ -76,15 +77,11 @@ class RunnerLinear:
         decode GEMV)."""
         return self.triton is not None and packed_fp16_serves(self.triton)
 
-    def defers_norm(self) -> bool:
-        """Whether accumulate_deferred_norm serves this linear (forms_own_input, and no bias)."""
-        return self.forms_own_input() and self.triton.bias is None
-
     def accumulate_deferred_norm(self, h: torch.Tensor, norm_weight: torch.Tensor, out: torch.Tensor,
-                                 norm: DeferredNorm) -> None:
-        """out (fp32) += (h * norm_weight) @ W.T, the RMSNorm's scale left to out's reader; adds
-        sum(h^2) to norm.sum_squares."""
-        qmatmul_accumulate_deferred_norm(h, norm_weight, self.triton, out, norm)
+                                 norm: DeferredNorm, bias_to_reader: bool = False) -> None:
+        """out (fp32) += (h * norm_weight) @ W.T, the RMSNorm's scale (and with bias_to_reader, the
+        bias) left to out's reader; adds sum(h^2) to norm.sum_squares."""
+        qmatmul_accumulate_deferred_norm(h, norm_weight, self.triton, out, norm, bias_to_reader=bias_to_reader)
 
     def accumulate_swiglu(self, gate_up: torch.Tensor, out: torch.Tensor, norm: DeferredNorm | None = None) -> None:
         """out (fp32) += (silu(gate) * up) @ W.T for one row of the fp32 gate|up accumulator (first
@@ -202,21 +199,23 @@ class TritonRunner:
         # Neither in fp32 mode, which exists to match the reference without fp16 activations.
         self.fused_swiglu = dtype != torch.float32 and all(lw.down.forms_own_input() for lw in self.layers)
         self.fused_merge = dtype != torch.float32 and all(lw.o.forms_own_input() for lw in self.layers)
-        # The RMSNorms inside the layers cost no launch when the GEMV after them (one fused linear,
-        # no bias) multiplies h by the norm's weight and sums h^2 as it reads it, and the kernel
-        # reading that GEMV's output applies the scale: flash-decoding for q|k|v, down_proj (which
-        # forms silu(gate) * up itself) for gate|up.
+        # The RMSNorms inside the layers cost no launch when the GEMV after them (one fused linear)
+        # multiplies h by the norm's weight and sums h^2 as it reads it, and the kernel reading that
+        # GEMV's output applies the scale: flash-decoding for q|k|v (and adds q|k|v's bias after it),
+        # down_proj (which forms silu(gate) * up itself) for gate|up (which must have no bias).
         def defers(lins: list[RunnerLinear]) -> bool:
-            return dtype != torch.float32 and len(lins) == 1 and lins[0].defers_norm()
+            return dtype != torch.float32 and len(lins) == 1 and lins[0].forms_own_input()
         self.defer_attention_norm = all(defers(lw.qkv) for lw in self.layers)
-        self.defer_mlp_norm = self.fused_swiglu and all(defers(lw.gate_up) for lw in self.layers)
+        self.defer_mlp_norm = self.fused_swiglu and all(defers(lw.gate_up) and lw.gate_up[0].triton.bias is None
+                                                        for lw in self.layers)
         self._allocate_decode_buffers()
         self.input_norms = [DeferredNorm(self.sum_squares[i, 0:1], cfg.hidden_size, cfg.rms_norm_eps)
                             for i in range(cfg.num_layers)]
         self.post_norms = [DeferredNorm(self.sum_squares[i, 1:2], cfg.hidden_size, cfg.rms_norm_eps)
                            for i in range(cfg.num_layers)]
         self.rope_inputs = [RopeInput(self.qkv_acc, self.cos, self.sin, lw.q_norm, lw.k_norm, cfg.rms_norm_eps,
-                                      input_norm=self.input_norms[i] if self.defer_attention_norm else None)
+                                      input_norm=self.input_norms[i] if self.defer_attention_norm else None,
+                                      qkv_bias=lw.qkv[0].triton.bias if self.defer_attention_norm else None)
                             for i, lw in enumerate(self.layers)]
         self.graph: torch.cuda.CUDAGraph | None = None
 
@@ -290,7 +289,8 @@ class TritonRunner:
             if i == 0:  # h = embed[token] and its RMSNorm, one launch
                 embed_rmsnorm(self.embed, self.token, lw.input_norm, cfg.rms_norm_eps, rows=self.h, out=self.xn)
             if self.defer_attention_norm:  # flash-decoding applies the norm's scale
-                lw.qkv[0].accumulate_deferred_norm(self.h, lw.input_norm, self.qkv_acc, self.input_norms[i])
+                lw.qkv[0].accumulate_deferred_norm(self.h, lw.input_norm, self.qkv_acc, self.input_norms[i],
+                                                   bias_to_reader=True)
             else:
                 if i > 0:
                     rmsnorm(self.h, lw.input_norm, cfg.rms_norm_eps, out=self.xn)

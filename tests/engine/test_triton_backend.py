@@ -36,8 +36,8 @@ def test_fp16_decode_steps_match_torch_backend(tiny_model_dir, variant, bits):
     """fp16 activations: the decode step takes the packed-fp16 GEMVs (the fp32 mode of the test
     above does not). Three eager decode steps, each checked against the fp32 torch backend on the
     same prefix: an accumulator (or a deferred norm's sum of squares) left non-zero would show from
-    the second step on. The layers' RMSNorms are deferred to the kernels after their GEMVs, but
-    qwen2's input norm (its q|k|v has a bias, which the scale would multiply)."""
+    the second step on. The layers' RMSNorms are deferred to the kernels after their GEMVs
+    (qwen2's q|k|v bias is then added by flash-decoding, after the norm's scale)."""
     ckpt = read_checkpoint(tiny_model_dir(variant), bits=bits, group_size=32)
     ref = qruntime.Model(ckpt, device="cpu", backend="torch", dtype=torch.float32)
     fast = qruntime.Model(ckpt, device="cpu", backend="triton", dtype=torch.float16)
@@ -45,7 +45,8 @@ def test_fp16_decode_steps_match_torch_backend(tiny_model_dir, variant, bits):
     assert r.xn.dtype == torch.float16
     assert r.fused_swiglu  # down_proj forms silu(gate) * up itself
     assert r.fused_merge and r.attn is None  # o_proj merges the attention splits, zeroes q|k|v and gate|up
-    assert r.defer_mlp_norm and r.defer_attention_norm == (variant != "qwen2")
+    assert r.defer_mlp_norm and r.defer_attention_norm
+    assert (r.rope_inputs[0].qkv_bias is not None) == (variant == "qwen2")
     ids = list(range(5, 17))
     r.prefill(torch.tensor(ids[:-1]))
     r.token.fill_(ids[-1]); r.pos.fill_(len(ids) - 1); r.seq_len.fill_(len(ids))

@@ -58,13 +58,15 @@ def test_flash_decode_with_rope_equals_rope_then_attention(int8, qk_norm, heads,
 @pytest.mark.parametrize("int8", [False, True], ids=["fp32-cache", "int8-cache"])
 @pytest.mark.parametrize("qk_norm", [False, True], ids=["plain", "qk-norm"])
 @pytest.mark.parametrize("pos", [15, 95], ids=lambda p: f"pos{p}")
-def test_flash_decode_applies_a_deferred_input_norm(int8, qk_norm, pos):
-    """q|k|v accumulated from the un-normalized residual (the GEMV left the input RMSNorm's scale
-    to flash-decoding): given the sum of squares, the result is that of the normalized q|k|v."""
-    _check_rope_in_flash_decode(int8, qk_norm, 8, 2, pos, deferred=True)
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
+def test_flash_decode_applies_a_deferred_input_norm(int8, qk_norm, pos, bias):
+    """q|k|v accumulated from the un-normalized residual (the GEMV left the input RMSNorm's scale,
+    and its bias, to flash-decoding): given the sum of squares, the result is that of the
+    normalized q|k|v plus the bias."""
+    _check_rope_in_flash_decode(int8, qk_norm, 8, 2, pos, deferred=True, bias=bias)
 
 
-def _check_rope_in_flash_decode(int8, qk_norm, heads, kv, pos, deferred):
+def _check_rope_in_flash_decode(int8, qk_norm, heads, kv, pos, deferred, bias=False):
     """The decode step's flash_decode(rope=...) rotates q and the new k from the fp32 q|k|v
     accumulator, writes the new k/v at `pos` and attends to them in the same launch: the cache it
     leaves and its output equal kernels.rope followed by the cache-only flash_decode; `clear` is zeroed.
@@ -89,13 +91,14 @@ def _check_rope_in_flash_decode(int8, qk_norm, heads, kv, pos, deferred):
 
     out = torch.full((heads * HD,), float("nan"))
     side = torch.randn(1, 300, generator=g)
-    norm = None
-    if deferred:  # the kernel multiplies the accumulator by 1 / sqrt(37.5 / 24 + 1e-5)
+    norm, qkv_bias = None, None
+    if deferred:  # the kernel multiplies the accumulator by 1 / sqrt(37.5 / 24 + 1e-5), then adds the bias
         norm = DeferredNorm(torch.tensor([37.5]), 24, 1e-5)
-        qkv = qkv * (37.5 / 24 + 1e-5) ** 0.5
+        qkv_bias = torch.randn(qkv.shape[1], generator=g).half() if bias else None
+        qkv = (qkv - (0 if qkv_bias is None else qkv_bias.float())) * (37.5 / 24 + 1e-5) ** 0.5
     flash_decode(None, cache["k_cache"], cache["v_cache"], seq_len, out, num_splits=4, block_s=16,
                  k_scale=cache.get("k_scale"), v_scale=cache.get("v_scale"), clear=side,
-                 rope=RopeInput(qkv, cos, sin, q_norm=qn, k_norm=kn, eps=1e-6, input_norm=norm))
+                 rope=RopeInput(qkv, cos, sin, q_norm=qn, k_norm=kn, eps=1e-6, input_norm=norm, qkv_bias=qkv_bias))
     assert torch.all(side == 0)
     for name in cache:  # the same cache, the new position included (fp32 rounding; int8 codes within one step)
         if int8 and name.endswith("cache"):

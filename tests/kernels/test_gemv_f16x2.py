@@ -143,6 +143,11 @@ def test_deferred_norm_gemv_refuses_what_it_cannot_serve():
     with pytest.raises(ValueError, match="bias"):
         qmatmul_accumulate_deferred_norm(torch.zeros(1, 64), torch.ones(64), t, torch.zeros(1, 16), norm,
                                          config=(16, 32, 1, 4, "f16x2"))
+    # left to the reader: the output has no bias in it
+    h = torch.randn(1, 64, generator=torch.Generator().manual_seed(2))
+    out = torch.zeros(1, 16)
+    qmatmul_accumulate_deferred_norm(h, torch.ones(64), t, out, norm, config=(16, 32, 1, 4, "f16x2"), bias_to_reader=True)
+    assert_close(out, ref_linear(h, lin) - lin.bias.float(), "fp16_dot")
     t = prepare(make_linear(16, 64, 4, 32, "int", bias=False, seed=1), torch.device("cpu"), torch.float16)
     with pytest.raises(ValueError, match="fp32"):
         qmatmul_accumulate_deferred_norm(torch.zeros(1, 64).half(), torch.ones(64), t, torch.zeros(1, 16), norm,
