@@ -47,7 +47,7 @@ class RopeInput:
     eps: float = 1e-6
     # the layer's input RMSNorm, when the q|k|v GEMV left its scale to this kernel
     # (kernels.gemv_f16x2.qmatmul_accumulate_deferred_norm): q, k and v are scaled first, then
-    # qkv_bias (fp32 [(H + 2 KV) * hd]) is added when that GEMV left its bias out too
+    # qkv_bias ([(H + 2 KV) * hd], any float dtype) is added when that GEMV left its bias out too
     input_norm: DeferredNorm | None = None
     qkv_bias: torch.Tensor | None = None
 

@@ -240,8 +240,8 @@ def _slice_activations(x_ptr, aux_ptr, k0, K, norm_scale, SOURCE: tl.constexpr, 
     splits, x = o [NUM_SPLITS, K] and aux = lse [NUM_SPLITS, K / HEAD_DIM] (column k is dim
     k % HEAD_DIM of head k // HEAD_DIM), as its combine kernel would merge them; or h * w, x = h
     the fp32 residual and aux = w the RMSNorm weight, in fp32 (not rounded: the kernel rounds it
-    after scaling, `_round_scaled`). norm_scale multiplies gate and up (the deferred RMSNorm scale of
-    the gate|up GEMV's input, or 1)."""
+    to fp16 after its 2^-e scaling, so no value overflows). norm_scale multiplies gate and up (the
+    deferred RMSNorm scale of the gate|up GEMV's input, or 1)."""
     k = k0 + tl.arange(0, BLOCK_K)
     if SOURCE == 1:  # FROM_SWIGLU
         gate = tl.load(x_ptr + k, mask=k < K, other=0.0) * norm_scale
@@ -408,8 +408,8 @@ def _launch_packed_fp16(x2: torch.Tensor, lin, out2: torch.Tensor, bn: int, tile
 def packed_fp16_serves(lin, config: tuple[int, int, int, int, bool | str] | None = None) -> bool:
     """Whether `lin`'s decode GEMV is the packed-fp16 one (K a multiple of the codes per word, no
     act-order, a K tile of whole groups exists), and so can form its own input:
-    qmatmul_accumulate_swiglu, qmatmul_accumulate_attention and (without a bias)
-    qmatmul_accumulate_deferred_norm serve it."""
+    qmatmul_accumulate_swiglu, qmatmul_accumulate_attention and qmatmul_accumulate_deferred_norm
+    serve it."""
     _, bk, _, _, path = config or lin.splitk_config(1)
     return (path == "f16x2" and lin.in_features % (32 // lin.bits) == 0 and lin.perm is None
             and _packed_fp16_tile(lin, bk) is not None)
