@@ -4,12 +4,14 @@ the full step, round after round, so that run noise cancels out. A launch that i
 save at most what this shows; a fusion that removes it saves less (its work moves elsewhere).
 
     PYTHONPATH=$(bash benchmarks/stage_package.sh):. python3 benchmarks/upper_bounds.py \
-        [--spec SPEC ...] [--bits 4] [--rounds 2] [--combine]
+        [--spec SPEC ...] [--bits 4] [--rounds 2] [--combine] [--norm-launches]
 
-Variants: post_norm (the RMSNorm after o_proj), inner_norms (both RMSNorms of every layer but
-layer 0's first), attention (flash-decoding). --combine: the step as it was before o_proj merged
-flash-decoding's splits (the combine kernel, then o_proj), with two more variants: combine (the
-combine launch left out) and inner_norms+combine (benchmarks/results/h200/upper_bounds.log).
+Variants: attention (flash-decoding). --norm-launches: the step with its RMSNorms launched (as
+before they were deferred to the kernels after their GEMVs), with two more variants: post_norm
+(the RMSNorm after o_proj) and inner_norms (both RMSNorms of every layer but layer 0's first).
+--combine: the step as it was before o_proj merged flash-decoding's splits (the combine kernel,
+then o_proj), with the variants combine (the combine launch left out) and, with --norm-launches,
+inner_norms+combine (benchmarks/results/h200/upper_bounds.log was measured with both).
 """
 import argparse
 import contextlib
@@ -19,7 +21,7 @@ import torch
 import qruntime.engine.triton_runner as runner_mod
 import qruntime.kernels.flash_decode as fd_mod
 from bench_decode import time_decode
-from gpu_common import synthetic_model, use_combine_launch
+from gpu_common import synthetic_model, use_combine_launch, use_deferred_norms
 
 
 class _NoLaunch:
@@ -63,15 +65,22 @@ ap.add_argument("--spec", action="append")
 ap.add_argument("--bits", type=int, default=4)
 ap.add_argument("--rounds", type=int, default=2)
 ap.add_argument("--combine", action="store_true", help="the step with the combine launch (o_proj not merging)")
+ap.add_argument("--norm-launches", action="store_true", help="the step with its RMSNorm launches (not deferred)")
 args = ap.parse_args()
-VARIANTS = {"full step": set(), "no post_norm": {"post_norm"}, "no inner norms": {"inner_norms"}, "no attention": {"attention"}}
+VARIANTS = {"full step": set(), "no attention": {"attention"}}
+if args.norm_launches:
+    VARIANTS.update({"no post_norm": {"post_norm"}, "no inner norms": {"inner_norms"}})
 if args.combine:
-    VARIANTS.update({"no combine": {"combine"}, "no inner norms, no combine": {"inner_norms", "combine"}})
+    VARIANTS["no combine"] = {"combine"}
+if args.combine and args.norm_launches:
+    VARIANTS["no inner norms, no combine"] = {"inner_norms", "combine"}
 for spec in args.spec or ["synthetic:llama3.1-8b"]:
     model = synthetic_model(spec, args.bits)
     r = model.runner
     if args.combine:
         use_combine_launch(r, True)
+    if args.norm_launches:
+        use_deferred_norms(r, False)
     results = {name: [] for name in VARIANTS}
     for _ in range(args.rounds):
         for name, what in VARIANTS.items():
