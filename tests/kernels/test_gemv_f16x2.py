@@ -120,10 +120,12 @@ def test_deferred_norm_gemv_then_scaled_swiglu(bits, shape, tile):
     w = torch.rand(k, generator=gen) + 0.5
     eps = 1e-5
     norm = DeferredNorm(torch.full((1,), 2.5), k, eps)  # the sum starts at 2.5: it must be added to
-    gu = torch.zeros(1, 2 * n)
+    start = torch.randn(1, 2 * n, generator=gen)  # an accumulator: the products are added to it
+    gu = start.clone()
     qmatmul_accumulate_deferred_norm(h, w, gate_up, gu, norm, config=tile)
     torch.testing.assert_close(norm.sum_squares, 2.5 + (h.double() ** 2).sum().float().view(1), rtol=1e-6, atol=0)
     assert torch.isfinite(gu).all()
+    gu -= start
     assert_close(gu, ref_linear(h * w, gate_up_packed), "fp16_dot")
     norm.sum_squares.fill_((h ** 2).sum().item())
     out = torch.zeros(1, k)
