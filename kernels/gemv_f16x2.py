@@ -164,6 +164,12 @@ def _overflow_shift(xmax, BITS: tl.constexpr, CHAIN: tl.constexpr):
 
 
 @triton.jit
+def _pow2(e):
+    """2^e as fp32 for an integer tensor e (within the normal range), by its exponent bits: exact."""
+    return ((127 + e) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _fp16_pair(lo, hi):
     """Two fp16 tensors -> int32 words holding (lo, hi)."""
     return (lo.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF) | (hi.to(tl.int16, bitcast=True).to(tl.int32) << 16)
@@ -189,7 +195,7 @@ def _tile_pairs(xk, e, SLOTS: tl.constexpr, CHAIN: tl.constexpr, PAIRS: tl.const
     pairs each chain multiplies, [SLOTS, BLOCK_N] per (row in chain, pair): formed once per program
     in a compact layout and regrouped by reshape/split (a pass through shared memory), not loaded or
     computed again by every thread for each of its rows, and kept for all the program's tiles."""
-    scaled = (xk * ((127 - e) << 23).to(tl.float32, bitcast=True)).to(tl.float16)     # exact: 2^-e
+    scaled = (xk * _pow2(-e)).to(tl.float16)                                           # exact: 2^-e
     lo, hi = tl.split(tl.reshape(scaled, (BLOCK_K // 2, 2)))
     pairs = tl.reshape(_fp16_pair(lo, hi), (SLOTS, CHAIN, PAIRS))                       # [slot, row in chain, pair]
     if CHAIN == 2:
@@ -238,18 +244,14 @@ def _slice_activations(x_ptr, aux_ptr, k0, K, norm_scale, SOURCE: tl.constexpr, 
     kernel that would otherwise have written them rounds): x itself; or silu(gate) * up formed from
     the fp32 gate|up accumulator [2K]; or the attention output merged from flash-decoding's
     splits, x = o [NUM_SPLITS, K] and aux = lse [NUM_SPLITS, K / HEAD_DIM] (column k is dim
-    k % HEAD_DIM of head k // HEAD_DIM), as its combine kernel would merge them; or h * w, x = h
-    the fp32 residual and aux = w the RMSNorm weight, in fp32 (not rounded: the kernel rounds it
-    to fp16 after its 2^-e scaling, so no value overflows). norm_scale multiplies gate and up (the
-    deferred RMSNorm scale of the gate|up GEMV's input, or 1)."""
+    k % HEAD_DIM of head k // HEAD_DIM), as its combine kernel would merge them. norm_scale
+    multiplies gate and up (the deferred RMSNorm scale of the gate|up GEMV's input, or 1).
+    (FROM_RESIDUAL: `_residual_slice`.)"""
     k = k0 + tl.arange(0, BLOCK_K)
     if SOURCE == 1:  # FROM_SWIGLU
         gate = tl.load(x_ptr + k, mask=k < K, other=0.0) * norm_scale
         up = tl.load(x_ptr + K + k, mask=k < K, other=0.0) * norm_scale
         return silu_times(gate, up).to(tl.float16).to(tl.float32)
-    elif SOURCE == 3:  # FROM_RESIDUAL
-        h = tl.load(x_ptr + k, mask=k < K, other=0.0)
-        return h * tl.load(aux_ptr + k, mask=k < K, other=0.0).to(tl.float32)
     elif SOURCE == 2:  # FROM_SPLITS
         # the slice as BLOCK_K / PIECE pieces, each inside one head (PIECE divides BLOCK_K and HEAD_DIM)
         CHUNK: tl.constexpr = 8 if NUM_SPLITS > 8 else NUM_SPLITS
@@ -259,6 +261,18 @@ def _slice_activations(x_ptr, aux_ptr, k0, K, norm_scale, SOURCE: tl.constexpr, 
         return tl.reshape(merged, (BLOCK_K,)).to(tl.float16).to(tl.float32)
     else:
         return tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _residual_slice(h_ptr, w_ptr, ss_ptr, k0, K, BLOCK_K: tl.constexpr):
+    """K slice [k0, k0 + BLOCK_K) of h * w, h the fp32 residual row and w the RMSNorm weight, in
+    fp32 (not rounded: the kernel rounds it to fp16 after its 2^-e scaling, so no value
+    overflows); the programs of column tile 0 (one per K slice) add the slice's sum of h^2 to ss."""
+    k = k0 + tl.arange(0, BLOCK_K)
+    h = tl.load(h_ptr + k, mask=k < K, other=0.0)
+    if tl.program_id(0) == 0:
+        tl.atomic_add(ss_ptr, tl.sum(h * h, axis=0), sem="relaxed")
+    return h * tl.load(w_ptr + k, mask=k < K, other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -273,7 +287,7 @@ def _tile_outputs(wa, wb, s, z, xa0, xa1, xa2, xa3, xb0, xb1, xb2, xb3, xs, e,
         d = tl.sum(per_chain, axis=0)[None, :]
     else:  # one partial sum per group, each with its own scale
         d = tl.sum(tl.reshape(per_chain, (GROUPS, SLOTS // GROUPS, BLOCK_N)), axis=1)
-    d = d * ((127 + e) << 23).to(tl.float32, bitcast=True)                               # * 2^e
+    d = d * _pow2(e)
     return tl.sum(group_contribution(d, xs, s, z, BITS, ZERO_MODE, OFFSET), axis=0)
 
 
@@ -324,18 +338,15 @@ def _qgemv_f16x2_kernel(
         norm_scale = deferred_rms_scale(ss_ptr, norm_dim, eps)
     else:
         norm_scale = 1.0
-    xk = _slice_activations(x_ptr, aux_ptr, k0, K, norm_scale, SOURCE, NUM_SPLITS, HEAD_DIM, PIECE, BLOCK_K)
-    if SOURCE == 3:  # FROM_RESIDUAL: one program per K slice adds the slice's squares (x: h)
-        if tl.program_id(0) == 0:
-            kk = k0 + tl.arange(0, BLOCK_K)
-            h = tl.load(x_ptr + kk, mask=kk < K, other=0.0)
-            tl.atomic_add(ss_ptr, tl.sum(h * h, axis=0), sem="relaxed")
+    if SOURCE == 3:  # FROM_RESIDUAL: h * w; one program per K slice adds the slice's squares
+        xk = _residual_slice(x_ptr, aux_ptr, ss_ptr, k0, K, BLOCK_K)
+    else:
+        xk = _slice_activations(x_ptr, aux_ptr, k0, K, norm_scale, SOURCE, NUM_SPLITS, HEAD_DIM, PIECE, BLOCK_K)
     # The fp16 lane sums of a chain overflow past 65504: large activations (a down_proj input
     # reaches thousands in some models) are scaled down by 2^-e first, and d back up by 2^e.
     e = _overflow_shift(tl.max(tl.abs(xk), axis=0), BITS, CHAIN)
     if SOURCE == 3:  # h * w was left in fp32: round it as the products will see it
-        xk = (xk * ((127 - e) << 23).to(tl.float32, bitcast=True)).to(tl.float16).to(tl.float32) \
-            * ((127 + e) << 23).to(tl.float32, bitcast=True)
+        xk = (xk * _pow2(-e)).to(tl.float16).to(tl.float32) * _pow2(e)
     xa0, xa1, xa2, xa3, xb0, xb1, xb2, xb3 = _tile_pairs(xk, e, SLOTS, CHAIN, PAIRS, BLOCK_K, BLOCK_N)
     if GROUPS == 1:
         xs = tl.sum(xk, axis=0)
