@@ -40,7 +40,10 @@ def main() -> None:
     shapes = SHAPES[:4]
     for value in args.values:  # compile every variant first, in parallel (the children inherit the switch)
         os.environ[args.var] = value
-        work = [(bits, 1, shapes, candidates(bits, 4096, 4096)[j::args.jobs]) for bits in args.bits for j in range(args.jobs)]
+        work = []
+        for bits in args.bits:
+            every = list(dict.fromkeys(c for k, n in shapes for c in candidates(bits, k, n)))
+            work += [(bits, 1, shapes, every[j::args.jobs]) for j in range(args.jobs)]
         with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
             pool.map(_compile_configs, work)
     for bits in args.bits:

@@ -285,6 +285,10 @@ class TritonRunner:
     # ------------------------------------------------------------------ decode
     def _decode_step(self) -> None:
         cfg = self.cfg
+        # what the merge of flash-decoding's splits zeroes (below): the accumulators read by then,
+        # gate|up too when down_proj reads it; in layer 0 the logits, which sit before them, too
+        last = self.step_accumulators.numel() if self.fused_swiglu else self.gu_acc.storage_offset()
+        clears = (self.step_accumulators[:last], self.step_accumulators[self.logits.numel():last])
         for i, lw in enumerate(self.layers):
             if i == 0:  # h = embed[token] and its RMSNorm, one launch
                 embed_rmsnorm(self.embed, self.token, lw.input_norm, cfg.rms_norm_eps, rows=self.h, out=self.xn)
@@ -296,12 +300,8 @@ class TritonRunner:
                     rmsnorm(self.h, lw.input_norm, cfg.rms_norm_eps, out=self.xn)
                 self._accumulate_split(lw.qkv, self.xn, self.qkv_acc)
             # RoPE of q and the new k, the cache write and the attention in one launch; the merge
-            # of its splits (by o_proj, or by flash-decoding's second launch) zeroes the
-            # accumulators read so far (gate|up too when down_proj reads it; in layer 0 the
-            # logits, which sit before them, too)
-            first = 0 if i == 0 else self.logits.numel()
-            last = self.step_accumulators.numel() if self.fused_swiglu else self.gu_acc.storage_offset()
-            clear = self.step_accumulators[first:last]
+            # of its splits (by o_proj, or by flash-decoding's second launch) zeroes `clear`
+            clear = clears[0 if i == 0 else 1]
             attention = dict(rope=self.rope_inputs[i], num_splits=self.num_splits, block_s=DECODE_ATTENTION_BLOCK,
                              num_warps=DECODE_ATTENTION_WARPS, workspace=self.workspace, **self._scales(i))
             if self.fused_merge:
