@@ -5,11 +5,16 @@ recaptured each time, so that card-to-card and run noise cancel out:
     PYTHONPATH=$(bash benchmarks/stage_package.sh):. python3 benchmarks/ab_env.py VAR VALUE1 VALUE2 \
         [--spec SPEC ...] [--bits 4] [--rounds 3] [--prompt 128]
 
-VAR may also name a setting of the triton runner, as runner.fused_merge (0/1: o_proj merges
-flash-decoding's splits, or the combine launch does), runner.num_splits (the decode step's split
-count), runner.attention_tile (BLOCKxWARPS of its flash-decoding, e.g. 64x8) or
-runner.plain_step_ends (0/1: the step's start and lm_head's zeroing as torch launches) or
-runner.deferred_norms (0/1: the layers' RMSNorms as launches, or deferred to the kernels after their GEMVs).
+VAR may also name a setting of the triton runner:
+- runner.fused_merge (0/1: o_proj merges flash-decoding's splits, or the combine launch does);
+- runner.num_splits (the decode step's split count);
+- runner.attention_tile (BLOCKxWARPS[xSTAGES] of its flash-decoding, e.g. 64x8 or 64x8x2; 0 stages: Triton's default);
+- runner.plain_step_ends (0/1: the step's start and lm_head's zeroing as torch launches);
+- runner.deferred_norms (0/1: the layers' RMSNorms as launches, or deferred to the kernels after their GEMVs);
+- runner.carveout (the preferred shared-memory carveout, in percent, of every kernel compiled so far; -1: the
+  driver's choice; list -1 first, so that the kernels are compiled before the others);
+or tile:KEY, a packed-fp16 entry of the tuned table as BLOCK_N,BLOCK_K,K_ITERS,WARPS (e.g.
+tile:step/w4/m1/n4096/k4096 64,128,1,1).
 """
 import argparse
 import os
@@ -18,8 +23,9 @@ import torch
 
 from bench_decode import time_decode
 import qruntime.engine.triton_runner as runner_mod
+from qruntime.kernels import tuning
 from gpu_common import (prefill_and_capture, set_decode_attention_tile, set_decode_splits, synthetic_model,
-                        use_combine_launch, use_deferred_norms)
+                        set_shared_carveout, use_combine_launch, use_deferred_norms)
 
 _REAL = dict(embed_rmsnorm=runner_mod.embed_rmsnorm)
 
@@ -45,18 +51,23 @@ def _plain_step_ends(r, on: bool) -> None:
 
 
 def set_switch(r, var: str, value: str) -> None:
+    if var.startswith("tile:"):  # a tuned-table entry, e.g. tile:step/w4/m1/n4096/k4096 64,128,1,1
+        tuning._table_for(torch.device("cuda"))[var[len("tile:"):]] = [*map(int, value.split(",")), "f16x2"]
+        return
     if not var.startswith("runner."):
         os.environ[var] = value
         return
     name = var[len("runner."):]
     if name == "fused_merge":
         use_combine_launch(r, value != "1")
-    elif name == "attention_tile":  # BLOCKxWARPS of the decode step's flash-decoding
-        set_decode_attention_tile(*map(int, value.split("x")))
+    elif name == "attention_tile":  # BLOCKxWARPS[xSTAGES] of the decode step's flash-decoding (0: Triton's default)
+        set_decode_attention_tile(*[int(v) or None for v in value.split("x")])
     elif name == "plain_step_ends":
         _plain_step_ends(r, value == "1")
     elif name == "deferred_norms":
         use_deferred_norms(r, value == "1")
+    elif name == "carveout":  # preferred shared-memory carveout of every compiled kernel (-1: the driver's)
+        print(f"  carveout {value}: {set_shared_carveout(int(value))} kernels", flush=True)
     elif name == "num_splits":
         set_decode_splits(r, int(value))
     else:

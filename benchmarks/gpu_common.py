@@ -107,9 +107,11 @@ def use_deferred_norms(runner, on: bool) -> None:
                           for ri, norm, lw in zip(runner.rope_inputs, runner.input_norms, runner.layers)]
 
 
-def set_decode_attention_tile(block: int, warps: int) -> None:
-    """Positions per block and warps of the decode step's flash-decoding (read at each capture)."""
+def set_decode_attention_tile(block: int, warps: int, stages: int | None = None) -> None:
+    """Positions per block, warps and pipeline stages (None: Triton's default) of the decode step's
+    flash-decoding (read at each capture)."""
     runner_mod.DECODE_ATTENTION_BLOCK, runner_mod.DECODE_ATTENTION_WARPS = block, warps
+    runner_mod.DECODE_ATTENTION_STAGES = stages
 
 
 def prefill_and_capture(runner, vocab_size: int, prompt_len: int) -> None:
@@ -138,3 +140,33 @@ def time_replays(runner, steps: int) -> float:
 def dump(path, obj) -> None:
     with open(path, "w") as f:
         json.dump(obj, f, indent=2)
+
+
+def set_shared_carveout(percent: int) -> int:
+    """Experiment: the preferred shared-memory carveout (percent of the unified L1/shared memory; -1:
+    the driver's choice) of every Triton kernel of qruntime.kernels compiled so far, so that the
+    step's kernels ask the SMs for one configuration. Returns how many kernels were set."""
+    import ctypes
+    import importlib
+    import pkgutil
+
+    import qruntime.kernels as kernels_pkg
+    from triton.runtime.jit import JITFunction
+
+    cuda = ctypes.CDLL("libcuda.so.1")
+    carveout_attribute = 9  # CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT
+    count = 0
+    for info in pkgutil.iter_modules(kernels_pkg.__path__):
+        module = importlib.import_module(f"qruntime.kernels.{info.name}")
+        for fn in vars(module).values():
+            if not isinstance(fn, JITFunction):
+                continue
+            for entry in fn.device_caches.values():
+                for kernel in list(entry[0].values()):
+                    kernel = getattr(kernel, "result", lambda: kernel)() if not hasattr(kernel, "_init_handles") else kernel
+                    kernel._init_handles()
+                    rc = cuda.cuFuncSetAttribute(ctypes.c_void_p(kernel.function), carveout_attribute, ctypes.c_int(percent))
+                    if rc != 0:
+                        raise RuntimeError(f"cuFuncSetAttribute({fn.__name__}, carveout {percent}) failed: CUresult {rc}")
+                    count += 1
+    return count

@@ -134,9 +134,14 @@ class LayerWeights:
 
 # flash-decoding tiles of the decode step: at the benchmark's few hundred positions each split holds
 # one block, so the launch is a chain of dependent loads; 64 positions and 8 warps gave 8B w4
-# 1.672 ms/token against 1.752 with 128 and 4 (H200, same run; benchmarks/results/h200/fd_decode_tiles.log)
+# 1.672 ms/token against 1.752 with 128 and 4 (H200, same run; benchmarks/results/h200/fd_decode_tiles.log).
+# Two pipeline stages, not Triton's three: three take 72 KB of shared memory a program, and an SM
+# running flash-decoding's two programs in that shared-memory configuration takes none of the GEMVs
+# around it until they leave (8B w4 1.394 -> 1.354 ms/token at 128 positions, equal at 8k; setting
+# every kernel's carveout to 72% instead gave the same: ab_fd_stages.log)
 DECODE_ATTENTION_BLOCK = 64
 DECODE_ATTENTION_WARPS = 8
+DECODE_ATTENTION_STAGES = 2
 
 
 class TritonRunner:
@@ -303,7 +308,8 @@ class TritonRunner:
             # of its splits (by o_proj, or by flash-decoding's second launch) zeroes `clear`
             clear = clears[0 if i == 0 else 1]
             attention = dict(rope=self.rope_inputs[i], num_splits=self.num_splits, block_s=DECODE_ATTENTION_BLOCK,
-                             num_warps=DECODE_ATTENTION_WARPS, workspace=self.workspace, **self._scales(i))
+                             num_warps=DECODE_ATTENTION_WARPS, num_stages=DECODE_ATTENTION_STAGES,
+                             workspace=self.workspace, **self._scales(i))
             if self.fused_merge:
                 splits = flash_decode_splits(None, self.k_cache[i], self.v_cache[i], self.seq_len, **attention)
                 lw.o.accumulate_attention(splits, self.h, clear)
