@@ -1,9 +1,9 @@
-"""Isolated decode GEMV (M = 1) with an environment switch the kernels read at launch flipped back
+"""Isolated decode GEMV (M = 1, or --m 16: the few-row slot kernel) with an environment switch the kernels read at launch flipped back
 and forth in one process, over a few tile configs per shape: what a kernel variant does alone,
 beside what ab_env.py shows it does inside the decode step.
 
     PYTHONPATH=$(bash benchmarks/stage_package.sh):. python3 benchmarks/ab_gemv.py VAR VALUE1 VALUE2 \
-        [--bits 4 8] [--rounds 2]
+        [--bits 4 8] [--rounds 2] [--m 1]
 
 Timing as bench_gemv.py (one graph of PDL launches over rotating buffers beyond L2); the outputs
 of the values are compared with each other and with the reference.
@@ -20,8 +20,12 @@ from qruntime.kernels.qmatmul import qmatmul_accumulate
 from qruntime.kernels.tuning import splitk_config
 
 
-def candidates(bits: int, k: int, n: int) -> list:
-    """The card's table entry and the one-warp packed-fp16 tiles around it."""
+def candidates(bits: int, k: int, n: int, m: int = 1) -> list:
+    """The card's table entry and the one-warp packed-fp16 tiles around it (M = 1), or slot-kernel
+    tiles (M > 1)."""
+    if m > 1:
+        near = [(bn, 128, t, nw, "slots") for bn, t, nw in ((64, 4, 4), (128, 4, 8), (256, 1, 4), (256, 2, 4))]
+        return list(dict.fromkeys([tuple(splitk_config(bits, n, k, m, torch.device("cuda")))] + near))
     near = [(32, 128, t, 1, "f16x2") for t in (1, 2, 4)] + [(64, 128, t, 1, "f16x2") for t in (1, 2)]
     near += [(128, 128, 1, 1, "f16x2"), (64, 256, 1, 1, "f16x2"), (128, 128, 1, 2, "f16x2")]
     return list(dict.fromkeys([tuple(splitk_config(bits, n, k, 1, torch.device("cuda")))] + near))
@@ -34,6 +38,7 @@ def main() -> None:
     ap.add_argument("--bits", type=int, nargs="+", default=[4, 8])
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--jobs", type=int, default=12)
+    ap.add_argument("--m", type=int, default=1, help="activation rows (M > 1: the slot kernel's tiles)")
     args = ap.parse_args()
     bw = measure_read_bandwidth()
     print(f"# {environment()}\n# read bandwidth {bw / 1e12:.3f} TB/s", flush=True)
@@ -42,23 +47,23 @@ def main() -> None:
         os.environ[args.var] = value
         work = []
         for bits in args.bits:
-            every = list(dict.fromkeys(c for k, n in shapes for c in candidates(bits, k, n)))
-            work += [(bits, 1, shapes, every[j::args.jobs]) for j in range(args.jobs)]
+            every = list(dict.fromkeys(c for k, n in shapes for c in candidates(bits, k, n, args.m)))
+            work += [(bits, args.m, shapes, every[j::args.jobs]) for j in range(args.jobs)]
         with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
             pool.map(_compile_configs, work)
     for bits in args.bits:
         for k, n in shapes:
-            lins, xs, outs, need = gemv_workload(k, n, 1, bits)
+            lins, xs, outs, need = gemv_workload(k, n, args.m, bits)
             count = len(lins)
-            print(f"w{bits} K={k} N={n}", flush=True)
-            for cfg in candidates(bits, k, n):
+            print(f"w{bits} M={args.m} K={k} N={n}", flush=True)
+            for cfg in candidates(bits, k, n, args.m):
                 times, results = {v: [] for v in args.values}, {}
                 for _ in range(args.rounds):
                     for value in args.values:
                         os.environ[args.var] = value
                         times[value].append(time_graph([lambda i=i: qmatmul_accumulate(xs[i], lins[i], outs[i], config=cfg)
                                                         for i in range(count)]))
-                        out = torch.zeros(1, n, device="cuda")
+                        out = torch.zeros(args.m, n, device="cuda")
                         qmatmul_accumulate(xs[0], lins[0], out, config=cfg)
                         results[value] = out
                 first = results[args.values[0]]
