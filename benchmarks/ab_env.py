@@ -8,7 +8,8 @@ recaptured each time, so that card-to-card and run noise cancel out:
 VAR may also name a setting of the triton runner:
 - runner.fused_merge (0/1: o_proj merges flash-decoding's splits, or the combine launch does);
 - runner.num_splits (the decode step's split count);
-- runner.attention_tile (BLOCKxWARPS[xSTAGES] of its flash-decoding, e.g. 64x8 or 64x8x2; 0 stages: Triton's default);
+- runner.attention_tile (BLOCKxWARPS[xSTAGES] of its flash-decoding, e.g. 64x8 or 64x8x2; no stages: the
+  runner's own, 0: Triton's default);
 - runner.plain_step_ends (0/1: the step's start and lm_head's zeroing as torch launches);
 - runner.deferred_norms (0/1: the layers' RMSNorms as launches, or deferred to the kernels after their GEMVs);
 - runner.carveout (the preferred shared-memory carveout, in percent, of every kernel compiled so far; -1: the
@@ -61,7 +62,7 @@ def set_switch(r, var: str, value: str) -> None:
     if name == "fused_merge":
         use_combine_launch(r, value != "1")
     elif name == "attention_tile":  # BLOCKxWARPS[xSTAGES] of the decode step's flash-decoding (0: Triton's default)
-        set_decode_attention_tile(*[int(v) or None for v in value.split("x")])
+        set_decode_attention_tile(*[int(v) or None for v in value.split("x")])  # no stages: the runner's
     elif name == "plain_step_ends":
         _plain_step_ends(r, value == "1")
     elif name == "deferred_norms":

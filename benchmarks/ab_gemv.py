@@ -1,6 +1,6 @@
-"""Isolated decode GEMV (M = 1, or --m 16: the few-row slot kernel) with an environment switch the kernels read at launch flipped back
-and forth in one process, over a few tile configs per shape: what a kernel variant does alone,
-beside what ab_env.py shows it does inside the decode step.
+"""Isolated decode GEMV (M = 1, or --m 16: the few-row slot kernel) with an environment switch the
+kernels read at launch flipped back and forth in one process, over a few tile configs per shape:
+what a kernel variant does alone, beside what ab_env.py shows it does inside the decode step.
 
     PYTHONPATH=$(bash benchmarks/stage_package.sh):. python3 benchmarks/ab_gemv.py VAR VALUE1 VALUE2 \
         [--bits 4 8] [--rounds 2] [--m 1]

@@ -107,9 +107,12 @@ def use_deferred_norms(runner, on: bool) -> None:
                           for ri, norm, lw in zip(runner.rope_inputs, runner.input_norms, runner.layers)]
 
 
-def set_decode_attention_tile(block: int, warps: int, stages: int | None = None) -> None:
-    """Positions per block, warps and pipeline stages (None: Triton's default) of the decode step's
-    flash-decoding (read at each capture)."""
+_STEP_ATTENTION_STAGES = runner_mod.DECODE_ATTENTION_STAGES  # the runner's own choice
+
+
+def set_decode_attention_tile(block: int, warps: int, stages: int | None = _STEP_ATTENTION_STAGES) -> None:
+    """Positions per block, warps and pipeline stages (None: Triton's default; left out: the
+    runner's own) of the decode step's flash-decoding (read at each capture)."""
     runner_mod.DECODE_ATTENTION_BLOCK, runner_mod.DECODE_ATTENTION_WARPS = block, warps
     runner_mod.DECODE_ATTENTION_STAGES = stages
 
