@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import statistics
@@ -102,9 +101,7 @@ def use_deferred_norms(runner, on: bool) -> None:
     if not hasattr(runner, "_deferred_norms_allowed"):
         runner._deferred_norms_allowed = (runner.defer_attention_norm, runner.defer_mlp_norm)
     runner.defer_attention_norm, runner.defer_mlp_norm = (on and allowed for allowed in runner._deferred_norms_allowed)
-    runner.rope_inputs = [dataclasses.replace(ri, input_norm=norm if runner.defer_attention_norm else None,
-                                              qkv_bias=lw.qkv[0].triton.bias if runner.defer_attention_norm else None)
-                          for ri, norm, lw in zip(runner.rope_inputs, runner.input_norms, runner.layers)]
+    runner.rope_inputs = runner.build_rope_inputs()
 
 
 _STEP_ATTENTION_STAGES = runner_mod.DECODE_ATTENTION_STAGES  # the runner's own choice
@@ -166,7 +163,8 @@ def set_shared_carveout(percent: int) -> int:
                 continue
             for entry in fn.device_caches.values():
                 for kernel in list(entry[0].values()):
-                    kernel = getattr(kernel, "result", lambda: kernel)() if not hasattr(kernel, "_init_handles") else kernel
+                    if not hasattr(kernel, "_init_handles"):  # a compile still in flight (a future)
+                        kernel = kernel.result()
                     kernel._init_handles()
                     rc = cuda.cuFuncSetAttribute(ctypes.c_void_p(kernel.function), carveout_attribute, ctypes.c_int(percent))
                     if rc != 0:

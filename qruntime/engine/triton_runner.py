@@ -218,11 +218,17 @@ class TritonRunner:
                             for i in range(cfg.num_layers)]
         self.post_norms = [DeferredNorm(self.sum_squares[i, 1:2], cfg.hidden_size, cfg.rms_norm_eps)
                            for i in range(cfg.num_layers)]
-        self.rope_inputs = [RopeInput(self.qkv_acc, self.cos, self.sin, lw.q_norm, lw.k_norm, cfg.rms_norm_eps,
-                                      input_norm=self.input_norms[i] if self.defer_attention_norm else None,
-                                      qkv_bias=lw.qkv[0].triton.bias if self.defer_attention_norm else None)
-                            for i, lw in enumerate(self.layers)]
+        self.rope_inputs = self.build_rope_inputs()
         self.graph: torch.cuda.CUDAGraph | None = None
+
+    def build_rope_inputs(self) -> list[RopeInput]:
+        """Each layer's RopeInput for flash-decoding, with the deferred input norm and the q|k|v bias
+        when defer_attention_norm (rebuild after changing it, then recapture)."""
+        defer = self.defer_attention_norm
+        return [RopeInput(self.qkv_acc, self.cos, self.sin, lw.q_norm, lw.k_norm, self.cfg.rms_norm_eps,
+                          input_norm=self.input_norms[i] if defer else None,
+                          qkv_bias=lw.qkv[0].triton.bias if defer else None)
+                for i, lw in enumerate(self.layers)]
 
     # ------------------------------------------------------------------ buffers
     def _allocate_decode_buffers(self) -> None:
