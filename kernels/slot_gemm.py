@@ -11,7 +11,8 @@ the K sum is split by code slot: slot j of word row r is column k = EPW r + j of
     sum_k x[m, k] (q[k, n] - center) = sum_j  x[:, j::EPW] @ slot_j        (EPW dots of K = word rows)
 
 with no reshuffle of the codes: each slot is a [rows, BLOCK_N] tile in the words' own layout, and
-x is read with a stride of EPW (a few KB per program, from L2). The dots accumulate in fp32; the
+each x_j a [16, rows] piece of the slice's x, read whole (a few KB per program, from L2) and split
+into its slots in registers (`_slot_xs`). The dots accumulate in fp32; the
 scale, zero point and center are applied once per group afterwards (kernels._common.group_contribution).
 
 A program owns one K slice inside one group (or a whole number of word rows of a per-channel
@@ -75,11 +76,34 @@ def _slot(w, j: tl.constexpr, BITS: tl.constexpr):
 
 
 @triton.jit
-def _slot_x(x_ptr, rows, m_ok, stride_xm, perm_ptr, kj, k_ok, HAS_PERM: tl.constexpr):
-    """x[:, kj] as fp16 [16, R]: the columns one slot multiplies."""
+def _slot_xs(x_ptr, rows, m_ok, stride_xm, perm_ptr, r, r_ok, HAS_PERM: tl.constexpr, BITS: tl.constexpr,
+             ROWS: tl.constexpr):
+    """x[:, EPW r + j] as fp16 [16, ROWS] for each slot j (int8: slots 0..3, then those again), and
+    the slice's sum of x per row [16, 1] in fp32: the slice read once, whole rows of it
+    together (one read per slot, stride EPW, took 8 times the sectors of L1 on int4: its busiest
+    unit, Nsight Compute, benchmarks/results/h200/ncu_slot_w4_m16_4096x14336.txt), then split
+    into its slots in registers."""
+    EPW: tl.constexpr = 32 // BITS
+    kj = EPW * r[:, None] + tl.arange(0, EPW)[None, :]                                 # [ROWS, EPW]
     if HAS_PERM:
-        kj = tl.load(perm_ptr + kj, mask=k_ok, other=0)
-    return tl.load(x_ptr + rows[:, None] * stride_xm + kj[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float16)
+        kj = tl.load(perm_ptr + kj, mask=r_ok[:, None], other=0)
+    x = tl.load(x_ptr + rows[:, None, None] * stride_xm + kj[None, :, :],
+                mask=m_ok[:, None, None] & r_ok[None, :, None], other=0.0).to(tl.float16)   # [16, ROWS, EPW]
+    xs = tl.sum(tl.sum(x.to(tl.float32), axis=2), axis=1)[:, None]
+    # the last dim's index is slot j; each split halves it by its lowest bit
+    even, odd = tl.split(tl.reshape(x, (16, ROWS, EPW // 2, 2)))                      # slots 2i, 2i + 1
+    if BITS == 4:
+        e0, e1 = tl.split(tl.reshape(even, (16, ROWS, 2, 2)))                          # slots {0, 4}, {2, 6}
+        o0, o1 = tl.split(tl.reshape(odd, (16, ROWS, 2, 2)))                           # slots {1, 5}, {3, 7}
+        x0, x4 = tl.split(e0)
+        x2, x6 = tl.split(e1)
+        x1, x5 = tl.split(o0)
+        x3, x7 = tl.split(o1)
+        return x0, x1, x2, x3, x4, x5, x6, x7, xs
+    else:
+        x0, x2 = tl.split(even)
+        x1, x3 = tl.split(odd)
+        return x0, x1, x2, x3, x0, x1, x2, x3, xs
 
 
 @triton.jit
@@ -140,25 +164,8 @@ def _slot_gemm_kernel(
     wait_for_producer(PDL)  # x is the previous kernel's output
     rows = tl.arange(0, 16)
     m_ok = rows < M
-    kr = EPW * r  # column of slot 0 of each word row
-    x0 = _slot_x(x_ptr, rows, m_ok, stride_xm, perm_ptr, kr + 0, r_ok, HAS_PERM)
-    x1 = _slot_x(x_ptr, rows, m_ok, stride_xm, perm_ptr, kr + 1, r_ok, HAS_PERM)
-    x2 = _slot_x(x_ptr, rows, m_ok, stride_xm, perm_ptr, kr + 2, r_ok, HAS_PERM)
-    x3 = _slot_x(x_ptr, rows, m_ok, stride_xm, perm_ptr, kr + 3, r_ok, HAS_PERM)
-    if BITS == 4:
-        x4 = _slot_x(x_ptr, rows, m_ok, stride_xm, perm_ptr, kr + 4, r_ok, HAS_PERM)
-        x5 = _slot_x(x_ptr, rows, m_ok, stride_xm, perm_ptr, kr + 5, r_ok, HAS_PERM)
-        x6 = _slot_x(x_ptr, rows, m_ok, stride_xm, perm_ptr, kr + 6, r_ok, HAS_PERM)
-        x7 = _slot_x(x_ptr, rows, m_ok, stride_xm, perm_ptr, kr + 7, r_ok, HAS_PERM)
-    else:
-        x4, x5, x6, x7 = x0, x1, x2, x3  # unused
-    # sum of x over the slice as the dots see it (fp16), for the zero point and the center
-    kk = k0 + tl.arange(0, ROWS * EPW)
-    kk_ok = kk < K
-    if HAS_PERM:
-        kk = tl.load(perm_ptr + kk, mask=kk_ok, other=0)
-    xs = tl.sum(tl.load(x_ptr + rows[:, None] * stride_xm + kk[None, :], mask=m_ok[:, None] & kk_ok[None, :],
-                        other=0.0).to(tl.float16).to(tl.float32), axis=1)[:, None]
+    # xs: the sum of x over the slice as the dots see it (fp16), for the zero point and the center
+    x0, x1, x2, x3, x4, x5, x6, x7, xs = _slot_xs(x_ptr, rows, m_ok, stride_xm, perm_ptr, r, r_ok, HAS_PERM, BITS, ROWS)
     # a loop Triton pipelines: the next tiles' words are copied to shared memory asynchronously
     # while the current one is multiplied (a register prefetch would not help here: the words pass
     # through shared memory on their way to the dot's operand layout, and that store waits for them)
