@@ -79,10 +79,10 @@ def _slot(w, j: tl.constexpr, BITS: tl.constexpr):
 def _slot_xs(x_ptr, rows, m_ok, stride_xm, perm_ptr, r, r_ok, HAS_PERM: tl.constexpr, BITS: tl.constexpr,
              ROWS: tl.constexpr):
     """x[:, EPW r + j] as fp16 [16, ROWS] for each slot j (int8: slots 0..3, then those again), and
-    the slice's sum of x per row [16, 1] in fp32: the slice read once, whole rows of it
-    together (one read per slot, stride EPW, took 8 times the sectors of L1 on int4: its busiest
-    unit, Nsight Compute, benchmarks/results/h200/ncu_slot_w4_m16_4096x14336.txt), then split
-    into its slots in registers."""
+    the slice's sum of x per row [16, 1] in fp32. The slice is read once, whole, then split into
+    its slots in registers: reading each slot's columns on their own (stride EPW) took 8 times the
+    L1 sectors on int4, and L1 was the kernel's busiest unit (Nsight Compute,
+    benchmarks/results/h200/ncu_slot_w4_m16_4096x14336.txt)."""
     EPW: tl.constexpr = 32 // BITS
     kj = EPW * r[:, None] + tl.arange(0, EPW)[None, :]                                 # [ROWS, EPW]
     if HAS_PERM:
