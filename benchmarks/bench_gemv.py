@@ -55,9 +55,9 @@ def configs(m: int, bits: int, quick: bool = False, narrow: bool = False, slots:
 
 def slot_configs(bits: int):
     """The few-row kernel (kernels.slot_gemm): K slices of 16 word rows (int8 also 32), 1-4 column
-    tiles per program."""
-    return [(bn, bk, tiles, nw, "slots") for bn in (64, 128, 256) for bk in ((128,) if bits == 4 else (64, 128))
-            for tiles in (1, 2, 4) for nw in (2, 4, 8)]
+    tiles per program, pipelined or unrolled (for one tile the two are the same kernel in effect)."""
+    return [(bn, bk, tiles, nw, path) for bn in (64, 128, 256) for bk in ((128,) if bits == 4 else (64, 128))
+            for tiles in (1, 2, 4) for nw in (2, 4, 8) for path in ("slots", "slots-unrolled") if tiles > 1 or path == "slots"]
 
 
 def gemm_configs():
@@ -86,9 +86,10 @@ def main() -> None:
     for bits in args.bits:
         # correctness of every path on awkward sizes first
         w = torch.randn(777, 1000, device="cuda")
-        for group, sym, path, m, bk, iters in itertools.product((32, 128, -1), (True, False), [False, True, "f16x2", "slots"],
+        for group, sym, path, m, bk, iters in itertools.product((32, 128, -1), (True, False), [False, True, "f16x2", "slots", "slots-unrolled"],
                                                                 (1, 16), (64, 128, 512), (2, 8)):
-            if m not in args.m or (m > 1 and path not in (True, "slots")) or (iters == 8 and path not in ("f16x2", "slots")):
+            slot = path in ("slots", "slots-unrolled")
+            if m not in args.m or (m > 1 and path is not True and not slot) or (iters == 8 and path != "f16x2" and not slot):
                 continue
             lin = quantize_rtn(w, bits, group, sym)
             x = torch.randn(m, 1000, device="cuda", dtype=torch.float16)

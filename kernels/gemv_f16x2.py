@@ -6,7 +6,8 @@ Hopper, not by its loads (Nsight Compute, benchmarks/results/h200/ncu_gemv_w4_40
 kernel that only reads the same tiles reaches the full bandwidth, probe_gemv.json). So what counts
 is instructions per packed word and keeping loads in flight while computing. Here the codes become
 fp16x2 pairs by bit tricks (no conversion instruction, see `_f16x2_dot_asm`), two products per
-HFMA2, two word rows per fp16x2 accumulator, one fp32 convert per chain; a program takes one K
+HFMA2, a chain of word rows (4 for int4, 2 for int8: MAX_CHAIN) per fp16x2 accumulator, one
+fp32 convert per chain; a program takes one K
 slice across several column tiles, so the slice's activations are regrouped into the pairs once
 and the next tile loads while the current one is multiplied. The fp16 lane sums are kept below
 overflow by scaling large activations by 2^-e (exact).
@@ -58,7 +59,7 @@ def _f16x2_dot_asm(bits: int, words: int) -> str:
     The codes become exact fp16x2 without a conversion instruction, already centered (q - 8 for
     int4, q - 128 for int8, so the fp16 partial sums stay small: no cancellation against
     center * sum x later), and all products of the words accumulate in one fp16x2 register that
-    leaves as a single fp32: chaining two words halves the converts and adds per word.
+    leaves as a single fp32: chaining words divides the converts and adds per word.
     int4 (pair-interleaved, kernels.layout): nibble pairs (i, i + 4) become fp16x2 with one LOP3
     each, or-ing them into the mantissa of 1024.0, straight from the word (pairs 0, 1) or from one
     shift of it by 8 (pairs 2, 3); the low nibble of a byte gives 1024 + q (one HSUB2 of 1032
@@ -97,6 +98,7 @@ def _f16x2_dot_asm(bits: int, words: int) -> str:
 
 _DOT_W4 = tl.constexpr(_f16x2_dot_asm(4, 1))
 _DOT_W4_CHAIN2 = tl.constexpr(_f16x2_dot_asm(4, 2))
+_DOT_W4_CHAIN4 = tl.constexpr(_f16x2_dot_asm(4, 4))
 _DOT_W8 = tl.constexpr(_f16x2_dot_asm(8, 1))
 _DOT_W8_CHAIN2 = tl.constexpr(_f16x2_dot_asm(8, 2))
 
@@ -128,29 +130,35 @@ def _pair(w, xp, lo_shift: tl.constexpr, BITS: tl.constexpr, hi_gap: tl.constexp
 
 
 @triton.jit
-def _f16x2_products(wa, wb, xa0, xa1, xa2, xa3, xb0, xb1, xb2, xb3,
-                    BITS: tl.constexpr, CHAIN: tl.constexpr, EMULATE: tl.constexpr):
-    """sum (q - center) x over word wa, and wb too when CHAIN == 2, each with its fp16 pairs (int8
-    words use two pairs: xa0, xa1 / xb0, xb1). EMULATE: the same sum in plain Triton for the CPU
-    interpreter, which cannot run PTX (it does not round to fp16 as the GPU does)."""
+def _f16x2_products(w, x, BITS: tl.constexpr, CHAIN: tl.constexpr, EMULATE: tl.constexpr):
+    """sum (q - center) x over the CHAIN word rows of each chain, w (a tuple of 4 word tensors, the
+    first CHAIN used), each with its fp16 pairs: x[4 r + p] is pair p of row r (int8 words use
+    two pairs; int8 chains are at most 2 rows, MAX_CHAIN). EMULATE: the same sum in plain Triton for the CPU interpreter, which cannot run
+    PTX (it does not round to fp16 as the GPU does)."""
     if EMULATE:
-        d = _word_products(wa, xa0, xa1, xa2, xa3, BITS)
-        if CHAIN == 2:
-            d += _word_products(wb, xb0, xb1, xb2, xb3, BITS)
+        d = _word_products(w[0], x[0], x[1], x[2], x[3], BITS)
+        for r in tl.static_range(1, CHAIN):
+            d += _word_products(w[r], x[4 * r], x[4 * r + 1], x[4 * r + 2], x[4 * r + 3], BITS)
         return d
     elif BITS == 4:
-        if CHAIN == 2:
-            return tl.inline_asm_elementwise(_DOT_W4_CHAIN2, "=f" + ",r" * 10, [wa, wb, xa0, xa1, xa2, xa3, xb0, xb1, xb2, xb3],
+        if CHAIN == 4:
+            return tl.inline_asm_elementwise(_DOT_W4_CHAIN4, "=f" + ",r" * 20,
+                                             [w[0], w[1], w[2], w[3], x[0], x[1], x[2], x[3], x[4], x[5], x[6], x[7],
+                                              x[8], x[9], x[10], x[11], x[12], x[13], x[14], x[15]],
+                                             dtype=tl.float32, is_pure=True, pack=1)
+        elif CHAIN == 2:
+            return tl.inline_asm_elementwise(_DOT_W4_CHAIN2, "=f" + ",r" * 10,
+                                             [w[0], w[1], x[0], x[1], x[2], x[3], x[4], x[5], x[6], x[7]],
                                              dtype=tl.float32, is_pure=True, pack=1)
         else:
-            return tl.inline_asm_elementwise(_DOT_W4, "=f" + ",r" * 5, [wa, xa0, xa1, xa2, xa3],
+            return tl.inline_asm_elementwise(_DOT_W4, "=f" + ",r" * 5, [w[0], x[0], x[1], x[2], x[3]],
                                              dtype=tl.float32, is_pure=True, pack=1)
     else:
         if CHAIN == 2:
-            return tl.inline_asm_elementwise(_DOT_W8_CHAIN2, "=f" + ",r" * 6, [wa, wb, xa0, xa1, xb0, xb1],
+            return tl.inline_asm_elementwise(_DOT_W8_CHAIN2, "=f" + ",r" * 6, [w[0], w[1], x[0], x[1], x[4], x[5]],
                                              dtype=tl.float32, is_pure=True, pack=1)
         else:
-            return tl.inline_asm_elementwise(_DOT_W8, "=f" + ",r" * 3, [wa, xa0, xa1],
+            return tl.inline_asm_elementwise(_DOT_W8, "=f" + ",r" * 3, [w[0], x[0], x[1]],
                                              dtype=tl.float32, is_pure=True, pack=1)
 
 
@@ -192,21 +200,35 @@ def _columns(t, PAIRS: tl.constexpr):
 def _tile_pairs(xk, e, SLOTS: tl.constexpr, CHAIN: tl.constexpr, PAIRS: tl.constexpr,
                 BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
     """The K slice's activations xk [BLOCK_K] (fp32 holding fp16 values) times 2^-e as the fp16
-    pairs each chain multiplies, [SLOTS, BLOCK_N] per (row in chain, pair): formed once per program
-    in a compact layout and regrouped by reshape/split (a pass through shared memory), not loaded or
-    computed again by every thread for each of its rows, and kept for all the program's tiles."""
+    pairs each chain multiplies, [SLOTS, BLOCK_N] per (row in chain r, pair p), at 4 r + p of the
+    tuple returned (rows past CHAIN repeat row 0, unused): formed once per program in a compact
+    layout and regrouped by reshape/split (a pass through shared memory), not loaded or computed
+    again by every thread for each of its rows, and kept for all the program's tiles."""
     scaled = (xk * _pow2(-e)).to(tl.float16)                                           # exact: 2^-e
     lo, hi = tl.split(tl.reshape(scaled, (BLOCK_K // 2, 2)))
     pairs = tl.reshape(_fp16_pair(lo, hi), (SLOTS, CHAIN, PAIRS))                       # [slot, row in chain, pair]
-    if CHAIN == 2:
-        rows_a, rows_b = tl.split(tl.permute(pairs, (0, 2, 1)))
+    if CHAIN == 4:
+        # [slot, pair, row // 2, row % 2]: each split takes the lowest bit of the row
+        even, odd = tl.split(tl.reshape(tl.permute(pairs, (0, 2, 1)), (SLOTS, PAIRS, 2, 2)))
+        r0, r2 = tl.split(even)
+        r1, r3 = tl.split(odd)
+    elif CHAIN == 2:
+        r0, r1 = tl.split(tl.permute(pairs, (0, 2, 1)))
+        r2 = r0
+        r3 = r0
     else:
-        rows_a = tl.reshape(pairs, (SLOTS, PAIRS))
-        rows_b = rows_a
-    a0, a1, a2, a3 = _columns(rows_a, PAIRS)
-    b0, b1, b2, b3 = _columns(rows_b, PAIRS)
+        r0 = tl.reshape(pairs, (SLOTS, PAIRS))
+        r1 = r0
+        r2 = r0
+        r3 = r0
+    a0, a1, a2, a3 = _columns(r0, PAIRS)
+    b0, b1, b2, b3 = _columns(r1, PAIRS)
+    c0, c1, c2, c3 = _columns(r2, PAIRS)
+    d0, d1, d2, d3 = _columns(r3, PAIRS)
     return (_wide(a0, BLOCK_N), _wide(a1, BLOCK_N), _wide(a2, BLOCK_N), _wide(a3, BLOCK_N),
-            _wide(b0, BLOCK_N), _wide(b1, BLOCK_N), _wide(b2, BLOCK_N), _wide(b3, BLOCK_N))
+            _wide(b0, BLOCK_N), _wide(b1, BLOCK_N), _wide(b2, BLOCK_N), _wide(b3, BLOCK_N),
+            _wide(c0, BLOCK_N), _wide(c1, BLOCK_N), _wide(c2, BLOCK_N), _wide(c3, BLOCK_N),
+            _wide(d0, BLOCK_N), _wide(d1, BLOCK_N), _wide(d2, BLOCK_N), _wide(d3, BLOCK_N))
 
 
 @triton.jit
@@ -215,19 +237,24 @@ def _wide(col, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _load_tile(w_ptr, s_ptr, z_ptr, ra, ra_ok, rb_ok, g, g_ok, n, n_ok, stride_wk, stride_sg,
+def _load_tile(w_ptr, s_ptr, z_ptr, ra, ra_ok, g, g_ok, n, n_ok, stride_wk, stride_sg, K_ROWS,
                ZERO_MODE: tl.constexpr, CHAIN: tl.constexpr, EVEN: tl.constexpr):
-    """The words of the program's word rows for columns n: the first and second row of each chain
-    [SLOTS, BLOCK_N], and the scales and zeros of its groups g [GROUPS, BLOCK_N] as fp32.
-    EVEN: the tile is whole (no masks, no predicate per load)."""
+    """The words of the program's word rows for columns n: row r of each chain [SLOTS, BLOCK_N] at
+    w[r] (rows past CHAIN repeat row 0, unused), and the scales and zeros of its groups g
+    [GROUPS, BLOCK_N] as fp32. ra: each chain's first row (ra_ok: inside the weight, K_ROWS rows:
+    K may end inside a chain). EVEN: the tile is whole (no masks, no predicate per load)."""
     wa = load_2d(w_ptr, ra, ra_ok, n, n_ok, stride_wk, EVEN)
-    if CHAIN == 2:
-        wb = load_2d(w_ptr, ra + 1, rb_ok, n, n_ok, stride_wk, EVEN)
-    else:
-        wb = wa
+    wb = wa
+    wc = wa
+    wd = wa
+    if CHAIN >= 2:
+        wb = load_2d(w_ptr, ra + 1, ra + 1 < K_ROWS, n, n_ok, stride_wk, EVEN)
+    if CHAIN == 4:
+        wc = load_2d(w_ptr, ra + 2, ra + 2 < K_ROWS, n, n_ok, stride_wk, EVEN)
+        wd = load_2d(w_ptr, ra + 3, ra + 3 < K_ROWS, n, n_ok, stride_wk, EVEN)
     s = load_2d(s_ptr, g, g_ok, n, n_ok, stride_sg, EVEN).to(tl.float32)
     z = load_2d(z_ptr, g, g_ok, n, n_ok, stride_sg, EVEN).to(tl.float32) if ZERO_MODE != 0 else s  # s: unused
-    return wa, wb, s, z
+    return (wa, wb, wc, wd), s, z
 
 
 # where the GEMV's activations come from (SOURCE)
@@ -276,13 +303,13 @@ def _residual_slice(h_ptr, w_ptr, ss_ptr, k0, K, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
-def _tile_outputs(wa, wb, s, z, xa0, xa1, xa2, xa3, xb0, xb1, xb2, xb3, xs, e,
+def _tile_outputs(w, s, z, x, xs, e,
                   BITS: tl.constexpr, ZERO_MODE: tl.constexpr, EMULATE: tl.constexpr, BLOCK_N: tl.constexpr,
                   GROUPS: tl.constexpr, SLOTS: tl.constexpr, CHAIN: tl.constexpr):
     """One column tile's share of the outputs [BLOCK_N] (fp32) from its words, scales and zeros and
     the slice's activation pairs, scaled by 2^-e, and sums per group xs."""
     OFFSET: tl.constexpr = -8.0 if BITS == 4 else -128.0  # what the products carry besides q: -center
-    per_chain = _f16x2_products(wa, wb, xa0, xa1, xa2, xa3, xb0, xb1, xb2, xb3, BITS, CHAIN, EMULATE)  # [SLOTS, BN]
+    per_chain = _f16x2_products(w, x, BITS, CHAIN, EMULATE)  # [SLOTS, BN]
     if GROUPS == 1:
         d = tl.sum(per_chain, axis=0)[None, :]
     else:  # one partial sum per group, each with its own scale
@@ -311,8 +338,8 @@ def _qgemv_f16x2_kernel(
     row multiplies once (`_tile_pairs`, a pass through shared memory) and serve every tile; the
     next tile's words, scales and zeros are requested before the current one is multiplied, so the
     program keeps loads in flight while it computes. Every word is multiplied by its EPW activations
-    (`_f16x2_products`), CHAIN consecutive word rows (2, or 1 when the rows of a group are odd) into
-    one fp16x2 accumulator; each tile's outputs are added to `out` with fp32 atomics. The slice
+    (`_f16x2_products`), CHAIN consecutive word rows (MAX_CHAIN, fewer when a group's rows are not
+    a multiple of it) into one fp16x2 accumulator; each tile's outputs are added to `out` with fp32 atomics. The slice
     spans GROUPS whole groups (or lies inside one: GROUPS = 1). EVEN: every tile is whole (no
     masks). The first tile is requested before waiting for the previous kernel (PDL, kernels.pdl):
     no kernel of the step writes weights."""
@@ -324,12 +351,11 @@ def _qgemv_f16x2_kernel(
     k0 = tl.program_id(1) * BLOCK_K
     ra = k0 // EPW + CHAIN * tl.arange(0, SLOTS)          # first word row of each chain
     ra_ok = ra < K // EPW
-    rb_ok = ra + 1 < K // EPW                             # the chain's second row (K may end between them)
     g = k0 // group_size + tl.arange(0, GROUPS)
     g_ok = g * group_size < K
     n = n0 + tl.arange(0, BLOCK_N)
-    wa, wb, s, z = _load_tile(w_ptr, s_ptr, z_ptr, ra, ra_ok, rb_ok, g, g_ok, n, n < N, stride_wk, stride_sg,
-                              ZERO_MODE, CHAIN, EVEN)
+    w, s, z = _load_tile(w_ptr, s_ptr, z_ptr, ra, ra_ok, g, g_ok, n, n < N, stride_wk, stride_sg, K // EPW,
+                         ZERO_MODE, CHAIN, EVEN)
     wait_for_producer(PDL)
     if CLEAR_CHUNK > 0:  # each program zeroes its chunk of `clear` (accumulators the step has read by now)
         offs = (tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)) * CLEAR_CHUNK + tl.arange(0, CLEAR_CHUNK)
@@ -347,7 +373,7 @@ def _qgemv_f16x2_kernel(
     e = _overflow_shift(tl.max(tl.abs(xk), axis=0), BITS, CHAIN)
     if SOURCE == 3:  # h * w was left in fp32: round it as the products will see it
         xk = (xk * _pow2(-e)).to(tl.float16).to(tl.float32) * _pow2(e)
-    xa0, xa1, xa2, xa3, xb0, xb1, xb2, xb3 = _tile_pairs(xk, e, SLOTS, CHAIN, PAIRS, BLOCK_K, BLOCK_N)
+    x = _tile_pairs(xk, e, SLOTS, CHAIN, PAIRS, BLOCK_K, BLOCK_N)
     if GROUPS == 1:
         xs = tl.sum(xk, axis=0)
     else:
@@ -356,21 +382,29 @@ def _qgemv_f16x2_kernel(
         n = n0 + i * BLOCK_N + tl.arange(0, BLOCK_N)
         if i + 1 < TILES:  # in flight while tile i is multiplied
             n_next = n + BLOCK_N
-            next_wa, next_wb, next_s, next_z = _load_tile(w_ptr, s_ptr, z_ptr, ra, ra_ok, rb_ok, g, g_ok, n_next, n_next < N,
-                                                          stride_wk, stride_sg, ZERO_MODE, CHAIN, EVEN)
-        acc = _tile_outputs(wa, wb, s, z, xa0, xa1, xa2, xa3, xb0, xb1, xb2, xb3, xs, e,
-                            BITS, ZERO_MODE, EMULATE, BLOCK_N, GROUPS, SLOTS, CHAIN)
+            next_w, next_s, next_z = _load_tile(w_ptr, s_ptr, z_ptr, ra, ra_ok, g, g_ok, n_next, n_next < N,
+                                                stride_wk, stride_sg, K // EPW, ZERO_MODE, CHAIN, EVEN)
+        acc = _tile_outputs(w, s, z, x, xs, e, BITS, ZERO_MODE, EMULATE, BLOCK_N, GROUPS, SLOTS, CHAIN)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + n, mask=n < N, other=0.0).to(tl.float32) * (k0 == 0).to(tl.float32)
         tl.atomic_add(out_ptr + n, acc, mask=n < N, sem="relaxed")
         if i + 1 < TILES:
-            wa, wb, s, z = next_wa, next_wb, next_s, next_z
+            w, s, z = next_w, next_s, next_z
 
 
 def _packed_fp16_path(x2: torch.Tensor, lin) -> bool:
     """Whether the fp16x2 GEMV applies: one fp16 row, K a multiple of the codes per word, no act-order."""
     return (x2.shape[0] == 1 and x2.dtype == torch.float16 and lin.in_features % (32 // lin.bits) == 0
             and lin.perm is None and x2.is_contiguous())
+
+
+# Word rows per fp16x2 accumulator, at most. A longer chain converts and adds fewer fp32 per word
+# (int4: 18.6 -> 17.6 instructions a word in sm_90 code at 4 column tiles, 23.5 -> 22.8 at one),
+# and its fp16 lane sums take 4 CHAIN products. int4 chains of 4: 8B w4 decode 1.325 -> 1.317
+# ms/token, 1B w4 0.375 -> 0.368 (H200, benchmarks/results/h200/ab_chain4_e2e.log); the outputs
+# move by 6e-4 (relative) against chains of 2, both fp16 roundings of the same sums. int8 stays
+# at 2: its products are 16 times larger (|q - 128| <= 128), and 4-row chains gained nothing.
+MAX_CHAIN = {4: 4, 8: 2}
 
 
 def _packed_fp16_tile(lin, block_k: int) -> tuple[int, int] | None:
@@ -398,7 +432,8 @@ def _launch_packed_fp16(x2: torch.Tensor, lin, out2: torch.Tensor, bn: int, tile
     n = lin.out_features
     tiles = max(1, min(tiles, triton.cdiv(n, bn)))  # no program of tiles wholly past N
     rows = block_k * lin.bits // 32
-    chain = 2 if rows % 2 == 0 and (rows // groups) % 2 == 0 else 1  # a chain stays inside one group
+    # a chain stays inside one group
+    chain = next(c for c in (4, 2, 1) if c <= MAX_CHAIN[lin.bits] and rows % c == 0 and (rows // groups) % c == 0)
     grid = (triton.cdiv(n, bn * tiles), triton.cdiv(k, block_k))
     head_dim = k // aux.shape[1] if source == FROM_SPLITS else 1
     clear_n = 0 if clear is None else clear.numel()

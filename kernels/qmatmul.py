@@ -135,10 +135,10 @@ def qmatmul_accumulate(x: torch.Tensor, lin, out: torch.Tensor,
 
     config = (BLOCK_N, BLOCK_K, K_ITERS, num_warps, path) with path False (fp32 FMA, M = 1), True
     (tensor cores), "f16x2" (packed-fp16 GEMV, M = 1, fp16 x, K a multiple of 32 / bits, no
-    act-order; otherwise the FMA path) or "slots" (kernels.slot_gemm: tensor cores, one dot per
-    code slot, when a K slice of 16 word rows fits in a group; otherwise the tensor-core path).
-    K_ITERS: K tiles per program, or for "f16x2" and "slots" the column tiles each program's K
-    slice spans."""
+    act-order; otherwise the FMA path) or "slots" / "slots-unrolled" (kernels.slot_gemm: tensor
+    cores, one dot per code slot, when a K slice of 16 word rows fits in a group; otherwise the
+    tensor-core path). K_ITERS: K tiles per program, or for "f16x2" and the slot paths the column
+    tiles each program's K slice spans."""
     x2 = _check(x, lin)
     m, k = x2.shape
     if m > 16:

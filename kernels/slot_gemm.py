@@ -32,6 +32,7 @@ from .gemv_f16x2 import INT4_CONSTANT_REGS, INT4_CONSTANTS, int4_to_centered
 from .pdl import pdl_launch, release_dependents, wait_for_producer
 
 MIN_ROWS = 16  # word rows per slice: the K of one tensor-core dot
+SLOT_PATHS = ("slots", "slots-unrolled")  # the tuned configs' names of this kernel (see _slot_gemm_kernel)
 
 
 def _unpack_asm(bits: int) -> str:
@@ -147,12 +148,16 @@ def _slot_gemm_kernel(
     M, N, K, group_size, stride_xm, stride_wk, stride_sg, stride_om,
     BITS: tl.constexpr, ZERO_MODE: tl.constexpr, HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr,
     EMULATE: tl.constexpr, PDL: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr, TILES: tl.constexpr,
-    EVEN: tl.constexpr,
+    EVEN: tl.constexpr, UNROLLED: tl.constexpr,
 ):
     """out [M, N] += x [M, K] @ W.T for M <= 16: program (TILES column tiles of BLOCK_N, K slice of
-    ROWS word rows inside one group). The slice's x columns are loaded once for all tiles; Triton's
-    pipeline copies the next tiles' words to shared memory while the current one is multiplied.
-    EVEN: the tiles are whole (no masks on the words)."""
+    ROWS word rows inside one group). The slice's x columns are loaded once for all tiles. The
+    tiles' words stream in one of two ways: Triton's pipelined loop copies the next tiles' words
+    to shared memory while the current one is multiplied; or (UNROLLED) the tiles are unrolled,
+    the first one requested before the PDL wait and each next one into registers before the
+    current one's dots, which keeps x's operand fragments in registers too (no shared-memory
+    reload of x per tile). UNROLLED wins the 4096 x 4096 shapes, the pipelined loop the larger ones
+    (H200, benchmarks/results/h200/ab_slot_prefetch.log). EVEN: the tiles are whole (no masks on the words)."""
     EPW: tl.constexpr = 32 // BITS
     OFFSET: tl.constexpr = -8.0 if BITS == 4 else -128.0  # what the codes carry besides q: -center
     release_dependents(PDL)
@@ -161,29 +166,57 @@ def _slot_gemm_kernel(
     r_ok = r < K // EPW
     k0 = tl.program_id(1) * ROWS * EPW
     g = k0 // group_size
+    if UNROLLED:  # no kernel of the step writes weights: the first tile is requested before the wait
+        w, s, z = _slot_tile(w_ptr, s_ptr, z_ptr, r, r_ok, g, n0 + tl.arange(0, BLOCK_N), N, stride_wk, stride_sg,
+                             ZERO_MODE, EVEN)
     wait_for_producer(PDL)  # x is the previous kernel's output
     rows = tl.arange(0, 16)
     m_ok = rows < M
     # xs: the sum of x over the slice as the dots see it (fp16), for the zero point and the center
     x0, x1, x2, x3, x4, x5, x6, x7, xs = _slot_xs(x_ptr, rows, m_ok, stride_xm, perm_ptr, r, r_ok, HAS_PERM, BITS, ROWS)
-    # a loop Triton pipelines: the next tiles' words are copied to shared memory asynchronously
-    # while the current one is multiplied (a register prefetch would not help here: the words pass
-    # through shared memory on their way to the dot's operand layout, and that store waits for them)
-    for i in tl.range(0, TILES):
-        n = n0 + i * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_ok = n < N
-        w = load_2d(w_ptr, r, r_ok, n, n_ok, stride_wk, EVEN)
-        s = tl.load(s_ptr + g * stride_sg + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        if ZERO_MODE != 0:
-            z = tl.load(z_ptr + g * stride_sg + n, mask=n_ok, other=0).to(tl.float32)[None, :]
-        else:
-            z = s  # unused
-        acc = _tile_dots(w, x0, x1, x2, x3, x4, x5, x6, x7, BITS, EMULATE, BLOCK_N)
-        acc = group_contribution(acc, xs, s, z, BITS, ZERO_MODE, OFFSET)
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :] * (k0 == 0).to(tl.float32)
-        tl.atomic_add(out_ptr + rows[:, None] * stride_om + n[None, :], acc, mask=m_ok[:, None] & n_ok[None, :],
-                      sem="relaxed")
+    if UNROLLED:
+        for i in tl.static_range(TILES):
+            n = n0 + i * BLOCK_N + tl.arange(0, BLOCK_N)
+            if i + 1 < TILES:  # in flight while tile i is multiplied
+                w_next, s_next, z_next = _slot_tile(w_ptr, s_ptr, z_ptr, r, r_ok, g, n + BLOCK_N, N, stride_wk, stride_sg,
+                                                    ZERO_MODE, EVEN)
+            acc = _tile_dots(w, x0, x1, x2, x3, x4, x5, x6, x7, BITS, EMULATE, BLOCK_N)
+            _add_tile(out_ptr, bias_ptr, acc, xs, s, z, rows, m_ok, n, N, k0, stride_om, BITS, ZERO_MODE, OFFSET, HAS_BIAS)
+            if i + 1 < TILES:
+                w, s, z = w_next, s_next, z_next
+    else:
+        for i in tl.range(0, TILES):
+            n = n0 + i * BLOCK_N + tl.arange(0, BLOCK_N)
+            w, s, z = _slot_tile(w_ptr, s_ptr, z_ptr, r, r_ok, g, n, N, stride_wk, stride_sg, ZERO_MODE, EVEN)
+            acc = _tile_dots(w, x0, x1, x2, x3, x4, x5, x6, x7, BITS, EMULATE, BLOCK_N)
+            _add_tile(out_ptr, bias_ptr, acc, xs, s, z, rows, m_ok, n, N, k0, stride_om, BITS, ZERO_MODE, OFFSET, HAS_BIAS)
+
+
+@triton.jit
+def _slot_tile(w_ptr, s_ptr, z_ptr, r, r_ok, g, n, N, stride_wk, stride_sg, ZERO_MODE: tl.constexpr, EVEN: tl.constexpr):
+    """The words [ROWS, BLOCK_N] of the slice's rows r for columns n, and their group's scales and
+    zeros [1, BLOCK_N] as fp32."""
+    n_ok = n < N
+    w = load_2d(w_ptr, r, r_ok, n, n_ok, stride_wk, EVEN)
+    s = tl.load(s_ptr + g * stride_sg + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    if ZERO_MODE != 0:
+        z = tl.load(z_ptr + g * stride_sg + n, mask=n_ok, other=0).to(tl.float32)[None, :]
+    else:
+        z = s  # unused
+    return w, s, z
+
+
+@triton.jit
+def _add_tile(out_ptr, bias_ptr, acc, xs, s, z, rows, m_ok, n, N, k0, stride_om, BITS: tl.constexpr,
+              ZERO_MODE: tl.constexpr, OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Adds one tile's dots acc [16, BLOCK_N], scaled and zero-corrected, (+ the bias, once: by the
+    first K slice) to out's M rows with fp32 atomics."""
+    n_ok = n < N
+    acc = group_contribution(acc, xs, s, z, BITS, ZERO_MODE, OFFSET)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :] * (k0 == 0).to(tl.float32)
+    tl.atomic_add(out_ptr + rows[:, None] * stride_om + n[None, :], acc, mask=m_ok[:, None] & n_ok[None, :],
+                  sem="relaxed")
 
 
 def slot_rows(lin, block_k: int) -> int | None:
@@ -201,11 +234,11 @@ def slot_rows(lin, block_k: int) -> int | None:
 
 def try_slot_gemm(x2: torch.Tensor, lin, out2: torch.Tensor, config: tuple) -> bool:
     """Runs out2 [M, N] += x2 @ W.T with the slot kernel when `config` (BLOCK_N, BLOCK_K, column tiles per program, num_warps,
-    path) selects it ("slots") and it applies (2..16 rows, K a multiple of the codes per word, a
+    path) selects it ("slots", or "slots-unrolled": the column tiles unrolled, see _slot_gemm_kernel) and it applies (2..16 rows, K a multiple of the codes per word, a
     slice of at least 16 word rows inside one group); returns whether it ran."""
     bn, bk, tiles, nw, path = config
     m, k = x2.shape
-    if path != "slots" or not 1 <= m <= 16 or k % (32 // lin.bits):
+    if path not in SLOT_PATHS or not 1 <= m <= 16 or k % (32 // lin.bits):
         return False
     rows = slot_rows(lin, bk)
     if rows is None:
@@ -218,6 +251,6 @@ def try_slot_gemm(x2: torch.Tensor, lin, out2: torch.Tensor, config: tuple) -> b
         m, n, k, lin.group_size_eff, x2.stride(0), lin.words.stride(0), lin.scales.stride(0), out2.stride(0),
         BITS=lin.bits, ZERO_MODE=lin.zero_mode_id, HAS_PERM=lin.perm is not None, HAS_BIAS=lin.bias is not None,
         EMULATE=INTERPRET, BLOCK_N=bn, ROWS=rows, TILES=tiles, EVEN=n % (bn * tiles) == 0 and word_rows % rows == 0,
-        num_warps=nw, **pdl_launch(x2),
+        UNROLLED=path == "slots-unrolled", num_warps=nw, **pdl_launch(x2),
     )
     return True

@@ -23,7 +23,8 @@ from tolerances import assert_close
 @pytest.mark.parametrize("bits", [4, 8], ids=["int4", "int8"])
 def test_packed_fp16_gemv_matches_reference(bits, zero_mode, group, shape):
     """The f16x2 decode path (inline PTX on the GPU; its plain-Triton emulation in the interpreter),
-    two word rows chained per accumulator; n32-k128 has only whole tiles (the unmasked loads)."""
+    word rows chained per accumulator (four int4 rows, two int8); n32-k128 has only whole tiles
+    (the unmasked loads)."""
     n, k = shape
     lin = make_linear(n, k, bits, group, zero_mode, seed=n)
     t = prepare(lin, torch.device("cpu"), torch.float16)
@@ -42,7 +43,7 @@ def test_packed_fp16_gemv_several_tiles_per_program(bits, group, shape, tiles):
     """A program takes a K slice of 64 (two groups of 32, or inside a group of 128) across `tiles`
     column tiles of 16, requesting the next while multiplying the current. N 40: a partial tile,
     and with 2 tiles a program whose second tile lies wholly past N; K 200 ends inside a chain of
-    two int4 word rows. N 96, K 384: only whole tiles (no masks)."""
+    int4 word rows (25 rows: the last chain of four has one). N 96, K 384: only whole tiles (no masks)."""
     n, k = shape
     lin = make_linear(n, k, bits, group, "int", seed=k + tiles)
     t = prepare(lin, torch.device("cpu"), torch.float16)

@@ -1,5 +1,5 @@
 """kernels.slot_gemm (the few-row decode GEMM: one tensor-core dot per code slot), reached through
-qmatmul_accumulate's "slots" path, against kernels.reference.linear. In the interpreter the codes
+qmatmul_accumulate's "slots" and "slots-unrolled" paths, against kernels.reference.linear. In the interpreter the codes
 are unpacked in plain Triton (EMULATE); the PTX itself is checked on the GPU (benchmarks/bench_gemv.py)."""
 
 import pytest
@@ -25,6 +25,7 @@ CASES = {
 @pytest.mark.parametrize("zero_mode", ["symmetric", "int", "float"])
 @pytest.mark.parametrize("bits", [4, 8], ids=["int4", "int8"])
 def test_slot_gemm_matches_reference(bits, zero_mode, case):
+    """One column tile per program, four awkward shapes (the unrolled path: see the next test)."""
     m, n, k, group = case
     lin = make_linear(n, k, bits, group, zero_mode, seed=n + m)
     t = prepare(lin, torch.device("cpu"), torch.float16)
@@ -35,19 +36,21 @@ def test_slot_gemm_matches_reference(bits, zero_mode, case):
     assert_close(out - start, ref_linear(x.float(), lin), "fp16_dot")
 
 
+@pytest.mark.parametrize("path", ["slots", "slots-unrolled"])
 @pytest.mark.parametrize("tiles", [2, 3], ids=["2-tiles", "3-tiles"])
 @pytest.mark.parametrize("shape", [(40, 256), (96, 256)], ids=["n40-partial", "n96-whole"])
 @pytest.mark.parametrize("bits", [4, 8], ids=["int4", "int8"])
-def test_slot_gemm_several_column_tiles(bits, shape, tiles):
+def test_slot_gemm_several_column_tiles(bits, shape, tiles, path):
     """A program's K slice across `tiles` column tiles of 16, the next requested while the current
-    is multiplied. N 40: a partial tile, and with 2 tiles a program whose second tile lies wholly
-    past N. N 96 with 2 and 3 tiles: only whole tiles (EVEN, no masks on the words)."""
+    is multiplied (a pipelined loop, or unrolled with register prefetch). N 40: a partial tile,
+    and with 2 tiles a program whose second tile lies wholly past N. N 96 with 2 and 3 tiles: only
+    whole tiles (EVEN, no masks on the words)."""
     n, k = shape
     lin = make_linear(n, k, bits, 128, "int", seed=tiles)
     t = prepare(lin, torch.device("cpu"), torch.float16)
     x = torch.randn(4, k, generator=torch.Generator().manual_seed(6)).half()
     out = torch.zeros(4, n)
-    assert try_slot_gemm(x, t, out, (16, 128, tiles, 4, "slots"))
+    assert try_slot_gemm(x, t, out, (16, 128, tiles, 4, path))
     assert_close(out, ref_linear(x.float(), lin), "fp16_dot")
 
 

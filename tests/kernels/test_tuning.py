@@ -28,7 +28,7 @@ def test_every_table_is_well_formed():
             assert kind in ("splitk", "step", "gemm") and bits in ("w4", "w8") and m[0] == "m" and n[0] == "n" and k[0] == "k"
             assert len(cfg) == 5 and all(isinstance(v, int) and v > 0 for v in cfg[:4]), (path, key)
             if kind in ("splitk", "step"):
-                assert cfg[4] in (False, True, "f16x2", "slots"), (path, key)
+                assert cfg[4] in (False, True, "f16x2", "slots", "slots-unrolled"), (path, key)
 
 
 def test_each_card_reads_its_own_table(monkeypatch):
