@@ -291,15 +291,16 @@ def _slice_activations(x_ptr, aux_ptr, k0, K, norm_scale, SOURCE: tl.constexpr, 
 
 
 @triton.jit
-def _residual_slice(h_ptr, w_ptr, ss_ptr, k0, K, BLOCK_K: tl.constexpr):
-    """K slice [k0, k0 + BLOCK_K) of h * w, h the fp32 residual row and w the RMSNorm weight, in
-    fp32 (not rounded: the kernel rounds it to fp16 after its 2^-e scaling, so no value
-    overflows); the programs of column tile 0 (one per K slice) add the slice's sum of h^2 to ss."""
+def _residual_slice(h_ptr, norm_w, ss_ptr, k0, K, BLOCK_K: tl.constexpr):
+    """K slice [k0, k0 + BLOCK_K) of h * w, h the fp32 residual row and w the RMSNorm weight's
+    slice (norm_w, fp32, loaded by the caller), in fp32 (not rounded: the kernel rounds it to fp16
+    after its 2^-e scaling, so no value overflows); the programs of column tile 0 (one per K
+    slice) add the slice's sum of h^2 to ss."""
     k = k0 + tl.arange(0, BLOCK_K)
     h = tl.load(h_ptr + k, mask=k < K, other=0.0)
     if tl.program_id(0) == 0:
         tl.atomic_add(ss_ptr, tl.sum(h * h, axis=0), sem="relaxed")
-    return h * tl.load(w_ptr + k, mask=k < K, other=0.0).to(tl.float32)
+    return h * norm_w
 
 
 @triton.jit
@@ -341,8 +342,8 @@ def _qgemv_f16x2_kernel(
     (`_f16x2_products`), CHAIN consecutive word rows (MAX_CHAIN, fewer when a group's rows are not
     a multiple of it) into one fp16x2 accumulator; each tile's outputs are added to `out` with fp32 atomics. The slice
     spans GROUPS whole groups (or lies inside one: GROUPS = 1). EVEN: every tile is whole (no
-    masks). The first tile is requested before waiting for the previous kernel (PDL, kernels.pdl):
-    no kernel of the step writes weights."""
+    masks). The first tile, and a deferred norm's weight, are requested before waiting for the
+    previous kernel (PDL, kernels.pdl): no kernel of the step writes weights."""
     EPW: tl.constexpr = 32 // BITS
     SLOTS: tl.constexpr = BLOCK_K // EPW // CHAIN         # chains of the slice
     PAIRS: tl.constexpr = EPW // 2                        # fp16 pairs of x per word
@@ -356,6 +357,12 @@ def _qgemv_f16x2_kernel(
     n = n0 + tl.arange(0, BLOCK_N)
     w, s, z = _load_tile(w_ptr, s_ptr, z_ptr, ra, ra_ok, g, g_ok, n, n < N, stride_wk, stride_sg, K // EPW,
                          ZERO_MODE, CHAIN, EVEN)
+    if SOURCE == 3:
+        # the RMSNorm weight: no kernel of the step writes it, so it is requested with the words
+        # (read after the wait, behind h and its sum of squares, it cost a dependent round trip:
+        # 8B w4 -0.5%, 1B w4 -1.2%, benchmarks/results/h200/ab_early_norm_w.log)
+        kw = k0 + tl.arange(0, BLOCK_K)
+        norm_w = tl.load(aux_ptr + kw, mask=kw < K, other=0.0).to(tl.float32)
     wait_for_producer(PDL)
     if CLEAR_CHUNK > 0:  # each program zeroes its chunk of `clear` (accumulators the step has read by now)
         offs = (tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)) * CLEAR_CHUNK + tl.arange(0, CLEAR_CHUNK)
@@ -365,7 +372,7 @@ def _qgemv_f16x2_kernel(
     else:
         norm_scale = 1.0
     if SOURCE == 3:  # FROM_RESIDUAL: h * w; one program per K slice adds the slice's squares
-        xk = _residual_slice(x_ptr, aux_ptr, ss_ptr, k0, K, BLOCK_K)
+        xk = _residual_slice(x_ptr, norm_w, ss_ptr, k0, K, BLOCK_K)
     else:
         xk = _slice_activations(x_ptr, aux_ptr, k0, K, norm_scale, SOURCE, NUM_SPLITS, HEAD_DIM, PIECE, BLOCK_K)
     # The fp16 lane sums of a chain overflow past 65504: large activations (a down_proj input
