@@ -7,9 +7,9 @@ kernel that only reads the same tiles reaches the full bandwidth, probe_gemv.jso
 is instructions per packed word and keeping loads in flight while computing. Here the codes become
 fp16x2 pairs by bit tricks (no conversion instruction, see `_f16x2_dot_asm`), two products per
 HFMA2, a chain of word rows (4 for int4, 2 for int8: MAX_CHAIN) per fp16x2 accumulator, one
-fp32 convert per chain; a program takes one K
-slice across several column tiles, so the slice's activations are regrouped into the pairs once
-and the next tile loads while the current one is multiplied. The fp16 lane sums are kept below
+fp32 convert per chain; a program takes one K slice across several column tiles, so the slice's
+activations are regrouped into the pairs once and the next tile loads while the current one is
+multiplied. The fp16 lane sums are kept below
 overflow by scaling large activations by 2^-e (exact).
 Used by kernels.qmatmul.qmatmul_accumulate when the tuned config picks the "f16x2" path
 (BLOCK_N, BLOCK_K, K_ITERS = column tiles per program, num_warps), and by the decode step where
@@ -133,8 +133,8 @@ def _pair(w, xp, lo_shift: tl.constexpr, BITS: tl.constexpr, hi_gap: tl.constexp
 def _f16x2_products(w, x, BITS: tl.constexpr, CHAIN: tl.constexpr, EMULATE: tl.constexpr):
     """sum (q - center) x over the CHAIN word rows of each chain, w (a tuple of 4 word tensors, the
     first CHAIN used), each with its fp16 pairs: x[4 r + p] is pair p of row r (int8 words use
-    two pairs; int8 chains are at most 2 rows, MAX_CHAIN). EMULATE: the same sum in plain Triton for the CPU interpreter, which cannot run
-    PTX (it does not round to fp16 as the GPU does)."""
+    two pairs; int8 chains are at most 2 rows, MAX_CHAIN). EMULATE: the same sum in plain Triton
+    for the CPU interpreter, which cannot run PTX (it does not round to fp16 as the GPU does)."""
     if EMULATE:
         d = _word_products(w[0], x[0], x[1], x[2], x[3], BITS)
         for r in tl.static_range(1, CHAIN):
@@ -340,9 +340,9 @@ def _qgemv_f16x2_kernel(
     next tile's words, scales and zeros are requested before the current one is multiplied, so the
     program keeps loads in flight while it computes. Every word is multiplied by its EPW activations
     (`_f16x2_products`), CHAIN consecutive word rows (MAX_CHAIN, fewer when a group's rows are not
-    a multiple of it) into one fp16x2 accumulator; each tile's outputs are added to `out` with fp32 atomics. The slice
-    spans GROUPS whole groups (or lies inside one: GROUPS = 1). EVEN: every tile is whole (no
-    masks). The first tile, and a deferred norm's weight, are requested before waiting for the
+    a multiple of it) into one fp16x2 accumulator; each tile's outputs are added to `out` with fp32
+    atomics. The slice spans GROUPS whole groups (or lies inside one: GROUPS = 1). EVEN: every
+    tile is whole (no masks). The first tile, and a deferred norm's weight, are requested before waiting for the
     previous kernel (PDL, kernels.pdl): no kernel of the step writes weights."""
     EPW: tl.constexpr = 32 // BITS
     SLOTS: tl.constexpr = BLOCK_K // EPW // CHAIN         # chains of the slice
@@ -410,7 +410,8 @@ def _packed_fp16_path(x2: torch.Tensor, lin) -> bool:
 # and its fp16 lane sums take 4 CHAIN products. int4 chains of 4: 8B w4 decode 1.325 -> 1.317
 # ms/token, 1B w4 0.375 -> 0.368 (H200, benchmarks/results/h200/ab_chain4_e2e.log); the outputs
 # move by 6e-4 (relative) against chains of 2, both fp16 roundings of the same sums. int8 stays
-# at 2: its products are 16 times larger (|q - 128| <= 128), and 4-row chains gained nothing.
+# at 2: its products are 16 times larger (|q - 128| <= 128), and 4-row chains gained nothing
+# measurable (ab_chain4_gemv.log, ab_chain4_e2e.log).
 MAX_CHAIN = {4: 4, 8: 2}
 
 

@@ -156,8 +156,9 @@ def _slot_gemm_kernel(
     to shared memory while the current one is multiplied; or (UNROLLED) the tiles are unrolled,
     the first one requested before the PDL wait and each next one into registers before the
     current one's dots, which keeps x's operand fragments in registers too (no shared-memory
-    reload of x per tile). UNROLLED wins the 4096 x 4096 shapes, the pipelined loop the larger ones
-    (H200, benchmarks/results/h200/ab_slot_prefetch.log). EVEN: the tiles are whole (no masks on the words)."""
+    reload of x per tile). UNROLLED wins the 4096 x 4096 shapes, the pipelined loop the larger
+    ones (H200, benchmarks/results/h200/ab_slot_prefetch.log). EVEN: the tiles are whole (no masks
+    on the words)."""
     EPW: tl.constexpr = 32 // BITS
     OFFSET: tl.constexpr = -8.0 if BITS == 4 else -128.0  # what the codes carry besides q: -center
     release_dependents(PDL)
@@ -233,9 +234,10 @@ def slot_rows(lin, block_k: int) -> int | None:
 
 
 def try_slot_gemm(x2: torch.Tensor, lin, out2: torch.Tensor, config: tuple) -> bool:
-    """Runs out2 [M, N] += x2 @ W.T with the slot kernel when `config` (BLOCK_N, BLOCK_K, column tiles per program, num_warps,
-    path) selects it ("slots", or "slots-unrolled": the column tiles unrolled, see _slot_gemm_kernel) and it applies (2..16 rows, K a multiple of the codes per word, a
-    slice of at least 16 word rows inside one group); returns whether it ran."""
+    """Runs out2 [M, N] += x2 @ W.T with the slot kernel when `config` (BLOCK_N, BLOCK_K, column
+    tiles per program, num_warps, path) selects it ("slots", or "slots-unrolled": the column tiles
+    unrolled, see _slot_gemm_kernel) and it applies (2..16 rows, K a multiple of the codes per
+    word, a slice of at least 16 word rows inside one group); returns whether it ran."""
     bn, bk, tiles, nw, path = config
     m, k = x2.shape
     if path not in SLOT_PATHS or not 1 <= m <= 16 or k % (32 // lin.bits):
