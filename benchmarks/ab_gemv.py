@@ -17,6 +17,7 @@ import torch
 from bench_gemv import SHAPES, _compile_configs
 from gpu_common import environment, gemv_workload, measure_read_bandwidth, time_graph
 from qruntime.kernels.qmatmul import qmatmul_accumulate
+from qruntime.kernels.slot_gemm import SLOT_PATHS
 from qruntime.kernels.tuning import splitk_config
 
 
@@ -25,7 +26,7 @@ def candidates(bits: int, k: int, n: int, m: int = 1) -> list:
     tiles (M > 1)."""
     if m > 1:
         near = [(bn, 128, t, nw, path) for bn, t, nw in ((64, 4, 4), (128, 4, 8), (256, 1, 4), (256, 2, 4))
-                for path in ("slots", "slots-unrolled")]
+                for path in SLOT_PATHS]
     else:
         near = [(32, 128, t, 1, "f16x2") for t in (1, 2, 4)] + [(64, 128, t, 1, "f16x2") for t in (1, 2)]
         near += [(128, 128, 1, 1, "f16x2"), (64, 256, 1, 1, "f16x2"), (128, 128, 1, 2, "f16x2")]

@@ -22,6 +22,7 @@ from qruntime.kernels.layout import prepare
 from qruntime.kernels.qmatmul import qmatmul, qmatmul_accumulate
 from qruntime.kernels.tuning import splitk_config
 from qruntime.kernels.reference import linear as ref_linear
+from qruntime.kernels.slot_gemm import SLOT_PATHS
 from qruntime.quantizers.rtn import quantize_rtn
 
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (4096, 128256), (4096, 6144), (4096, 28672),
@@ -57,7 +58,7 @@ def slot_configs(bits: int):
     """The few-row kernel (kernels.slot_gemm): K slices of 16 word rows (int8 also 32), 1-4 column
     tiles per program, pipelined or unrolled (for one tile the two are the same kernel in effect)."""
     return [(bn, bk, tiles, nw, path) for bn in (64, 128, 256) for bk in ((128,) if bits == 4 else (64, 128))
-            for tiles in (1, 2, 4) for nw in (2, 4, 8) for path in ("slots", "slots-unrolled") if tiles > 1 or path == "slots"]
+            for tiles in (1, 2, 4) for nw in (2, 4, 8) for path in SLOT_PATHS if tiles > 1 or path == "slots"]
 
 
 def gemm_configs():
@@ -86,9 +87,9 @@ def main() -> None:
     for bits in args.bits:
         # correctness of every path on awkward sizes first
         w = torch.randn(777, 1000, device="cuda")
-        for group, sym, path, m, bk, iters in itertools.product((32, 128, -1), (True, False), [False, True, "f16x2", "slots", "slots-unrolled"],
+        for group, sym, path, m, bk, iters in itertools.product((32, 128, -1), (True, False), [False, True, "f16x2", *SLOT_PATHS],
                                                                 (1, 16), (64, 128, 512), (2, 8)):
-            slot = path in ("slots", "slots-unrolled")
+            slot = path in SLOT_PATHS
             if m not in args.m or (m > 1 and path is not True and not slot) or (iters == 8 and path != "f16x2" and not slot):
                 continue
             lin = quantize_rtn(w, bits, group, sym)
