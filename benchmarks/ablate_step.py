@@ -18,26 +18,28 @@ def _noop(*args, **kwargs):
     return None
 
 
+# each part a variant can leave out that is a method of one of a layer's linears: (the linear, the method)
+_METHODS = {"qkv": (lambda lw: lw.qkv[0], "accumulate_deferred_norm"),
+            "oproj": (lambda lw: lw.o, "accumulate_attention"),
+            "gateup": (lambda lw: lw.gate_up[0], "accumulate_deferred_norm"),
+            "down": (lambda lw: lw.down, "accumulate_swiglu")}
+
+
 def apply(r, variant: str, real: dict) -> None:
     """Restores the real step, then leaves out what `variant` names (a '+'-joined list)."""
     runner_mod.flash_decode_splits = real["fd"]
-    for lw, saved in zip(r.layers, real["layers"]):
-        for obj, name, fn in saved:
-            setattr(obj, name, fn)
+    for lw in r.layers:  # the instance attributes set below shadow the class's methods: drop them
+        for linear, name in _METHODS.values():
+            vars(linear(lw)).pop(name, None)
     parts = set(variant.split("+")) - {"base"}
     if "fd" in parts:  # o_proj merges whatever the workspace holds
         runner_mod.flash_decode_splits = lambda *a, workspace, **k: workspace
     for lw in r.layers:
-        if "qkv" in parts:
-            lw.qkv[0].accumulate_deferred_norm = _noop
-        if "oproj" in parts:
-            lw.o.accumulate_attention = _noop
+        for part in parts & _METHODS.keys():
+            linear, name = _METHODS[part]
+            setattr(linear(lw), name, _noop)
         if "oproj_plain" in parts:  # a plain GEMV of a static input instead: the merge's share
             lw.o.accumulate_attention = (lambda o: lambda splits, out, *rest: o.accumulate(real["x"], out))(lw.o)
-        if "gateup" in parts:
-            lw.gate_up[0].accumulate_deferred_norm = _noop
-        if "down" in parts:
-            lw.down.accumulate_swiglu = _noop
     r.graph = None
 
 
@@ -56,11 +58,7 @@ r = model.runner
 if not (r.fused_merge and r.defer_attention_norm and r.defer_mlp_norm and r.fused_swiglu):
     raise SystemExit("ablate_step: expects the default fused step (merge in o_proj, deferred norms, fused SwiGLU)")
 real = dict(fd=runner_mod.flash_decode_splits,
-            x=torch.randn(1, r.cfg.num_heads * r.cfg.head_dim, device="cuda", dtype=torch.float16),
-            layers=[[(lw.qkv[0], "accumulate_deferred_norm", lw.qkv[0].accumulate_deferred_norm),
-                     (lw.o, "accumulate_attention", lw.o.accumulate_attention),
-                     (lw.gate_up[0], "accumulate_deferred_norm", lw.gate_up[0].accumulate_deferred_norm),
-                     (lw.down, "accumulate_swiglu", lw.down.accumulate_swiglu)] for lw in r.layers])
+            x=torch.randn(1, r.cfg.num_heads * r.cfg.head_dim, device="cuda", dtype=torch.float16))
 variants = args.variants.split(",")
 results = {v: [] for v in variants}
 for _ in range(args.rounds):
