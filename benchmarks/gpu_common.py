@@ -108,9 +108,10 @@ _STEP_ATTENTION_STAGES = runner_mod.DECODE_ATTENTION_STAGES  # the runner's own 
 
 
 def set_decode_attention_tile(block: int, warps: int, stages: int | None = _STEP_ATTENTION_STAGES) -> None:
-    """Positions per block, warps and pipeline stages (None: Triton's default; left out: the
-    runner's own) of the decode step's flash-decoding (read at each capture)."""
+    """Positions per block, warps (for either cache dtype) and pipeline stages (None: Triton's
+    default; left out: the runner's own) of the decode step's flash-decoding (read at each capture)."""
     runner_mod.DECODE_ATTENTION_BLOCK, runner_mod.DECODE_ATTENTION_WARPS = block, warps
+    runner_mod.DECODE_ATTENTION_WARPS_INT8 = warps
     runner_mod.DECODE_ATTENTION_STAGES = stages
 
 

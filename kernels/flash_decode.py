@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import attend_block, attend_loaded, load_block
+from ._common import attend_block, attend_loaded, attend_loaded_heads_last, load_block
 from .pdl import pdl_launch, release_dependents, wait_for_producer
 from .rmsnorm import DeferredNorm, deferred_rms_scale
 from .rope import rope_factors, roped_heads, write_new_position
@@ -52,6 +52,10 @@ class RopeInput:
     qkv_bias: torch.Tensor | None = None
 
 
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+
+
 @triton.jit
 def _flash_decode_kernel(
     q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, seqlen_ptr, o_ptr, lse_ptr,
@@ -60,7 +64,7 @@ def _flash_decode_kernel(
     H: tl.constexpr, KV: tl.constexpr, G: tl.constexpr, HD: tl.constexpr, BLOCK_G: tl.constexpr,
     BLOCK_S: tl.constexpr, NUM_SPLITS: tl.constexpr, INT8: tl.constexpr, PRECISION: tl.constexpr,
     ROPE: tl.constexpr, QK_NORM: tl.constexpr, DEFERRED_NORM: tl.constexpr, QKV_BIAS: tl.constexpr,
-    PDL: tl.constexpr,
+    HEADS_LAST: tl.constexpr, PDL: tl.constexpr,
 ):
     release_dependents(PDL)
     kvh = tl.program_id(0)
@@ -112,41 +116,66 @@ def _flash_decode_kernel(
     else:
         cached_end = end
         q = tl.load(q_ptr + heads[:, None] * stride_qh + d[None, :], mask=g_ok[:, None], other=0.0)
-    if INT8:
-        q = q.to(tl.float16)
-    else:
-        q = q.to(k_ptr.dtype.element_ty)
+    dot_type = tl.float16 if INT8 else k_ptr.dtype.element_ty
+    # HEADS_LAST (attend_loaded_heads_last): scores, m_i and the log-sum-exp in log2 units, acc is [HD, G]
+    qt = tl.trans((q.to(tl.float32) * (sm_scale * LOG2E)).to(dot_type))
+    q = q.to(dot_type)
     m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_G, HD], dtype=tl.float32)
+    if HEADS_LAST:
+        acc = tl.zeros([HD, BLOCK_G], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_G, HD], dtype=tl.float32)
     if ROPE and cached_end - start <= BLOCK_S:  # the chunk is one block at most: the one requested above
         if start < cached_end:
-            m_i, l_i, acc = attend_loaded(q, m_i, l_i, acc, k0, v0, ks_ptr, vs_ptr, kvh * stride_skv, s, s_ok,
-                                          s_ok[None, :], sm_scale, INT8, PRECISION)
+            if HEADS_LAST:
+                m_i, l_i, acc = attend_loaded_heads_last(qt, m_i, l_i, acc, k0, v0, ks_ptr, vs_ptr, kvh * stride_skv,
+                                                         s, s_ok, INT8, PRECISION)
+            else:
+                m_i, l_i, acc = attend_loaded(q, m_i, l_i, acc, k0, v0, ks_ptr, vs_ptr, kvh * stride_skv, s, s_ok,
+                                              s_ok[None, :], sm_scale, INT8, PRECISION)
     else:  # longer chunks: the whole loop, which Triton pipelines (peeling its first block costs a stall)
         for s0 in range(start, cached_end, BLOCK_S):
             s = s0 + tl.arange(0, BLOCK_S)
             s_ok = s < cached_end
-            m_i, l_i, acc = attend_block(q, m_i, l_i, acc, k_ptr, v_ptr, ks_ptr, vs_ptr, kv_base, kvh * stride_skv,
-                                         s, s_ok, s_ok[None, :], d, stride_cs, sm_scale, INT8, PRECISION)
+            if HEADS_LAST:
+                k, v = load_block(k_ptr, v_ptr, kv_base, s, s_ok, d, stride_cs)
+                m_i, l_i, acc = attend_loaded_heads_last(qt, m_i, l_i, acc, k, v, ks_ptr, vs_ptr, kvh * stride_skv,
+                                                         s, s_ok, INT8, PRECISION)
+            else:
+                m_i, l_i, acc = attend_block(q, m_i, l_i, acc, k_ptr, v_ptr, ks_ptr, vs_ptr, kv_base, kvh * stride_skv,
+                                             s, s_ok, s_ok[None, :], d, stride_cs, sm_scale, INT8, PRECISION)
     if ROPE:
         if holds_new:  # this program's chunk holds the new token: write it, attend to it
             cache_off = kv_base + pos * stride_cs
             k_new = write_new_position(k_ptr, ks_ptr, k_new, cache_off, kvh * stride_skv + pos, d, INT8)
             v_new = write_new_position(v_ptr, vs_ptr, v_new, cache_off, kvh * stride_skv + pos, d, INT8)
             score = tl.sum(q.to(tl.float32) * k_new, axis=1) * sm_scale                  # [BLOCK_G]
-            m_new = tl.maximum(m_i, score)
-            p = tl.exp(score - m_new)
-            alpha = tl.exp(m_i - m_new)
+            if HEADS_LAST:
+                score *= LOG2E
+                m_new = tl.maximum(m_i, score)
+                p = tl.math.exp2(score - m_new)
+                alpha = tl.math.exp2(m_i - m_new)
+                acc = acc * alpha[None, :] + tl.trans(v_new) * p[None, :]
+            else:
+                m_new = tl.maximum(m_i, score)
+                p = tl.exp(score - m_new)
+                alpha = tl.exp(m_i - m_new)
+                acc = acc * alpha[:, None] + p[:, None] * v_new
             l_i = l_i * alpha + p
-            acc = acc * alpha[:, None] + p[:, None] * v_new
             m_i = m_new
     empty = l_i == 0.0
-    out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("-inf"), m_i + tl.log(tl.where(empty, 1.0, l_i)))
+    safe_l = tl.where(empty, 1.0, l_i)
     # an empty split (past the sequence: most of them at short contexts) leaves its o unwritten;
     # the combine does not read it
-    tl.store(o_ptr + (split * H + heads)[:, None] * HD + d[None, :], out, mask=(g_ok & ~empty)[:, None])
+    if HEADS_LAST:
+        lse = tl.where(empty, float("-inf"), (m_i + tl.log2(safe_l)) * LN2)
+        tl.store(o_ptr + (split * H + heads)[None, :] * HD + d[:, None], acc / safe_l[None, :],
+                 mask=(g_ok & ~empty)[None, :])
+    else:
+        lse = tl.where(empty, float("-inf"), m_i + tl.log(safe_l))
+        tl.store(o_ptr + (split * H + heads)[:, None] * HD + d[None, :], acc / safe_l[:, None],
+                 mask=(g_ok & ~empty)[:, None])
     tl.store(lse_ptr + split * H + heads, lse, mask=g_ok)
 
 
@@ -201,7 +230,8 @@ def flash_decode_splits(q: torch.Tensor | None, k_cache: torch.Tensor, v_cache: 
                         num_splits: int = 32, block_s: int = 128,
                         k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
                         workspace: tuple[torch.Tensor, torch.Tensor] | None = None, num_warps: int = 4,
-                        rope: RopeInput | None = None, num_stages: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                        rope: RopeInput | None = None, num_stages: int | None = None,
+                        heads_last: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The first launch of flash_decode alone: each split's unnormalised output and log-sum-exp,
     returned as (o [splits, H, hd] fp32, lse [splits, H] fp32) (the workspace); an empty split's o
     is left unwritten and its lse is -inf. For a consumer that merges the splits itself
@@ -237,6 +267,8 @@ def flash_decode_splits(q: torch.Tensor | None, k_cache: torch.Tensor, v_cache: 
                      torch.empty((num_splits, h), device=ref.device, dtype=torch.float32))
     o, lse = workspace
     g = h // kv
+    if heads_last is None:
+        heads_last = int8 or rope is not None
     norm = rope.input_norm if rope else None
     _flash_decode_kernel[(kv, num_splits)](
         q, k_cache, v_cache, k_scale, v_scale, seq_len, o, lse,
@@ -244,11 +276,11 @@ def flash_decode_splits(q: torch.Tensor | None, k_cache: torch.Tensor, v_cache: 
         *((norm.sum_squares, norm.dim, norm.eps) if norm else (None, 1, 0.0)), rope.qkv_bias if rope else None,
         0 if q is None else q.stride(0), k_cache.stride(0), k_cache.stride(1),
         0 if k_scale is None else k_scale.stride(0), hd ** -0.5,
-        H=h, KV=kv, G=g, HD=hd, BLOCK_G=max(16, triton.next_power_of_2(g)), BLOCK_S=block_s,
+        H=h, KV=kv, G=g, HD=hd, BLOCK_G=max(8 if heads_last else 16, triton.next_power_of_2(g)), BLOCK_S=block_s,
         NUM_SPLITS=num_splits, INT8=int8,
         PRECISION="ieee" if k_cache.dtype == torch.float32 else "tf32",  # fp32 caches: exact dots
         ROPE=rope is not None, QK_NORM=rope is not None and rope.q_norm is not None, DEFERRED_NORM=norm is not None,
-        QKV_BIAS=rope is not None and rope.qkv_bias is not None,
+        QKV_BIAS=rope is not None and rope.qkv_bias is not None, HEADS_LAST=heads_last,
         num_warps=num_warps, **({} if num_stages is None else dict(num_stages=num_stages)), **pdl_launch(ref),
     )
     return o, lse
@@ -259,7 +291,7 @@ def flash_decode(q: torch.Tensor | None, k_cache: torch.Tensor, v_cache: torch.T
                  k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
                  workspace: tuple[torch.Tensor, torch.Tensor] | None = None, num_warps: int = 4,
                  rope: RopeInput | None = None, clear: torch.Tensor | None = None,
-                 num_stages: int | None = None) -> torch.Tensor:
+                 num_stages: int | None = None, heads_last: bool | None = None) -> torch.Tensor:
     """q [H, hd] over one layer's cache [KV, S, hd] for the first seq_len (int32 [1], device) positions.
 
     out [H * hd]. `workspace` (o [splits, H, hd] fp32, lse [splits, H] fp32) can be passed to avoid
@@ -268,11 +300,15 @@ def flash_decode(q: torch.Tensor | None, k_cache: torch.Tensor, v_cache: torch.T
     the cache and attended to in the same launch. `clear`, a contiguous buffer, is zeroed by the
     second launch (after every read of the first): the decode step's split-K accumulators.
     num_stages: K/V blocks Triton's pipeline keeps in flight plus one (its default when None); long
-    contexts want more bytes in flight per program than the default's one block."""
+    contexts want more bytes in flight per program than the default's one block.
+    heads_last: the query heads as the tensor cores' N dimension (attend_loaded_heads_last). The
+    default (None) takes it for int8 caches (32k context on an H200: 28.2 -> 24.7 us) and in the
+    decode step (rope; 1B w4 -4%, 8B w4 at 8k positions -1.4%, 8B at a few hundred equal); an fp16
+    cache alone keeps the heads as M (attend_loaded), 3-5% faster at 32k."""
     if clear is not None and not clear.is_contiguous():
         raise ValueError("flash_decode: the buffer to clear must be contiguous")
     o, lse = flash_decode_splits(q, k_cache, v_cache, seq_len, num_splits, block_s, k_scale, v_scale, workspace,
-                                 num_warps, rope, num_stages)
+                                 num_warps, rope, num_stages, heads_last)
     h, hd = lse.shape[1], o.shape[2]
     clear_n = 0 if clear is None else clear.numel()
     _combine_kernel[(h,)](o, lse, out, clear, clear_n, H=h, HD=hd, NUM_SPLITS=num_splits,

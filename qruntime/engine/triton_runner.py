@@ -139,8 +139,13 @@ class LayerWeights:
 # running flash-decoding's two programs in that shared-memory configuration takes none of the GEMVs
 # around it until they leave (8B w4 1.394 -> 1.354 ms/token at 128 positions, equal at 8k; setting
 # every kernel's carveout to 72% instead gave the same: ab_fd_stages.log)
+# The step's flash-decoding has the heads as the MMA's columns (kernels._common.attend_loaded_heads_last:
+# 1B w4 0.377 -> 0.361 ms/token, 8B at 8k positions 1.726 -> 1.702, 8B at 128 equal). With an int8
+# cache it wants 4 warps: 8B w4 1.361 -> 1.328 ms/token at 128 positions, 1.957 -> 1.692 at 8k; fp16
+# keeps 8 (8k: 1.721 with 4; ab_fd_heads_last.log).
 DECODE_ATTENTION_BLOCK = 64
 DECODE_ATTENTION_WARPS = 8
+DECODE_ATTENTION_WARPS_INT8 = 4
 DECODE_ATTENTION_STAGES = 2
 
 
@@ -313,8 +318,9 @@ class TritonRunner:
             # RoPE of q and the new k, the cache write and the attention in one launch; the merge
             # of its splits (by o_proj, or by flash-decoding's second launch) zeroes `clear`
             clear = clears[0 if i == 0 else 1]
+            warps = DECODE_ATTENTION_WARPS_INT8 if self.k_cache[i].dtype == torch.int8 else DECODE_ATTENTION_WARPS
             attention = dict(rope=self.rope_inputs[i], num_splits=self.num_splits, block_s=DECODE_ATTENTION_BLOCK,
-                             num_warps=DECODE_ATTENTION_WARPS, num_stages=DECODE_ATTENTION_STAGES,
+                             num_warps=warps, num_stages=DECODE_ATTENTION_STAGES,
                              workspace=self.workspace, **self._scales(i))
             if self.fused_merge:
                 splits = flash_decode_splits(None, self.k_cache[i], self.v_cache[i], self.seq_len, **attention)

@@ -26,12 +26,15 @@ def make_cache(kv, int8, seed=0):
 @pytest.mark.parametrize("int8", [False, True], ids=["fp32-cache", "int8-cache"])
 @pytest.mark.parametrize("heads,kv", [(4, 4), (8, 2)], ids=["mha", "gqa4"])
 @pytest.mark.parametrize("length", [1, 15, 16, 17, 77, 96], ids=lambda n: f"len{n}")
-def test_flash_decode(int8, heads, kv, length):
+@pytest.mark.parametrize("heads_last", [False, True], ids=["heads-as-rows", "heads-as-columns"])
+def test_flash_decode(int8, heads, kv, length, heads_last):
+    """Both MMA arrangements of the heads (kernels._common.attend_loaded / attend_loaded_heads_last)."""
     cache, k, v = make_cache(kv, int8)
     q = torch.randn(heads, HD, generator=torch.Generator().manual_seed(length))
     out = torch.full((heads * HD,), float("nan"))
     flash_decode(q, cache["k_cache"], cache["v_cache"], torch.tensor([length], dtype=torch.int32), out,
-                 num_splits=4, block_s=16, k_scale=cache.get("k_scale"), v_scale=cache.get("v_scale"))
+                 num_splits=4, block_s=16, k_scale=cache.get("k_scale"), v_scale=cache.get("v_scale"),
+                 heads_last=heads_last)
     ref = R.attention_over_cache(q[None], k, v, length - 1)[0]
     assert_close(out, ref, "fp16_dot")
 
@@ -56,6 +59,14 @@ def test_flash_decode_with_rope_equals_rope_then_attention(int8, qk_norm, heads,
 
 
 @pytest.mark.parametrize("int8", [False, True], ids=["fp32-cache", "int8-cache"])
+@pytest.mark.parametrize("pos", [0, 40, 95], ids=lambda p: f"pos{p}")
+def test_flash_decode_with_rope_and_heads_as_rows(int8, pos):
+    """The decode step's path with the heads as MMA rows (attend_loaded; its default, tested
+    above, has them as columns)."""
+    _check_rope_in_flash_decode(int8, True, 8, 2, pos, deferred=False, heads_last=False)
+
+
+@pytest.mark.parametrize("int8", [False, True], ids=["fp32-cache", "int8-cache"])
 @pytest.mark.parametrize("qk_norm", [False, True], ids=["plain", "qk-norm"])
 @pytest.mark.parametrize("pos", [15, 95], ids=lambda p: f"pos{p}")
 @pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
@@ -66,7 +77,7 @@ def test_flash_decode_applies_a_deferred_input_norm(int8, qk_norm, pos, bias):
     _check_rope_in_flash_decode(int8, qk_norm, 8, 2, pos, deferred=True, bias=bias)
 
 
-def _check_rope_in_flash_decode(int8, qk_norm, heads, kv, pos, deferred, bias=False):
+def _check_rope_in_flash_decode(int8, qk_norm, heads, kv, pos, deferred, bias=False, heads_last=None):
     """The decode step's flash_decode(rope=...) rotates q and the new k from the fp32 q|k|v
     accumulator, writes the new k/v at `pos` and attends to them in the same launch: the cache it
     leaves and its output equal kernels.rope followed by the cache-only flash_decode; `clear` is zeroed.
@@ -97,7 +108,7 @@ def _check_rope_in_flash_decode(int8, qk_norm, heads, kv, pos, deferred, bias=Fa
         qkv_bias = torch.randn(qkv.shape[1], generator=g).half() if bias else None
         qkv = (qkv - (0 if qkv_bias is None else qkv_bias.float())) * (37.5 / 24 + 1e-5) ** 0.5
     flash_decode(None, cache["k_cache"], cache["v_cache"], seq_len, out, num_splits=4, block_s=16,
-                 k_scale=cache.get("k_scale"), v_scale=cache.get("v_scale"), clear=side,
+                 k_scale=cache.get("k_scale"), v_scale=cache.get("v_scale"), clear=side, heads_last=heads_last,
                  rope=RopeInput(qkv, cos, sin, q_norm=qn, k_norm=kn, eps=1e-6, input_norm=norm, qkv_bias=qkv_bias))
     assert torch.all(side == 0)
     for name in cache:  # the same cache, the new position included (fp32 rounding; int8 codes within one step)
@@ -121,3 +132,4 @@ def test_flash_decode_with_rope_checks_its_input():
     with pytest.raises(ValueError, match="fp32"):
         flash_decode(None, cache["k_cache"], cache["v_cache"], torch.tensor([3], dtype=torch.int32),
                      torch.empty(6 * HD), rope=bad)
+
