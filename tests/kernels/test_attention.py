@@ -133,3 +133,16 @@ def test_flash_decode_with_rope_checks_its_input():
         flash_decode(None, cache["k_cache"], cache["v_cache"], torch.tensor([3], dtype=torch.int32),
                      torch.empty(6 * HD), rope=bad)
 
+
+
+@pytest.mark.parametrize("int8", [False, True], ids=["fp32-cache", "int8-cache"])
+@pytest.mark.parametrize("heads_last", [False, True], ids=["heads-as-rows", "heads-as-columns"])
+def test_flash_decode_with_seven_heads_a_group(int8, heads_last):
+    """Qwen2.5-7B's grouping (28 query heads over 4 KV heads): 7 heads padded to 8 columns or 16 rows."""
+    cache, k, v = make_cache(2, int8, seed=3)
+    q = torch.randn(14, HD, generator=torch.Generator().manual_seed(3))
+    out = torch.full((14 * HD,), float("nan"))
+    flash_decode(q, cache["k_cache"], cache["v_cache"], torch.tensor([77], dtype=torch.int32), out,
+                 num_splits=4, block_s=16, k_scale=cache.get("k_scale"), v_scale=cache.get("v_scale"),
+                 heads_last=heads_last)
+    assert_close(out, R.attention_over_cache(q[None], k, v, 76)[0], "fp16_dot")
