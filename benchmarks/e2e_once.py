@@ -2,15 +2,21 @@
 ms/token of a random-weight model's captured step.
 
     PYTHONPATH=$(bash benchmarks/stage_package.sh):. python3 benchmarks/e2e_once.py TAG [SPEC] [BITS]
+        [--kv int8] [--prompt 8192]
 """
-import sys
+import argparse
 
 from bench_decode import time_decode
 from gpu_common import synthetic_model
 
-tag = sys.argv[1]
-spec = sys.argv[2] if len(sys.argv) > 2 else "synthetic:llama3.1-8b"
-bits = int(sys.argv[3]) if len(sys.argv) > 3 else 4
-model = synthetic_model(spec, bits)
-ms = [time_decode(model, repeats=3) for _ in range(3)]
-print(f"{tag} {spec} w{bits}: median {sorted(ms)[1]:.4f} ms/token {['%.4f' % m for m in ms]}", flush=True)
+ap = argparse.ArgumentParser()
+ap.add_argument("tag")
+ap.add_argument("spec", nargs="?", default="synthetic:llama3.1-8b")
+ap.add_argument("bits", nargs="?", type=int, default=4)
+ap.add_argument("--kv", default="auto", help="KV cache: auto (the model's dtype) or int8")
+ap.add_argument("--prompt", type=int, default=128, help="prompt tokens before the 256 timed steps")
+args = ap.parse_args()
+model = synthetic_model(args.spec, args.bits, max_seq_len=args.prompt + 512, kv_cache=args.kv)
+ms = [time_decode(model, prompt_len=args.prompt, repeats=3) for _ in range(3)]
+print(f"{args.tag} {args.spec} w{args.bits} kv={args.kv} prompt {args.prompt}: median {sorted(ms)[1]:.4f} ms/token "
+      f"{['%.4f' % m for m in ms]}", flush=True)

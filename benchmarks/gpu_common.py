@@ -71,11 +71,11 @@ def time_graph(fns, repeats: int = 10) -> float:
     return statistics.median(times)
 
 
-def synthetic_model(spec: str, bits: int, max_seq_len: int = 512) -> "qruntime.Model":
+def synthetic_model(spec: str, bits: int, max_seq_len: int = 512, kv_cache: str = "auto") -> "qruntime.Model":
     """A random-weight model of `spec`'s exact shapes (bf16 dense parts) on the triton backend:
     what the decode benchmarks time."""
     ckpt = synthetic_checkpoint(spec, bits=bits, dtype=torch.bfloat16)
-    return qruntime.Model(ckpt, device="cuda", backend="triton", max_seq_len=max_seq_len)
+    return qruntime.Model(ckpt, device="cuda", backend="triton", max_seq_len=max_seq_len, kv_cache=kv_cache)
 
 
 def use_combine_launch(runner, on: bool) -> None:
