@@ -29,14 +29,24 @@ def make_cache(kv, int8, seed=0):
 @pytest.mark.parametrize("heads_last", [False, True], ids=["heads-as-rows", "heads-as-columns"])
 def test_flash_decode(int8, heads, kv, length, heads_last):
     """Both MMA arrangements of the heads (kernels._common.attend_loaded / attend_loaded_heads_last)."""
-    cache, k, v = make_cache(kv, int8)
-    q = torch.randn(heads, HD, generator=torch.Generator().manual_seed(length))
+    _check_flash_decode(int8, heads, kv, length, heads_last, cache_seed=0, q_seed=length)
+
+
+@pytest.mark.parametrize("int8", [False, True], ids=["fp32-cache", "int8-cache"])
+@pytest.mark.parametrize("heads_last", [False, True], ids=["heads-as-rows", "heads-as-columns"])
+def test_flash_decode_with_seven_heads_a_group(int8, heads_last):
+    """Qwen2.5-7B's grouping (28 query heads over 4 KV heads): 7 heads padded to 8 columns or 16 rows."""
+    _check_flash_decode(int8, 14, 2, 77, heads_last, cache_seed=3, q_seed=3)
+
+
+def _check_flash_decode(int8, heads, kv, length, heads_last, cache_seed, q_seed):
+    cache, k, v = make_cache(kv, int8, seed=cache_seed)
+    q = torch.randn(heads, HD, generator=torch.Generator().manual_seed(q_seed))
     out = torch.full((heads * HD,), float("nan"))
     flash_decode(q, cache["k_cache"], cache["v_cache"], torch.tensor([length], dtype=torch.int32), out,
                  num_splits=4, block_s=16, k_scale=cache.get("k_scale"), v_scale=cache.get("v_scale"),
                  heads_last=heads_last)
-    ref = R.attention_over_cache(q[None], k, v, length - 1)[0]
-    assert_close(out, ref, "fp16_dot")
+    assert_close(out, R.attention_over_cache(q[None], k, v, length - 1)[0], "fp16_dot")
 
 
 @pytest.mark.parametrize("int8", [False, True], ids=["fp32-cache", "int8-cache"])
@@ -132,17 +142,3 @@ def test_flash_decode_with_rope_checks_its_input():
     with pytest.raises(ValueError, match="fp32"):
         flash_decode(None, cache["k_cache"], cache["v_cache"], torch.tensor([3], dtype=torch.int32),
                      torch.empty(6 * HD), rope=bad)
-
-
-
-@pytest.mark.parametrize("int8", [False, True], ids=["fp32-cache", "int8-cache"])
-@pytest.mark.parametrize("heads_last", [False, True], ids=["heads-as-rows", "heads-as-columns"])
-def test_flash_decode_with_seven_heads_a_group(int8, heads_last):
-    """Qwen2.5-7B's grouping (28 query heads over 4 KV heads): 7 heads padded to 8 columns or 16 rows."""
-    cache, k, v = make_cache(2, int8, seed=3)
-    q = torch.randn(14, HD, generator=torch.Generator().manual_seed(3))
-    out = torch.full((14 * HD,), float("nan"))
-    flash_decode(q, cache["k_cache"], cache["v_cache"], torch.tensor([77], dtype=torch.int32), out,
-                 num_splits=4, block_s=16, k_scale=cache.get("k_scale"), v_scale=cache.get("v_scale"),
-                 heads_last=heads_last)
-    assert_close(out, R.attention_over_cache(q[None], k, v, 76)[0], "fp16_dot")
