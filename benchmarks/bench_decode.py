@@ -190,7 +190,7 @@ def check_decode_steps(steps: int = 8) -> dict:
     """The decode step itself (CUDA graph, PDL, packed-fp16 GEMVs) on a
     2-layer 8B-shaped model: each step's logits against the torch backend's on the same prefix."""
     out = {}
-    for bits, kv in ((4, "auto"), (8, "auto"), (4, "int8")):
+    for bits, kv in ((4, "auto"), (8, "auto"), (4, "int8"), (16, "auto")):
         ckpt = synthetic_checkpoint("synthetic:llama3.1-8b", bits=bits, num_layers=2, dtype=torch.bfloat16)
         ref = qruntime.Model(ckpt, device="cuda", backend="torch", max_seq_len=128)
         fast = qruntime.Model(ckpt, device="cuda", backend="triton", max_seq_len=128, kv_cache=kv)
@@ -199,18 +199,30 @@ def check_decode_steps(steps: int = 8) -> dict:
         ids = torch.randint(0, 128256, (48,), generator=torch.Generator().manual_seed(1)).tolist()
         r.prefill(torch.tensor(ids[:-1], device="cuda"))
         r.token.fill_(ids[-1]); r.pos.fill_(len(ids) - 1); r.seq_len.fill_(len(ids))
-        errs, agree = [], 0
+        # 16-bit weights: also the torch backend in fp32, to tell the bf16 reference's own rounding apart
+        ref32 = qruntime.Model(ckpt, device="cuda", backend="torch", max_seq_len=128, dtype=torch.float32) \
+            if bits == 16 else None
+        errs, agree, errs32, ref_errs32 = [], 0, [], []
         for _ in range(steps):
             r.step()
             expected = ref.logits(ids)[-1].float()
             got = r.logits[0].float()
             errs.append(((got - expected).norm() / expected.norm()).item())
             agree += int(got.argmax() == expected.argmax())
+            if ref32 is not None:
+                exact = ref32.logits(ids)[-1].float()
+                errs32.append(((got - exact).norm() / exact.norm()).item())
+                ref_errs32.append(((expected - exact).norm() / exact.norm()).item())
             ids.append(int(r.token))
         out[f"{name}_decode_steps_max_rel_err"] = max(errs)
         out[f"{name}_decode_steps_top1_agree"] = agree / steps
         print(f"8B-shaped 2-layer w{bits} KV {kv} decode steps (graph): max rel err {max(errs):.2e}, top-1 {agree}/{steps}",
               flush=True)
+        if ref32 is not None:
+            out[f"{name}_decode_steps_triton_vs_fp32_max_rel_err"] = max(errs32)
+            out[f"{name}_decode_steps_torch_bf16_vs_fp32_max_rel_err"] = max(ref_errs32)
+            print(f"  against the torch backend in fp32: triton {max(errs32):.2e}, torch bf16 {max(ref_errs32):.2e}", flush=True)
+        del ref32
         del ckpt, ref, fast
         gc.collect()
         torch.cuda.empty_cache()

@@ -265,7 +265,7 @@ FROM_RESIDUAL = 3    # the fp32 residual row times the RMSNorm weight, the norm'
 
 
 @triton.jit
-def _slice_activations(x_ptr, aux_ptr, k0, K, norm_scale, SOURCE: tl.constexpr, NUM_SPLITS: tl.constexpr,
+def slice_activations(x_ptr, aux_ptr, k0, K, norm_scale, SOURCE: tl.constexpr, NUM_SPLITS: tl.constexpr,
                        HEAD_DIM: tl.constexpr, PIECE: tl.constexpr, BLOCK_K: tl.constexpr):
     """The activations of K slice [k0, k0 + BLOCK_K) as fp32 holding fp16 values (rounded as the
     kernel that would otherwise have written them rounds): x itself; or silu(gate) * up formed from
@@ -273,7 +273,7 @@ def _slice_activations(x_ptr, aux_ptr, k0, K, norm_scale, SOURCE: tl.constexpr, 
     splits, x = o [NUM_SPLITS, K] and aux = lse [NUM_SPLITS, K / HEAD_DIM] (column k is dim
     k % HEAD_DIM of head k // HEAD_DIM), as its combine kernel would merge them. norm_scale
     multiplies gate and up (the deferred RMSNorm scale of the gate|up GEMV's input, or 1).
-    (FROM_RESIDUAL: `_residual_slice`.)"""
+    (FROM_RESIDUAL: `residual_slice`.)"""
     k = k0 + tl.arange(0, BLOCK_K)
     if SOURCE == 1:  # FROM_SWIGLU
         gate = tl.load(x_ptr + k, mask=k < K, other=0.0) * norm_scale
@@ -291,7 +291,7 @@ def _slice_activations(x_ptr, aux_ptr, k0, K, norm_scale, SOURCE: tl.constexpr, 
 
 
 @triton.jit
-def _residual_slice(h_ptr, norm_w, ss_ptr, k0, K, BLOCK_K: tl.constexpr):
+def residual_slice(h_ptr, norm_w, ss_ptr, k0, K, BLOCK_K: tl.constexpr):
     """K slice [k0, k0 + BLOCK_K) of h * w, h the fp32 residual row and w the RMSNorm weight's
     slice (norm_w, fp32, loaded by the caller), in fp32 (not rounded: the kernel rounds it to fp16
     after its 2^-e scaling, so no value overflows); the programs of column tile 0 (one per K
@@ -301,6 +301,42 @@ def _residual_slice(h_ptr, norm_w, ss_ptr, k0, K, BLOCK_K: tl.constexpr):
     if tl.program_id(0) == 0:
         tl.atomic_add(ss_ptr, tl.sum(h * h, axis=0), sem="relaxed")
     return h * norm_w
+
+
+@triton.jit
+def norm_weight_slice(aux_ptr, k0, K, SOURCE: tl.constexpr, BLOCK_K: tl.constexpr):
+    """FROM_RESIDUAL: the K slice of the RMSNorm weight (aux), fp32, for decode_gemv_input. No kernel
+    of the step writes it, so the GEMVs request it with their weights, before the PDL wait (read
+    after it, behind h and its sum of squares, it cost a dependent round trip: 8B w4 -0.5%, 1B w4
+    -1.2%, benchmarks/results/h200/ab_early_norm_w.log). Other sources: unused."""
+    if SOURCE == 3:
+        k = k0 + tl.arange(0, BLOCK_K)
+        return tl.load(aux_ptr + k, mask=k < K, other=0.0).to(tl.float32)
+    else:
+        return 0.0
+
+
+@triton.jit
+def decode_gemv_input(x_ptr, aux_ptr, norm_w, clear_ptr, CLEAR_N, ss_ptr, norm_dim, eps, k0, K, SOURCE: tl.constexpr,
+                      NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr, PIECE: tl.constexpr, BLOCK_K: tl.constexpr,
+                      CLEAR_CHUNK: tl.constexpr, NORM_SCALE: tl.constexpr):
+    """What a decode GEMV program does once its producer has completed (after the PDL wait), before
+    its products: zero its chunk of `clear` (CLEAR_CHUNK > 0: accumulators the step has read by
+    now), and form its K slice's activations xk from SOURCE (slice_activations; FROM_RESIDUAL:
+    residual_slice of norm_w, the RMSNorm weight's slice the caller requested before the wait;
+    NORM_SCALE: FROM_SWIGLU's gate and up times the deferred RMSNorm scale read from ss_ptr).
+    Shared by this module's kernel and kernels.gemv_dense's."""
+    if CLEAR_CHUNK > 0:
+        offs = (tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)) * CLEAR_CHUNK + tl.arange(0, CLEAR_CHUNK)
+        tl.store(clear_ptr + offs, tl.zeros([CLEAR_CHUNK], dtype=tl.float32), mask=offs < CLEAR_N)
+    if NORM_SCALE:  # FROM_SWIGLU: gate|up's input was h * w; its RMSNorm scale applies here
+        norm_scale = deferred_rms_scale(ss_ptr, norm_dim, eps)
+    else:
+        norm_scale = 1.0
+    if SOURCE == 3:  # FROM_RESIDUAL: h * w; one program per K slice adds the slice's squares
+        return residual_slice(x_ptr, norm_w, ss_ptr, k0, K, BLOCK_K)
+    else:
+        return slice_activations(x_ptr, aux_ptr, k0, K, norm_scale, SOURCE, NUM_SPLITS, HEAD_DIM, PIECE, BLOCK_K)
 
 
 @triton.jit
@@ -330,7 +366,7 @@ def _qgemv_f16x2_kernel(
 ):
     """Decode GEMV, M = 1, no act-order: out (fp32) += x @ W.T with packed fp16x2 math; x is the
     fp16 row [K], or formed from what precedes the GEMV in the decode step (SOURCE,
-    `_slice_activations`): silu(gate) * up (NORM_SCALE: of gate and up times the deferred RMSNorm
+    `slice_activations`): silu(gate) * up (NORM_SCALE: of gate and up times the deferred RMSNorm
     scale read from ss_ptr), the merged flash-decoding splits, or h * w (the programs of column
     tile 0 add their K slice's sum of h^2 to ss_ptr).
 
@@ -357,24 +393,10 @@ def _qgemv_f16x2_kernel(
     n = n0 + tl.arange(0, BLOCK_N)
     w, s, z = _load_tile(w_ptr, s_ptr, z_ptr, ra, ra_ok, g, g_ok, n, n < N, stride_wk, stride_sg, K // EPW,
                          ZERO_MODE, CHAIN, EVEN)
-    if SOURCE == 3:
-        # the RMSNorm weight: no kernel of the step writes it, so it is requested with the words
-        # (read after the wait, behind h and its sum of squares, it cost a dependent round trip:
-        # 8B w4 -0.5%, 1B w4 -1.2%, benchmarks/results/h200/ab_early_norm_w.log)
-        kw = k0 + tl.arange(0, BLOCK_K)
-        norm_w = tl.load(aux_ptr + kw, mask=kw < K, other=0.0).to(tl.float32)
+    norm_w = norm_weight_slice(aux_ptr, k0, K, SOURCE, BLOCK_K)
     wait_for_producer(PDL)
-    if CLEAR_CHUNK > 0:  # each program zeroes its chunk of `clear` (accumulators the step has read by now)
-        offs = (tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)) * CLEAR_CHUNK + tl.arange(0, CLEAR_CHUNK)
-        tl.store(clear_ptr + offs, tl.zeros([CLEAR_CHUNK], dtype=tl.float32), mask=offs < CLEAR_N)
-    if NORM_SCALE:  # FROM_SWIGLU: gate|up's input was h * w; its RMSNorm scale applies here
-        norm_scale = deferred_rms_scale(ss_ptr, norm_dim, eps)
-    else:
-        norm_scale = 1.0
-    if SOURCE == 3:  # FROM_RESIDUAL: h * w; one program per K slice adds the slice's squares
-        xk = _residual_slice(x_ptr, norm_w, ss_ptr, k0, K, BLOCK_K)
-    else:
-        xk = _slice_activations(x_ptr, aux_ptr, k0, K, norm_scale, SOURCE, NUM_SPLITS, HEAD_DIM, PIECE, BLOCK_K)
+    xk = decode_gemv_input(x_ptr, aux_ptr, norm_w, clear_ptr, CLEAR_N, ss_ptr, norm_dim, eps, k0, K, SOURCE,
+                           NUM_SPLITS, HEAD_DIM, PIECE, BLOCK_K, CLEAR_CHUNK, NORM_SCALE)
     # The fp16 lane sums of a chain overflow past 65504: large activations (a down_proj input
     # reaches thousands in some models) are scaled down by 2^-e first, and d back up by 2^e.
     e = _overflow_shift(tl.max(tl.abs(xk), axis=0), BITS, CHAIN)
@@ -489,20 +511,43 @@ def qmatmul_accumulate_swiglu(gate_up: torch.Tensor, lin, out: torch.Tensor,
     (the caller zeroes it before its next accumulation). `norm`: gate_up was accumulated from an
     un-normalized input (qmatmul_accumulate_deferred_norm), and gate and up are first multiplied
     by its deferred RMSNorm scale. Returns out."""
-    k = lin.in_features
-    if gate_up.dtype != torch.float32 or gate_up.shape != (1, 2 * k) or not gate_up.is_contiguous():
-        raise ValueError(f"qmatmul_accumulate_swiglu: gate_up must be contiguous fp32 [1, {2 * k}], got "
-                         f"{gate_up.dtype} {tuple(gate_up.shape)}")
+    check_gate_up("qmatmul_accumulate_swiglu", gate_up, lin.in_features, norm)
     bn, tile, tiles, nw = _decode_gemv_config("qmatmul_accumulate_swiglu", lin, out, config, "swiglu + qmatmul_accumulate")
-    _check_norm("qmatmul_accumulate_swiglu", norm)
     _launch_packed_fp16(gate_up, lin, out.view(1, lin.out_features), bn, tile, tiles, nw, source=FROM_SWIGLU, norm=norm)
     return out
 
 
+# The input checks of the decode GEMVs that form their own input (shared with kernels.gemv_dense)
 def _check_norm(caller: str, norm: DeferredNorm | None) -> None:
     if norm is not None and (norm.sum_squares.dtype != torch.float32 or norm.sum_squares.numel() != 1):
         raise ValueError(f"{caller}: the deferred norm's sum of squares must be one fp32 element, got "
                          f"{norm.sum_squares.dtype} {tuple(norm.sum_squares.shape)}")
+
+
+def check_gate_up(caller: str, gate_up: torch.Tensor, k: int, norm: DeferredNorm | None) -> None:
+    if gate_up.dtype != torch.float32 or gate_up.shape != (1, 2 * k) or not gate_up.is_contiguous():
+        raise ValueError(f"{caller}: gate_up must be contiguous fp32 [1, {2 * k}], got {gate_up.dtype} {tuple(gate_up.shape)}")
+    _check_norm(caller, norm)
+
+
+def check_residual(caller: str, h: torch.Tensor, norm_weight: torch.Tensor, k: int, norm: DeferredNorm) -> None:
+    if h.dtype != torch.float32 or h.shape != (1, k) or not h.is_contiguous():
+        raise ValueError(f"{caller}: h must be contiguous fp32 [1, {k}], got {h.dtype} {tuple(h.shape)}")
+    if norm_weight.shape != (k,) or not norm_weight.is_contiguous():
+        raise ValueError(f"{caller}: the norm weight must be contiguous [{k}], got {tuple(norm_weight.shape)}")
+    _check_norm(caller, norm)
+
+
+def check_splits(caller: str, splits: tuple[torch.Tensor, torch.Tensor], k: int, clear: torch.Tensor | None) -> None:
+    o, lse = splits
+    if o.dtype != torch.float32 or lse.dtype != torch.float32 or o.dim() != 3 or lse.shape != o.shape[:2] \
+            or o.shape[1] * o.shape[2] != k or not (o.is_contiguous() and lse.is_contiguous()):
+        raise ValueError(f"{caller}: splits must be contiguous fp32 o [S, H, hd] and lse [S, H] with H * hd = {k}, "
+                         f"got {tuple(o.shape)} {o.dtype} and {tuple(lse.shape)} {lse.dtype}")
+    if o.shape[0] & (o.shape[0] - 1):
+        raise ValueError(f"{caller}: the split count {o.shape[0]} must be a power of two")
+    if clear is not None and (clear.dtype != torch.float32 or not clear.is_contiguous()):
+        raise ValueError(f"{caller}: the buffer to clear must be contiguous fp32")
 
 
 def qmatmul_accumulate_deferred_norm(h: torch.Tensor, norm_weight: torch.Tensor, lin, out: torch.Tensor,
@@ -514,16 +559,10 @@ def qmatmul_accumulate_deferred_norm(h: torch.Tensor, norm_weight: torch.Tensor,
     launch. A bias would be scaled too: a linear with one is refused unless bias_to_reader, where
     the bias is left out and the reader adds it after the scale (flash-decoding's
     RopeInput.qkv_bias). Returns out."""
-    k = lin.in_features
-    if h.dtype != torch.float32 or h.shape != (1, k) or not h.is_contiguous():
-        raise ValueError(f"qmatmul_accumulate_deferred_norm: h must be contiguous fp32 [1, {k}], got {h.dtype} {tuple(h.shape)}")
-    if norm_weight.shape != (k,) or not norm_weight.is_contiguous():
-        raise ValueError(f"qmatmul_accumulate_deferred_norm: the norm weight must be contiguous [{k}], got "
-                         f"{tuple(norm_weight.shape)}")
+    check_residual("qmatmul_accumulate_deferred_norm", h, norm_weight, lin.in_features, norm)
     if lin.bias is not None and not bias_to_reader:
         raise ValueError("qmatmul_accumulate_deferred_norm: the linear has a bias, which the deferred scale would "
                          "multiply; leave it to the reader (bias_to_reader) or use rmsnorm + qmatmul_accumulate")
-    _check_norm("qmatmul_accumulate_deferred_norm", norm)
     bn, tile, tiles, nw = _decode_gemv_config("qmatmul_accumulate_deferred_norm", lin, out, config,
                                               "rmsnorm + qmatmul_accumulate")
     _launch_packed_fp16(h, lin, out.view(1, lin.out_features), bn, tile, tiles, nw, source=FROM_RESIDUAL,
@@ -554,16 +593,8 @@ def qmatmul_accumulate_attention(splits: tuple[torch.Tensor, torch.Tensor], lin,
     the decode step needs no combine launch. `clear` (contiguous fp32), if given, is zeroed by the
     programs after the previous kernel has completed: the accumulators the step has read by then,
     which the combine kernel would have zeroed. Returns out."""
+    check_splits("qmatmul_accumulate_attention", splits, lin.in_features, clear)
     o, lse = splits
-    k = lin.in_features
-    if o.dtype != torch.float32 or lse.dtype != torch.float32 or o.dim() != 3 or lse.shape != o.shape[:2] \
-            or o.shape[1] * o.shape[2] != k or not (o.is_contiguous() and lse.is_contiguous()):
-        raise ValueError(f"qmatmul_accumulate_attention: splits must be contiguous fp32 o [S, H, hd] and lse [S, H] "
-                         f"with H * hd = {k}, got {tuple(o.shape)} {o.dtype} and {tuple(lse.shape)} {lse.dtype}")
-    if o.shape[0] & (o.shape[0] - 1):
-        raise ValueError(f"qmatmul_accumulate_attention: the split count {o.shape[0]} must be a power of two")
-    if clear is not None and (clear.dtype != torch.float32 or not clear.is_contiguous()):
-        raise ValueError("qmatmul_accumulate_attention: the buffer to clear must be contiguous fp32")
     bn, tile, tiles, nw = _decode_gemv_config("qmatmul_accumulate_attention", lin, out, config,
                                               "flash_decode's combine and qmatmul_accumulate")
     _launch_packed_fp16(o, lin, out.view(1, lin.out_features), bn, tile, tiles, nw,

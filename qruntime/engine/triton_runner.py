@@ -4,7 +4,7 @@ buffers, with the whole decode step captured in one CUDA graph.
 Decode step (one token, all buffers static, positions and lengths in device memory):
 
     h (fp32 residual) = embed[token]                     (with layer 0's RMSNorm: kernels.rmsnorm.embed_rmsnorm)
-    per layer:  qkv += (h * w_in) @ Wqkv.T; ss += h.h    (kernels.gemv_f16x2, split-K atomics, fused q|k|v;
+    per layer:  qkv += (h * w_in) @ Wqkv.T; ss += h.h    (kernels.gemv_f16x2 / gemv_dense, split-K atomics, fused q|k|v;
                                                           the RMSNorm deferred: below)
                 q, cache[pos] = rope(r qkv)              (in flash_decode: r = rsqrt(ss / D + eps), then
                                                           norm, rotate, int8-quantize)
@@ -19,8 +19,10 @@ Decode step (one token, all buffers static, positions and lengths in device memo
 An RMSNorm is linear in its scale r, so the GEMV after it multiplies h by the norm's weight only
 and sums h^2 as it reads h, and the kernel reading that GEMV's output applies r: no norm launch
 (8B w4 -1%, 1B w4 -6% per token on an H200). A q|k|v bias (Qwen2) is left to flash-decoding too,
-added after r. Where that cannot be (gate|up with a bias, or not one packed-fp16 linear), the step
-launches kernels.rmsnorm first.
+added after r. Where that cannot be (gate|up with a bias, or q|k|v or gate|up not one linear of
+one format), the step launches kernels.rmsnorm first. 16-bit linears take the same path through
+kernels.gemv_dense (8B bf16 shapes on an H200: 1.3-2x cuBLAS and its add, which also cost two
+launches more a linear).
 
 The split-K matmuls accumulate in fp32 with atomics, so their outputs must start at zero: the
 consumer of each accumulator zeroes it after reading (the gate|up one, read by every program of
@@ -40,6 +42,8 @@ from qruntime.checkpoint import PackedLinear, QuantizedCheckpoint
 from qruntime.config import ModelConfig
 from qruntime.kernels.argmax import greedy_advance, greedy_workspace
 from qruntime.kernels.flash_decode import RopeInput, flash_decode, flash_decode_splits
+from qruntime.kernels.gemv_dense import (DenseLinear, dense_accumulate, dense_accumulate_attention,
+                                         dense_accumulate_deferred_norm, dense_accumulate_swiglu)
 from qruntime.kernels.layout import concat_out_features, prepare
 from qruntime.kernels.prefill_attention import prefill_attention
 from qruntime.kernels.gemv_f16x2 import (packed_fp16_serves, qmatmul_accumulate_attention, qmatmul_accumulate_deferred_norm,
@@ -52,7 +56,9 @@ from qruntime.layers.rotary import inv_frequencies
 
 
 class RunnerLinear:
-    """One linear for the runner: packed (Triton kernels) or 16-bit (cuBLAS)."""
+    """One linear for the runner: packed (Triton kernels), or 16-bit (the decode row through
+    kernels.gemv_dense, so that it joins the step's chain of launches and forms its own input as a
+    packed linear does; several rows through cuBLAS)."""
 
     def __init__(self, packed: PackedLinear, device: torch.device, dtype: torch.dtype) -> None:
         self.bits = packed.bits
@@ -61,37 +67,51 @@ class RunnerLinear:
             self.weight = packed.qweight.to(device=device, dtype=dtype)
             self.bias = None if packed.bias is None else packed.bias.to(device=device, dtype=dtype)
             self.triton = None
+            self.dense = DenseLinear(self.weight, self.bias)
         else:
             self.triton = prepare(packed, device, dtype)
             self.triton.in_decode_step = True  # tiles chosen by the step's end-to-end time (kernels.tuning)
+            self.bias = self.triton.bias
+            self.dense = None
 
     def accumulate(self, x: torch.Tensor, out: torch.Tensor) -> None:
         """out (fp32) += x @ W.T (+ bias); x has at most 16 rows."""
         if self.triton is not None:
             qmatmul_accumulate(x, self.triton, out)
+        elif x.shape[0] == 1:
+            dense_accumulate(x, self.dense, out)
         else:
             out.add_(torch.nn.functional.linear(x.to(self.weight.dtype), self.weight, self.bias))
 
     def forms_own_input(self) -> bool:
-        """Whether accumulate_swiglu and accumulate_attention serve this linear (a packed-fp16
-        decode GEMV)."""
-        return self.triton is not None and packed_fp16_serves(self.triton)
+        """Whether accumulate_swiglu, accumulate_attention and accumulate_deferred_norm serve this
+        linear (a packed-fp16 or a 16-bit decode GEMV)."""
+        return self.dense is not None or packed_fp16_serves(self.triton)
 
     def accumulate_deferred_norm(self, h: torch.Tensor, norm_weight: torch.Tensor, out: torch.Tensor,
                                  norm: DeferredNorm, bias_to_reader: bool = False) -> None:
         """out (fp32) += (h * norm_weight) @ W.T, the RMSNorm's scale (and with bias_to_reader, the
         bias) left to out's reader; adds sum(h^2) to norm.sum_squares."""
-        qmatmul_accumulate_deferred_norm(h, norm_weight, self.triton, out, norm, bias_to_reader=bias_to_reader)
+        if self.dense is not None:
+            dense_accumulate_deferred_norm(h, norm_weight, self.dense, out, norm, bias_to_reader=bias_to_reader)
+        else:
+            qmatmul_accumulate_deferred_norm(h, norm_weight, self.triton, out, norm, bias_to_reader=bias_to_reader)
 
     def accumulate_swiglu(self, gate_up: torch.Tensor, out: torch.Tensor, norm: DeferredNorm | None = None) -> None:
         """out (fp32) += (silu(gate) * up) @ W.T for one row of the fp32 gate|up accumulator (first
         scaled by the deferred norm of its input, if given)."""
-        qmatmul_accumulate_swiglu(gate_up, self.triton, out, norm=norm)
+        if self.dense is not None:
+            dense_accumulate_swiglu(gate_up, self.dense, out, norm=norm)
+        else:
+            qmatmul_accumulate_swiglu(gate_up, self.triton, out, norm=norm)
 
     def accumulate_attention(self, splits: tuple[torch.Tensor, torch.Tensor], out: torch.Tensor,
                              clear: torch.Tensor) -> None:
         """out (fp32) += attn @ W.T, attn merged from flash-decoding's splits; zeroes `clear`."""
-        qmatmul_accumulate_attention(splits, self.triton, out, clear=clear)
+        if self.dense is not None:
+            dense_accumulate_attention(splits, self.dense, out, clear=clear)
+        else:
+            qmatmul_accumulate_attention(splits, self.triton, out, clear=clear)
 
     def matmul(self, x: torch.Tensor, residual: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
         """x @ W.T (+ bias) (+ residual), written to `out` when given."""
@@ -216,7 +236,7 @@ class TritonRunner:
         def defers(lins: list[RunnerLinear]) -> bool:
             return dtype != torch.float32 and len(lins) == 1 and lins[0].forms_own_input()
         self.defer_attention_norm = all(defers(lw.qkv) for lw in self.layers)
-        self.defer_mlp_norm = self.fused_swiglu and all(defers(lw.gate_up) and lw.gate_up[0].triton.bias is None
+        self.defer_mlp_norm = self.fused_swiglu and all(defers(lw.gate_up) and lw.gate_up[0].bias is None
                                                         for lw in self.layers)
         self._allocate_decode_buffers()
         self.input_norms = [DeferredNorm(self.sum_squares[i, 0:1], cfg.hidden_size, cfg.rms_norm_eps)
@@ -232,7 +252,7 @@ class TritonRunner:
         defer = self.defer_attention_norm
         return [RopeInput(self.qkv_acc, self.cos, self.sin, lw.q_norm, lw.k_norm, self.cfg.rms_norm_eps,
                           input_norm=self.input_norms[i] if defer else None,
-                          qkv_bias=lw.qkv[0].triton.bias if defer else None)
+                          qkv_bias=lw.qkv[0].bias if defer else None)
                 for i, lw in enumerate(self.layers)]
 
     # ------------------------------------------------------------------ buffers

@@ -31,14 +31,15 @@ def test_triton_backend_matches_torch_backend(tiny_model_dir, variant, bits, kv)
     assert report["backend"] == "triton" and report["kv_cache_bytes"] > 0
 
 
-@pytest.mark.parametrize("variant,bits", [("llama", 4), ("qwen2", 8), ("qwen3", 4)])
+@pytest.mark.parametrize("variant,bits", [("llama", 4), ("qwen2", 8), ("qwen3", 4), ("qwen2", 16)])
 def test_fp16_decode_steps_match_torch_backend(tiny_model_dir, variant, bits):
-    """fp16 activations: the decode step takes the packed-fp16 GEMVs (the fp32 mode of the test
+    """fp16 activations: the decode step takes the packed-fp16 GEMVs, or for 16-bit weights the
+    dense ones (kernels.gemv_dense), which form their inputs the same way (the fp32 mode of the test
     above does not). Three eager decode steps, each checked against the fp32 torch backend on the
     same prefix: an accumulator (or a deferred norm's sum of squares) left non-zero would show from
     the second step on. The layers' RMSNorms are deferred to the kernels after their GEMVs
     (qwen2's q|k|v bias is then added by flash-decoding, after the norm's scale)."""
-    ckpt = read_checkpoint(tiny_model_dir(variant), bits=bits, group_size=32)
+    ckpt = read_checkpoint(tiny_model_dir(variant), bits=None if bits == 16 else bits, group_size=32)
     ref = qruntime.Model(ckpt, device="cpu", backend="torch", dtype=torch.float32)
     fast = qruntime.Model(ckpt, device="cpu", backend="triton", dtype=torch.float16)
     r = fast.runner
