@@ -43,9 +43,11 @@ def _check_flash_decode(int8, heads, kv, length, heads_last, cache_seed, q_seed)
     cache, k, v = make_cache(kv, int8, seed=cache_seed)
     q = torch.randn(heads, HD, generator=torch.Generator().manual_seed(q_seed))
     out = torch.full((heads * HD,), float("nan"))
+    # poisoned: the empty splits' o rows stay unwritten, and the combine must weigh them 0, not multiply by 0
+    workspace = (torch.full((4, heads, HD), float("nan")), torch.full((4, heads), float("nan")))
     flash_decode(q, cache["k_cache"], cache["v_cache"], torch.tensor([length], dtype=torch.int32), out,
                  num_splits=4, block_s=16, k_scale=cache.get("k_scale"), v_scale=cache.get("v_scale"),
-                 heads_last=heads_last)
+                 heads_last=heads_last, workspace=workspace)
     assert_close(out, R.attention_over_cache(q[None], k, v, length - 1)[0], "fp16_dot")
 
 
