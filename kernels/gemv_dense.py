@@ -45,11 +45,16 @@ class DenseLinear:
         return self.weight.shape[0]
 
 
-def dense_tile(n: int) -> tuple[int, int, int]:
+def dense_tile(n: int, head_dim: int | None = None) -> tuple[int, int, int]:
     """(BLOCK_N, BLOCK_K, num_warps): each program reads one [BLOCK_N, BLOCK_K] tile (16 KB in 16-bit).
     On an H200 (benchmarks/results/h200/dense_gemv.log, bf16, 8 tiles on Llama-3.1-8B / 3.2-1B shapes)
     32 x 256 was within 2% of the best tile on every shape but the vocabulary-sized ones, where few
-    long rows per program read best (8 x 1024: 4096 x 128256 in 239 us against 252)."""
+    long rows per program read best (8 x 1024: 4096 x 128256 in 239 us against 252).
+    o_proj merging flash-decoding's splits (head_dim given): one head per K slice and 64 columns, as
+    the packed o_proj; with 32 x 256 every program merged two heads, over twice the column tiles
+    (8B w16 at 1536 positions: 5.077 -> 4.344 ms/token, benchmarks/results/h200/ab_dense_oproj_tile.log)."""
+    if head_dim is not None and head_dim & (head_dim - 1) == 0 and head_dim <= 256:
+        return (64, head_dim, 4)
     return (8, 1024, 4) if n >= 65536 else (32, 256, 4)
 
 
@@ -88,10 +93,10 @@ def _launch_dense(x: torch.Tensor, lin: DenseLinear, out: torch.Tensor, source: 
         raise ValueError(f"dense GEMV: out must be contiguous fp32 [1, {n}], got {out.dtype} {tuple(out.shape)}")
     if lin.weight.stride(1) != 1:
         raise ValueError("dense GEMV: the weight's rows (K) must be contiguous")
-    bn, bk, nw = tile or dense_tile(n)
+    head_dim = k // aux.shape[1] if source == FROM_SPLITS else 1
+    bn, bk, nw = tile or dense_tile(n, head_dim if source == FROM_SPLITS else None)
     bk = min(bk, triton.next_power_of_2(k))
     grid = (triton.cdiv(n, bn), triton.cdiv(k, bk))
-    head_dim = k // aux.shape[1] if source == FROM_SPLITS else 1
     clear_n = 0 if clear is None else clear.numel()
     _dense_gemv_kernel[grid](
         x, aux, lin.weight, lin.bias, out, clear, None if norm is None else norm.sum_squares,

@@ -68,10 +68,12 @@ def test_dense_swiglu_gemv_with_deferred_norm(tile):
 
 
 @pytest.mark.parametrize("tile", TILES, ids=TILE_IDS)
-def test_dense_attention_merging_gemv(tile):
+@pytest.mark.parametrize("heads,hd", [(4, 16), (2, 48)], ids=["h4-hd16", "h2-hd48"])
+def test_dense_attention_merging_gemv(tile, heads, hd):
     """o_proj merging flash-decoding's splits for its own K slice: heads 0 and 1 use a prefix of the
-    splits (the rest empty: lse -inf, o NaN, never read); the buffer to clear ends up zero."""
-    splits, heads, hd, n = 8, 4, 16, 24
+    splits (the rest empty: lse -inf, o NaN, never read); the buffer to clear ends up zero. The
+    default tile is one head per K slice (hd 16), or cuts heads of 48 into pieces."""
+    splits, n = 8, 24
     lin = make_dense(n, heads * hd, torch.float16, seed=5)
     g = torch.Generator().manual_seed(6)
     o = torch.randn(splits, heads, hd, generator=g) * 2
