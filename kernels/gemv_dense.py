@@ -10,8 +10,8 @@ kernels.gemv_f16x2: the deferred RMSNorm's h * w, silu(gate) * up, flash-decodin
 merged), so a 16-bit model's decode step has the launches of a quantized one.
 
 The products are fp32 (weight and activation converted, one FMA each): a 16-bit weight costs
-about 2 instructions a byte read, against about 4 for int4's packed-fp16 math, so plain fp32
-arithmetic keeps up with the memory.
+about one instruction a byte read (a conversion and an FMA per 2-byte weight), against over 4 for
+int4's packed-fp16 math, so plain fp32 arithmetic keeps up with the memory.
 """
 
 from __future__ import annotations
