@@ -16,30 +16,34 @@ SHAPES = [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096), (4096, 12825
 TILES = [(16, 512, 4), (8, 512, 2), (16, 256, 2), (32, 256, 4), (8, 1024, 4), (32, 512, 8), (64, 128, 4), (4, 1024, 2)]
 
 
+def bench_shape(k: int, n: int, bw: float) -> None:
+    """One shape: every tile and cuBLAS + add, each over enough weight copies to exceed L2."""
+    count = max(2, math.ceil(300e6 / (n * k * 2)))
+    lins = [DenseLinear(torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02) for _ in range(count)]
+    xs = [torch.randn(1, k, device="cuda", dtype=torch.float16) for _ in range(count)]
+    outs = [torch.zeros(1, n, device="cuda") for _ in range(count)]
+    need = n * k * 2 + k * 2
+    ref = xs[0].float() @ lins[0].weight.float().T
+    results = []
+    for tile in TILES:
+        outs[0].zero_()
+        dense_accumulate(xs[0], lins[0], outs[0], tile=tile)
+        err = ((outs[0] - ref).norm() / ref.norm()).item()
+        t = time_graph([lambda i=i: dense_accumulate(xs[i], lins[i], outs[i], tile=tile) for i in range(count)])
+        results.append((t, tile, err))
+    t_cublas = time_graph([lambda i=i: outs[i].add_(torch.nn.functional.linear(xs[i].to(torch.bfloat16), lins[i].weight))
+                           for i in range(count)])
+    line = "  ".join(f"{tile}: {t * 1e6:7.2f} us {100 * need / t / bw:5.1f}% (err {err:.0e})" for t, tile, err in results)
+    best = min(results)
+    print(f"K={k:6d} N={n:6d}  best {best[1]} {best[0] * 1e6:7.2f} us {100 * need / best[0] / bw:5.1f}%  "
+          f"cuBLAS+add {t_cublas * 1e6:7.2f} us {100 * need / t_cublas / bw:5.1f}%\n    {line}", flush=True)
+
+
 def main() -> None:
     bw = measure_read_bandwidth()
     print(f"# {environment()}\n# read bandwidth {bw / 1e12:.3f} TB/s", flush=True)
     for k, n in SHAPES:
-        count = max(2, math.ceil(300e6 / (n * k * 2)))
-        lins = [DenseLinear(torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02) for _ in range(count)]
-        xs = [torch.randn(1, k, device="cuda", dtype=torch.float16) for _ in range(count)]
-        outs = [torch.zeros(1, n, device="cuda") for _ in range(count)]
-        need = n * k * 2 + k * 2
-        ref = outs[0].clone() + xs[0].float() @ lins[0].weight.float().T
-        results = []
-        for tile in TILES:
-            outs[0].zero_()
-            dense_accumulate(xs[0], lins[0], outs[0], tile=tile)
-            err = ((outs[0] - (ref - 0)).norm() / ref.norm()).item()
-            t = time_graph([lambda i=i: dense_accumulate(xs[i], lins[i], outs[i], tile=tile) for i in range(count)])
-            results.append((t, tile, err))
-        t_cublas = time_graph([lambda i=i: outs[i].add_(torch.nn.functional.linear(xs[i].to(torch.bfloat16), lins[i].weight))
-                               for i in range(count)])
-        line = "  ".join(f"{tile}: {t * 1e6:7.2f} us {100 * need / t / bw:5.1f}% (err {err:.0e})" for t, tile, err in results)
-        best = min(results)
-        print(f"K={k:6d} N={n:6d}  best {best[1]} {best[0] * 1e6:7.2f} us {100 * need / best[0] / bw:5.1f}%  "
-              f"cuBLAS+add {t_cublas * 1e6:7.2f} us {100 * need / t_cublas / bw:5.1f}%\n    {line}", flush=True)
-        del lins, xs, outs
+        bench_shape(k, n, bw)
         torch.cuda.empty_cache()
 
 
