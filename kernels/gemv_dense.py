@@ -16,7 +16,6 @@ int4's packed-fp16 math, so plain fp32 arithmetic keeps up with the memory.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -25,7 +24,7 @@ import triton.language as tl
 
 from ._common import load_2d
 from .gemv_f16x2 import (FROM_RESIDUAL, FROM_SPLITS, FROM_SWIGLU, FROM_X, check_gate_up, check_residual,
-                         check_splits, decode_gemv_input, norm_weight_slice)
+                         check_splits, decode_gemv_input, decode_input_args, norm_weight_slice)
 from .pdl import pdl_launch, release_dependents, wait_for_producer
 from .rmsnorm import DeferredNorm
 
@@ -93,19 +92,13 @@ def _launch_dense(x: torch.Tensor, lin: DenseLinear, out: torch.Tensor, source: 
         raise ValueError(f"dense GEMV: out must be contiguous fp32 [1, {n}], got {out.dtype} {tuple(out.shape)}")
     if lin.weight.stride(1) != 1:
         raise ValueError("dense GEMV: the weight's rows (K) must be contiguous")
-    head_dim = k // aux.shape[1] if source == FROM_SPLITS else 1
-    bn, bk, nw = tile or dense_tile(n, head_dim if source == FROM_SPLITS else None)
+    bn, bk, nw = tile or dense_tile(n, k // aux.shape[1] if source == FROM_SPLITS else None)
     bk = min(bk, triton.next_power_of_2(k))
     grid = (triton.cdiv(n, bn), triton.cdiv(k, bk))
-    clear_n = 0 if clear is None else clear.numel()
     _dense_gemv_kernel[grid](
-        x, aux, lin.weight, lin.bias, out, clear, None if norm is None else norm.sum_squares,
-        n, k, lin.weight.stride(0), clear_n, 1 if norm is None else norm.dim, 0.0 if norm is None else norm.eps,
+        x, aux, lin.weight, lin.bias, out, N=n, K=k, stride_wn=lin.weight.stride(0),
         HAS_BIAS=add_bias and lin.bias is not None, BLOCK_N=bn, BLOCK_K=bk, EVEN=n % bn == 0 and k % bk == 0,
-        SOURCE=source, NUM_SPLITS=aux.shape[0] if source == FROM_SPLITS else 1, HEAD_DIM=head_dim,
-        PIECE=math.gcd(bk, head_dim),
-        CLEAR_CHUNK=triton.next_power_of_2(triton.cdiv(clear_n, grid[0] * grid[1])) if clear_n else 0,
-        NORM_SCALE=norm is not None and source == FROM_SWIGLU, num_warps=nw, **pdl_launch(x),
+        num_warps=nw, **decode_input_args(source, aux, clear, norm, k, bk, grid), **pdl_launch(x),
     )
 
 
@@ -139,9 +132,6 @@ def dense_accumulate_deferred_norm(h: torch.Tensor, norm_weight: torch.Tensor, l
                                    norm: DeferredNorm, bias_to_reader: bool = False,
                                    tile: tuple[int, int, int] | None = None) -> torch.Tensor:
     """kernels.gemv_f16x2.qmatmul_accumulate_deferred_norm for a 16-bit weight (h * w in fp32)."""
-    check_residual("dense_accumulate_deferred_norm", h, norm_weight, lin.in_features, norm)
-    if lin.bias is not None and not bias_to_reader:
-        raise ValueError("dense_accumulate_deferred_norm: the linear has a bias, which the deferred scale would "
-                         "multiply; leave it to the reader (bias_to_reader) or use rmsnorm + dense_accumulate")
+    check_residual("dense_accumulate_deferred_norm", h, norm_weight, lin.in_features, norm, lin.bias, bias_to_reader)
     _launch_dense(h, lin, out, source=FROM_RESIDUAL, aux=norm_weight, norm=norm, add_bias=False, tile=tile)
     return out

@@ -465,19 +465,30 @@ def _launch_packed_fp16(x2: torch.Tensor, lin, out2: torch.Tensor, bn: int, tile
     # a chain stays inside one group
     chain = next(c for c in (4, 2, 1) if c <= MAX_CHAIN[lin.bits] and rows % c == 0 and (rows // groups) % c == 0)
     grid = (triton.cdiv(n, bn * tiles), triton.cdiv(k, block_k))
-    head_dim = k // aux.shape[1] if source == FROM_SPLITS else 1
-    clear_n = 0 if clear is None else clear.numel()
     _qgemv_f16x2_kernel[grid](
-        x2, aux, lin.words, lin.scales, lin.zeros_or_offsets, lin.bias, out2, clear,
-        None if norm is None else norm.sum_squares,
-        n, k, lin.group_size_eff, lin.words.stride(0), lin.scales.stride(0), clear_n,
-        1 if norm is None else norm.dim, 0.0 if norm is None else norm.eps,
+        x2, aux, lin.words, lin.scales, lin.zeros_or_offsets, lin.bias, out2,
+        N=n, K=k, group_size=lin.group_size_eff, stride_wk=lin.words.stride(0), stride_sg=lin.scales.stride(0),
         BITS=lin.bits, ZERO_MODE=lin.zero_mode_id, HAS_BIAS=add_bias and lin.bias is not None, EMULATE=INTERPRET,
         BLOCK_N=bn, BLOCK_K=block_k, TILES=tiles, GROUPS=groups, CHAIN=chain,
-        EVEN=n % (bn * tiles) == 0 and k % block_k == 0, SOURCE=source,
+        EVEN=n % (bn * tiles) == 0 and k % block_k == 0, num_warps=nw,
+        **decode_input_args(source, aux, clear, norm, k, block_k, grid), **pdl_launch(x2),
+    )
+
+
+def decode_input_args(source: int, aux: torch.Tensor | None, clear: torch.Tensor | None, norm: DeferredNorm | None,
+                      k: int, block_k: int, grid: tuple[int, int]) -> dict:
+    """The arguments decode_gemv_input reads, as keywords of a decode GEMV launch (this module's and
+    kernels.gemv_dense's kernels name them alike): the source, the buffer to clear and each
+    program's chunk of it, the deferred norm's sum of squares, dim and eps, the splits' count and
+    head size, and the pieces (inside one head) a K slice of block_k merges them in."""
+    head_dim = k // aux.shape[1] if source == FROM_SPLITS else 1
+    clear_n = 0 if clear is None else clear.numel()
+    return dict(
+        clear_ptr=clear, ss_ptr=None if norm is None else norm.sum_squares, CLEAR_N=clear_n,
+        norm_dim=1 if norm is None else norm.dim, eps=0.0 if norm is None else norm.eps, SOURCE=source,
         NUM_SPLITS=aux.shape[0] if source == FROM_SPLITS else 1, HEAD_DIM=head_dim, PIECE=math.gcd(block_k, head_dim),
         CLEAR_CHUNK=triton.next_power_of_2(triton.cdiv(clear_n, grid[0] * grid[1])) if clear_n else 0,
-        NORM_SCALE=norm is not None and source == FROM_SWIGLU, num_warps=nw, **pdl_launch(x2),
+        NORM_SCALE=norm is not None and source == FROM_SWIGLU,
     )
 
 
@@ -530,11 +541,15 @@ def check_gate_up(caller: str, gate_up: torch.Tensor, k: int, norm: DeferredNorm
     _check_norm(caller, norm)
 
 
-def check_residual(caller: str, h: torch.Tensor, norm_weight: torch.Tensor, k: int, norm: DeferredNorm) -> None:
+def check_residual(caller: str, h: torch.Tensor, norm_weight: torch.Tensor, k: int, norm: DeferredNorm,
+                   bias: torch.Tensor | None, bias_to_reader: bool) -> None:
     if h.dtype != torch.float32 or h.shape != (1, k) or not h.is_contiguous():
         raise ValueError(f"{caller}: h must be contiguous fp32 [1, {k}], got {h.dtype} {tuple(h.shape)}")
     if norm_weight.shape != (k,) or not norm_weight.is_contiguous():
         raise ValueError(f"{caller}: the norm weight must be contiguous [{k}], got {tuple(norm_weight.shape)}")
+    if bias is not None and not bias_to_reader:
+        raise ValueError(f"{caller}: the linear has a bias, which the deferred scale would multiply; leave it to "
+                         "the reader (bias_to_reader) or launch the RMSNorm and the plain GEMV")
     _check_norm(caller, norm)
 
 
@@ -559,10 +574,7 @@ def qmatmul_accumulate_deferred_norm(h: torch.Tensor, norm_weight: torch.Tensor,
     launch. A bias would be scaled too: a linear with one is refused unless bias_to_reader, where
     the bias is left out and the reader adds it after the scale (flash-decoding's
     RopeInput.qkv_bias). Returns out."""
-    check_residual("qmatmul_accumulate_deferred_norm", h, norm_weight, lin.in_features, norm)
-    if lin.bias is not None and not bias_to_reader:
-        raise ValueError("qmatmul_accumulate_deferred_norm: the linear has a bias, which the deferred scale would "
-                         "multiply; leave it to the reader (bias_to_reader) or use rmsnorm + qmatmul_accumulate")
+    check_residual("qmatmul_accumulate_deferred_norm", h, norm_weight, lin.in_features, norm, lin.bias, bias_to_reader)
     bn, tile, tiles, nw = _decode_gemv_config("qmatmul_accumulate_deferred_norm", lin, out, config,
                                               "rmsnorm + qmatmul_accumulate")
     _launch_packed_fp16(h, lin, out.view(1, lin.out_features), bn, tile, tiles, nw, source=FROM_RESIDUAL,
