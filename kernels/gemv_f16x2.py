@@ -243,15 +243,15 @@ def _load_tile(w_ptr, s_ptr, z_ptr, ra, ra_ok, g, g_ok, n, n_ok, stride_wk, stri
     w[r] (rows past CHAIN repeat row 0, unused), and the scales and zeros of its groups g
     [GROUPS, BLOCK_N] as fp32. ra: each chain's first row (ra_ok: inside the weight, K_ROWS rows:
     K may end inside a chain). EVEN: the tile is whole (no masks, no predicate per load)."""
-    wa = load_2d(w_ptr, ra, ra_ok, n, n_ok, stride_wk, EVEN)
+    wa = load_2d(w_ptr, ra, ra_ok, n, n_ok, stride_wk, EVEN, STREAM=True)
     wb = wa
     wc = wa
     wd = wa
     if CHAIN >= 2:
-        wb = load_2d(w_ptr, ra + 1, ra + 1 < K_ROWS, n, n_ok, stride_wk, EVEN)
+        wb = load_2d(w_ptr, ra + 1, ra + 1 < K_ROWS, n, n_ok, stride_wk, EVEN, STREAM=True)
     if CHAIN == 4:
-        wc = load_2d(w_ptr, ra + 2, ra + 2 < K_ROWS, n, n_ok, stride_wk, EVEN)
-        wd = load_2d(w_ptr, ra + 3, ra + 3 < K_ROWS, n, n_ok, stride_wk, EVEN)
+        wc = load_2d(w_ptr, ra + 2, ra + 2 < K_ROWS, n, n_ok, stride_wk, EVEN, STREAM=True)
+        wd = load_2d(w_ptr, ra + 3, ra + 3 < K_ROWS, n, n_ok, stride_wk, EVEN, STREAM=True)
     s = load_2d(s_ptr, g, g_ok, n, n_ok, stride_sg, EVEN).to(tl.float32)
     z = load_2d(z_ptr, g, g_ok, n, n_ok, stride_sg, EVEN).to(tl.float32) if ZERO_MODE != 0 else s  # s: unused
     return (wa, wb, wc, wd), s, z
