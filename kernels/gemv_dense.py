@@ -73,7 +73,7 @@ def _dense_gemv_kernel(
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     k0 = tl.program_id(1) * BLOCK_K
     k = k0 + tl.arange(0, BLOCK_K)
-    w = load_2d(w_ptr, n, n < N, k, k < K, stride_wn, EVEN)
+    w = load_2d(w_ptr, n, n < N, k, k < K, stride_wn, EVEN, STREAM=True)  # read once a step: L2 evicts it first
     norm_w = norm_weight_slice(aux_ptr, k0, K, SOURCE, BLOCK_K)
     wait_for_producer(PDL)
     xk = decode_gemv_input(x_ptr, aux_ptr, norm_w, clear_ptr, CLEAR_N, ss_ptr, norm_dim, eps, k0, K, SOURCE,
