@@ -45,16 +45,11 @@ def load_2d(ptr, r, r_ok, n, n_ok, stride, EVEN: tl.constexpr, STREAM: tl.conste
     buffers, 2-7% faster (results/h200/decode.md against the run before it). The dense GEMV's
     weights likewise: 8B w16 -0.5%, 1B w16 -0.3% (same log)."""
     ptrs = ptr + r[:, None] * stride + n[None, :]
-    if STREAM:
-        if EVEN:
-            return tl.load(ptrs, eviction_policy="evict_first")
-        else:
-            return tl.load(ptrs, mask=r_ok[:, None] & n_ok[None, :], other=0, eviction_policy="evict_first")
+    policy: tl.constexpr = "evict_first" if STREAM else ""
+    if EVEN:
+        return tl.load(ptrs, eviction_policy=policy)
     else:
-        if EVEN:
-            return tl.load(ptrs)
-        else:
-            return tl.load(ptrs, mask=r_ok[:, None] & n_ok[None, :], other=0)
+        return tl.load(ptrs, mask=r_ok[:, None] & n_ok[None, :], other=0, eviction_policy=policy)
 
 
 @triton.jit
