@@ -38,12 +38,12 @@ def nibble_slot(k, BITS: tl.constexpr):
 def load_2d(ptr, r, r_ok, n, n_ok, stride, EVEN: tl.constexpr, STREAM: tl.constexpr = False):
     """ptr[r, n] (row stride `stride`), 0 outside the matrix unless the tile is whole (EVEN).
 
-    STREAM: data read once per decode step (a weight's words): L2 is told to evict it first, so the
-    weights streaming through do not push out what the next kernels read again (the step's
-    accumulators, the KV cache). On an H200, 1B w4 -0.6% at 128 positions and -1.0% at 8192, 8B
+    STREAM: data read once per decode step (the packed GEMV's words, the dense GEMV's weights): L2
+    is told to evict it first, so the weights streaming through do not push out what the next
+    kernels read again (the step's accumulators, the KV cache). On an H200, 1B w4 -0.6% at 128 positions and -1.0% at 8192, 8B
     equal (benchmarks/results/h200/ab_evict_first.log); the M = 1 GEMVs alone, over rotating
-    buffers, 2-7% faster (results/h200/decode.md against the run before it). The dense GEMV's
-    weights likewise: 8B w16 -0.5%, 1B w16 -0.3% (same log)."""
+    buffers, 2-7% faster (results/h200/decode.md against the tenth session's run). The dense GEMV's
+    weights: 8B w16 -0.5%, 1B w16 -0.3% (same log)."""
     ptrs = ptr + r[:, None] * stride + n[None, :]
     policy: tl.constexpr = "evict_first" if STREAM else ""
     if EVEN:
