@@ -14,7 +14,7 @@ VAR may also name a setting of the triton runner:
 - runner.deferred_norms (0/1: the layers' RMSNorms as launches, or deferred to the kernels after their GEMVs);
 - runner.carveout (the preferred shared-memory carveout, in percent, of every kernel compiled so far; -1: the
   driver's choice; list -1 first, so that the kernels are compiled before the others);
-or tile:KEY, a packed-fp16 entry of the tuned table as BLOCK_N,BLOCK_K,K_ITERS,WARPS (e.g.
+or tile:KEY, a packed-GEMV entry of the tuned table as BLOCK_N,BLOCK_K,K_ITERS,WARPS (e.g.
 tile:step/w4/m1/n4096/k4096 64,128,1,1).
 """
 import argparse
@@ -53,7 +53,7 @@ def _plain_step_ends(r, on: bool) -> None:
 
 def set_switch(r, var: str, value: str) -> None:
     if var.startswith("tile:"):  # a tuned-table entry, e.g. tile:step/w4/m1/n4096/k4096 64,128,1,1
-        tuning._table_for(torch.device("cuda"))[var[len("tile:"):]] = [*map(int, value.split(",")), "f16x2"]
+        tuning._table_for(torch.device("cuda"))[var[len("tile:"):]] = [*map(int, value.split(",")), "packed"]
         return
     if not var.startswith("runner."):
         os.environ[var] = value

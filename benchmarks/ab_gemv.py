@@ -22,16 +22,16 @@ from qruntime.kernels.tuning import splitk_config
 
 
 def candidates(bits: int, k: int, n: int, m: int = 1) -> list:
-    """The card's table entry and the one-warp packed-fp16 tiles around it (M = 1), or slot-kernel
+    """The card's table entry and the one-warp packed-GEMV tiles around it (M = 1), or slot-kernel
     tiles (M > 1)."""
     if m > 1:
         near = [(bn, 128, t, nw, path) for bn, t, nw in ((64, 4, 4), (128, 4, 8), (256, 1, 4), (256, 2, 4))
                 for path in SLOT_PATHS]
     else:
-        near = [(32, 128, t, 1, "f16x2") for t in (1, 2, 4)] + [(64, 128, t, 1, "f16x2") for t in (1, 2)]
-        near += [(128, 128, 1, 1, "f16x2"), (64, 256, 1, 1, "f16x2"), (128, 128, 1, 2, "f16x2")]
-        near += [(32, 128, 8, 1, "f16x2"), (64, 128, 4, 1, "f16x2"), (64, 128, 8, 1, "f16x2"), (128, 128, 2, 1, "f16x2"),
-                 (128, 128, 4, 1, "f16x2")]
+        near = [(32, 128, t, 1, "packed") for t in (1, 2, 4)] + [(64, 128, t, 1, "packed") for t in (1, 2)]
+        near += [(128, 128, 1, 1, "packed"), (64, 256, 1, 1, "packed"), (128, 128, 1, 2, "packed")]
+        near += [(32, 128, 8, 1, "packed"), (64, 128, 4, 1, "packed"), (64, 128, 8, 1, "packed"), (128, 128, 2, 1, "packed"),
+                 (128, 128, 4, 1, "packed")]
     return list(dict.fromkeys([tuple(splitk_config(bits, n, k, m, torch.device("cuda")))] + near))
 
 

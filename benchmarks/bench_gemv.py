@@ -30,7 +30,7 @@ SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (4096, 128256), (4096, 614
 
 
 def configs(m: int, bits: int, quick: bool = False, narrow: bool = False, slots: bool = False):
-    """(BLOCK_N, BLOCK_K, K_ITERS, num_warps, path) candidates. M = 1: the packed-fp16 path (it won
+    """(BLOCK_N, BLOCK_K, K_ITERS, num_warps, path) candidates. M = 1: the packed path (it won
     every shape of the earlier sweeps but the smallest int8 one, so the FMA path stays as one
     candidate in the full sweep): a program takes one K slice of BLOCK_K across K_ITERS column
     tiles of BLOCK_N (the next requested while the current is multiplied), kept to 16-64 words per
@@ -48,7 +48,7 @@ def configs(m: int, bits: int, quick: bool = False, narrow: bool = False, slots:
             words = bn * bk // epw // (32 * nw)
             fits = 8 <= words <= 32 if tiles > 1 else 16 <= words <= 64
             if fits and not (quick and tiles > 4) and not (narrow and (nw > 1 or bn > 64)):
-                found.append((bn, bk, tiles, nw, "f16x2"))
+                found.append((bn, bk, tiles, nw, "packed"))
         found += slot_configs(bits) if slots else []
         return found if quick else found + [(64, 64, 1, 2, False)]
     return slot_configs(bits) + [(64, 128, 1, 4, True), (128, 128, 1, 4, True), (64, 128, 2, 4, True), (64, 64, 2, 4, True)]
@@ -87,10 +87,10 @@ def main() -> None:
     for bits in args.bits:
         # correctness of every path on awkward sizes first
         w = torch.randn(777, 1000, device="cuda")
-        for group, sym, path, m, bk, iters in itertools.product((32, 128, -1), (True, False), [False, True, "f16x2", *SLOT_PATHS],
+        for group, sym, path, m, bk, iters in itertools.product((32, 128, -1), (True, False), [False, True, "packed", *SLOT_PATHS],
                                                                 (1, 16), (64, 128, 512), (2, 8)):
             slot = path in SLOT_PATHS
-            if m not in args.m or (m > 1 and path is not True and not slot) or (iters == 8 and path != "f16x2" and not slot):
+            if m not in args.m or (m > 1 and path is not True and not slot) or (iters == 8 and path != "packed" and not slot):
                 continue
             lin = quantize_rtn(w, bits, group, sym)
             x = torch.randn(m, 1000, device="cuda", dtype=torch.float16)

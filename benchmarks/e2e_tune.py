@@ -51,7 +51,7 @@ for (n, k), alternatives in candidates.items():
     for alt in alternatives:
         if time.time() - t0 > args.budget_s:
             break
-        table[key] = alt + ["f16x2"]
+        table[key] = alt + ["packed"]
         ms = measure()
         print(f"  {key} {alt}: {ms:.4f} ms/token (best so far {best:.4f} with {current})", flush=True)
         if ms < best * 0.997:  # a gain beyond run noise

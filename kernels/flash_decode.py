@@ -10,7 +10,7 @@ position), so the step has no RoPE launch; and when the q|k|v GEMV deferred the 
 RMSNorm (RopeInput.input_norm), they apply its scale to q, k and v first, so the step has no norm
 launch there. The decode step has no combine launch either: its
 o_proj GEMV merges the splits of its own K slice (flash_decode_splits, then
-kernels.gemv_f16x2.qmatmul_accumulate_attention; 8B w4 -6.6% per token at 384 positions, -13.6%
+kernels.gemv_packed.qmatmul_accumulate_attention; 8B w4 -6.6% per token at 384 positions, -13.6%
 at 8k on an H200), and zeroes the accumulators the combine would (`clear`). (Merging the splits
 in the last program to finish instead was measured slower: one program per KV head merges
 serially.) The chunk size is
@@ -46,7 +46,7 @@ class RopeInput:
     k_norm: torch.Tensor | None = None
     eps: float = 1e-6
     # the layer's input RMSNorm, when the q|k|v GEMV left its scale to this kernel
-    # (kernels.gemv_f16x2.qmatmul_accumulate_deferred_norm): q, k and v are scaled first, then
+    # (kernels.gemv_packed.qmatmul_accumulate_deferred_norm): q, k and v are scaled first, then
     # qkv_bias ([(H + 2 KV) * hd], any float dtype) is added when that GEMV left its bias out too
     input_norm: DeferredNorm | None = None
     qkv_bias: torch.Tensor | None = None
@@ -186,7 +186,7 @@ def merge_splits(o_ptr, lse_ptr, o_offs, lse_offs, ok, o_split_stride, lse_split
     inside one head: o_offs [NH, W] and lse_offs [NH] index split 0 (split s adds s times the
     strides), ok [NH] masks pieces; returns fp32 [NH, W]. Empty splits (lse -inf) weigh 0 and their
     o is not read. Used by the combine kernel and by the decode step's o_proj GEMV, which merges
-    the splits of its own K slice (kernels.gemv_f16x2).
+    the splits of its own K slice (kernels.gemv_packed).
 
     The non-empty splits are a prefix (a split is empty when its chunk starts past the sequence),
     and o is read only over that prefix, CHUNK splits at a time: at a few hundred positions one

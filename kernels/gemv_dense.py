@@ -1,17 +1,17 @@
 """Decode GEMV over a 16-bit weight (fp16 or bf16, [N, K] as stored): out (fp32) += x @ W.T for ONE
-activation row, split over K with fp32 atomics like the packed GEMVs (kernels.gemv_f16x2).
+activation row, split over K with fp32 atomics like the packed GEMVs (kernels.gemv_packed).
 
 Why a kernel of its own and not cuBLAS: the decode step is a chain of small launches, and a
 16-bit linear through torch costs three of them (x to the weight's dtype, the GEMV, the add into
 the accumulator), none of which requests its weights before the previous launch drains (PDL).
 This kernel accumulates into the step's fp32 buffers directly, requests its weight tile before it
 waits for its producer, and forms its own input as the packed GEMVs do (the `SOURCE`s of
-kernels.gemv_f16x2: the deferred RMSNorm's h * w, silu(gate) * up, flash-decoding's splits
+kernels.gemv_packed: the deferred RMSNorm's h * w, silu(gate) * up, flash-decoding's splits
 merged), so a 16-bit model's decode step has the launches of a quantized one.
 
 The products are fp32 (weight and activation converted, one FMA each): a 16-bit weight costs
 about one instruction a byte read (a conversion and an FMA per 2-byte weight), against over 4 for
-int4's packed-fp16 math, so plain fp32 arithmetic keeps up with the memory.
+the int4 GEMV's integer math, so plain fp32 arithmetic keeps up with the memory.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from ._common import load_2d
-from .gemv_f16x2 import (FROM_RESIDUAL, FROM_SPLITS, FROM_SWIGLU, FROM_X, check_gate_up, check_residual,
+from .gemv_packed import (FROM_RESIDUAL, FROM_SPLITS, FROM_SWIGLU, FROM_X, check_gate_up, check_residual,
                          check_splits, decode_gemv_input, decode_input_args, norm_weight_slice)
 from .pdl import pdl_launch, release_dependents, wait_for_producer
 from .rmsnorm import DeferredNorm
@@ -66,7 +66,7 @@ def _dense_gemv_kernel(
     CLEAR_CHUNK: tl.constexpr, NORM_SCALE: tl.constexpr,
 ):
     """Program (column tile, K slice): out[n] += sum_k W[n, k] x[k] over its tile, x formed from
-    SOURCE as in kernels.gemv_f16x2 (FROM_RESIDUAL: the programs of column tile 0 add their
+    SOURCE as in kernels.gemv_packed (FROM_RESIDUAL: the programs of column tile 0 add their
     slice's sum of h^2 to ss). The tile, and a deferred norm's weight, are requested before waiting
     for the previous kernel (PDL): no kernel of the step writes weights."""
     release_dependents(PDL)
@@ -114,7 +114,7 @@ def dense_accumulate(x: torch.Tensor, lin: DenseLinear, out: torch.Tensor,
 
 def dense_accumulate_swiglu(gate_up: torch.Tensor, lin: DenseLinear, out: torch.Tensor,
                             norm: DeferredNorm | None = None, tile: tuple[int, int, int] | None = None) -> torch.Tensor:
-    """kernels.gemv_f16x2.qmatmul_accumulate_swiglu for a 16-bit weight."""
+    """kernels.gemv_packed.qmatmul_accumulate_swiglu for a 16-bit weight."""
     check_gate_up("dense_accumulate_swiglu", gate_up, lin.in_features, norm)
     _launch_dense(gate_up, lin, out, source=FROM_SWIGLU, norm=norm, tile=tile)
     return out
@@ -122,7 +122,7 @@ def dense_accumulate_swiglu(gate_up: torch.Tensor, lin: DenseLinear, out: torch.
 
 def dense_accumulate_attention(splits: tuple[torch.Tensor, torch.Tensor], lin: DenseLinear, out: torch.Tensor,
                                clear: torch.Tensor | None = None, tile: tuple[int, int, int] | None = None) -> torch.Tensor:
-    """kernels.gemv_f16x2.qmatmul_accumulate_attention for a 16-bit weight."""
+    """kernels.gemv_packed.qmatmul_accumulate_attention for a 16-bit weight."""
     check_splits("dense_accumulate_attention", splits, lin.in_features, clear)
     _launch_dense(splits[0], lin, out, source=FROM_SPLITS, aux=splits[1], clear=clear, tile=tile)
     return out
@@ -131,7 +131,7 @@ def dense_accumulate_attention(splits: tuple[torch.Tensor, torch.Tensor], lin: D
 def dense_accumulate_deferred_norm(h: torch.Tensor, norm_weight: torch.Tensor, lin: DenseLinear, out: torch.Tensor,
                                    norm: DeferredNorm, bias_to_reader: bool = False,
                                    tile: tuple[int, int, int] | None = None) -> torch.Tensor:
-    """kernels.gemv_f16x2.qmatmul_accumulate_deferred_norm for a 16-bit weight (h * w in fp32)."""
+    """kernels.gemv_packed.qmatmul_accumulate_deferred_norm for a 16-bit weight (h * w in fp32)."""
     check_residual("dense_accumulate_deferred_norm", h, norm_weight, lin.in_features, norm, lin.bias, bias_to_reader)
     _launch_dense(h, lin, out, source=FROM_RESIDUAL, aux=norm_weight, norm=norm, add_bias=False, tile=tile)
     return out

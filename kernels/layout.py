@@ -49,7 +49,8 @@ class TritonLinear:
 
 
 # int4: within each block of 8 columns, columns 2i and 2i+1 go to nibbles i and i + 4, so that one
-# "& 0x000F000F" yields the fp16x2 pair (q_2i, q_2i+1) matching two adjacent fp16 activations.
+# "& 0x000F000F" yields the fp16x2 pair (q_2i, q_2i+1) matching two adjacent fp16 activations (the
+# slot kernel's unpacking; the packed GEMV's dp2a pairs come from one PRMT and two ANDs).
 _NIBBLE_SOURCE = torch.tensor([0, 2, 4, 6, 1, 3, 5, 7])
 
 

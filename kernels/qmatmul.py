@@ -2,7 +2,7 @@
 
 `_qmatmul_kernel` serves decode (M = 1..16, split over K, fp32 atomics into an accumulator the
 caller owns) and prefill (M large, whole K per program, stored with bias/residual in the epilogue).
-For one fp16 row the tuned config usually picks the faster packed-fp16 GEMV of kernels.gemv_f16x2
+For one fp16 row the tuned config usually picks the faster packed GEMV of kernels.gemv_packed (integer dot products)
 instead, and for 2-16 rows the slot kernel of kernels.slot_gemm (qmatmul_accumulate dispatches to
 them).
 
@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from ._common import group_contribution, int_to_float_exact, nibble_slot
-from .gemv_f16x2 import try_packed_fp16_gemv
+from .gemv_packed import try_packed_gemv
 from .slot_gemm import try_slot_gemm
 from .pdl import pdl_launch, release_dependents, wait_for_producer
 
@@ -134,10 +134,10 @@ def qmatmul_accumulate(x: torch.Tensor, lin, out: torch.Tensor,
     """out [M, N] (fp32) += x [M <= 16, K] @ W.T (+ bias), split over K with atomics; returns out.
 
     config = (BLOCK_N, BLOCK_K, K_ITERS, num_warps, path) with path False (fp32 FMA, M = 1), True
-    (tensor cores), "f16x2" (packed-fp16 GEMV, M = 1, fp16 x, K a multiple of 32 / bits, no
+    (tensor cores), "packed" (the packed GEMV, M = 1, fp16 x, K a multiple of 32 / bits, no
     act-order; otherwise the FMA path) or "slots" / "slots-unrolled" (kernels.slot_gemm: tensor
     cores, one dot per code slot, when a K slice of 16 word rows fits in a group; otherwise the
-    tensor-core path). K_ITERS: K tiles per program, or for "f16x2" and the slot paths the column
+    tensor-core path). K_ITERS: K tiles per program, or for "packed" and the slot paths the column
     tiles each program's K slice spans."""
     x2 = _check(x, lin)
     m, k = x2.shape
@@ -147,7 +147,7 @@ def qmatmul_accumulate(x: torch.Tensor, lin, out: torch.Tensor,
         raise ValueError(f"qmatmul_accumulate: out must be fp32 [{m}, {lin.out_features}], got {out.dtype} {tuple(out.shape)}")
     out2 = out.view(m, lin.out_features)
     bn, bk, iters, nw, use_dot = config or lin.splitk_config(m)
-    if try_packed_fp16_gemv(x2, lin, out2, (bn, bk, iters, nw, use_dot)):  # iters column tiles per program
+    if try_packed_gemv(x2, lin, out2, (bn, bk, iters, nw, use_dot)):  # iters column tiles per program
         return out
     if try_slot_gemm(x2, lin, out2, (bn, bk, iters, nw, use_dot)):  # likewise
         return out

@@ -42,7 +42,7 @@ def _rmsnorm_kernel(x_ptr, w_ptr, y_ptr, index_ptr, rows_ptr, D, stride_x, strid
 
 @dataclass(frozen=True)
 class DeferredNorm:
-    """An RMSNorm left to the consumer of the matmul that read its input (kernels.gemv_f16x2's
+    """An RMSNorm left to the consumer of the matmul that read its input (kernels.gemv_packed's
     qmatmul_accumulate_deferred_norm): that GEMV multiplies the row by the weight only and adds the
     row's sum of squares into `sum_squares` (fp32 [1], zero before); whoever reads its output
     multiplies by `deferred_rms_scale` = 1 / sqrt(sum_squares / dim + eps). The decode step
@@ -55,7 +55,7 @@ class DeferredNorm:
 @triton.jit
 def deferred_rms_scale(sum_squares_ptr, D, eps):
     """1 / sqrt(mean(x^2) + eps) of a row whose sum of squares the GEMV that read it added up
-    (kernels.gemv_f16x2.qmatmul_accumulate_deferred_norm): that GEMV multiplied x * w only, and the
+    (kernels.gemv_packed.qmatmul_accumulate_deferred_norm): that GEMV multiplied x * w only, and the
     kernel reading its output applies this scale (the norm is linear in it)."""
     return 1.0 / tl.sqrt(tl.load(sum_squares_ptr) / D + eps)
 

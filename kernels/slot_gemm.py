@@ -4,8 +4,8 @@
 Why a kernel of its own: the general kernel (kernels.qmatmul) unpacks a [BLOCK_K, BLOCK_N] tile by
 reading each word row once per code it holds and shifting every code separately, about 78
 instructions per int4 word in its sm_90 code; at M = 16 the tensor cores leave the unpacking as the
-whole cost. Here a word becomes its EPW codes as exact fp16 (code - center) by the bit tricks of
-kernels.gemv_f16x2 (10 instructions per int4 word, `_unpack_asm`; about 26 per word in all), and
+whole cost. Here a word becomes its EPW codes as exact fp16 (code - center) by bit tricks
+(10 instructions per int4 word, `_unpack_asm`; about 26 per word in all), and
 the K sum is split by code slot: slot j of word row r is column k = EPW r + j of x, so
 
     sum_k x[m, k] (q[k, n] - center) = sum_j  x[:, j::EPW] @ slot_j        (EPW dots of K = word rows)
@@ -28,8 +28,23 @@ import triton
 import triton.language as tl
 
 from ._common import INTERPRET, group_contribution, load_2d, nibble_slot
-from .gemv_f16x2 import INT4_CONSTANT_REGS, INT4_CONSTANTS, int4_to_centered
 from .pdl import pdl_launch, release_dependents, wait_for_producer
+
+# int4 codes -> exact fp16 (q - 8): LOP3 or-s a low nibble (lo4) or a high one (hi4) of each half
+# into the mantissa of 1024.0 (m), giving 1024 + q or 1024 + 16 q; minus 1032 (c), or times 1/16
+# (r16) minus 72 (k72), leaves q - 8. The constants live in registers (f16x2 arithmetic takes no
+# immediates); ptxas folds them.
+INT4_CONSTANT_REGS = "m, c, lo4, hi4, r16, k72"
+INT4_CONSTANTS = ["mov.b32 m, 0x64006400;", "mov.b32 c, 0x64086408;", "mov.b32 lo4, 0x000F000F;",
+                  "mov.b32 hi4, 0x00F000F0;", "mov.b32 r16, 0x2C002C00;", "mov.b32 k72, 0xD480D480;"]
+
+
+def int4_to_centered(dst: str, src: str, mask: str) -> tuple[str, str]:
+    """The two PTX lines that make fp16x2 dst (q - 8 of the nibbles `mask` selects in each half of
+    src: "lo4" or "hi4"): the LOP3, then the centering (callers may put other lines between)."""
+    center = f"sub.f16x2 {dst}, {dst}, c;" if mask == "lo4" else f"fma.rn.f16x2 {dst}, {dst}, r16, k72;"
+    return f"lop3.b32 {dst}, {src}, {mask}, m, 0xEA;", center
+
 
 MIN_ROWS = 16  # word rows per slice: the K of one tensor-core dot
 SLOT_PATHS = ("slots", "slots-unrolled")  # the tuned configs' names of this kernel (see _slot_gemm_kernel)

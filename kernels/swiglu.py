@@ -16,7 +16,7 @@ from .pdl import pdl_launch, release_dependents, wait_for_producer
 @triton.jit
 def silu_times(g, up):
     """silu(g) * up in fp32: the activation of the swiglu kernel and of the fused down_proj GEMV
-    (kernels.gemv_f16x2), written once so the two paths round alike."""
+    (kernels.gemv_packed), written once so the two paths round alike."""
     return g / (1.0 + tl.exp(-g)) * up
 
 

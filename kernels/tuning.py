@@ -77,6 +77,6 @@ def splitk_config(bits: int, n: int, k: int, m: int = 1, device: torch.device | 
         return tuple(hit)
     if m > 1:  # the slot kernel won all but the smallest M = 16 shapes measured (H200, benchmarks/results/h200/gemv_sweep_m16.json)
         return 128, 128, 4, 4, "slots"
-    # the packed-fp16 path won every measured shape but the smallest int8 one
+    # the packed path won every measured shape but the smallest int8 one
     # (benchmarks/results/gemv_sweep_w4.json, gemv_sweep_w8.json)
-    return (256, 128, 1, 2, "f16x2")
+    return (256, 128, 1, 2, "packed")

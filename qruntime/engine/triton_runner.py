@@ -4,7 +4,7 @@ buffers, with the whole decode step captured in one CUDA graph.
 Decode step (one token, all buffers static, positions and lengths in device memory):
 
     h (fp32 residual) = embed[token]                     (with layer 0's RMSNorm: kernels.rmsnorm.embed_rmsnorm)
-    per layer:  qkv += (h * w_in) @ Wqkv.T; ss += h.h    (kernels.gemv_f16x2 / gemv_dense, split-K atomics, fused q|k|v;
+    per layer:  qkv += (h * w_in) @ Wqkv.T; ss += h.h    (kernels.gemv_packed / gemv_dense, split-K atomics, fused q|k|v;
                                                           the RMSNorm deferred: below)
                 q, cache[pos] = rope(r qkv)              (in flash_decode: r = rsqrt(ss / D + eps), then
                                                           norm, rotate, int8-quantize)
@@ -46,7 +46,7 @@ from qruntime.kernels.gemv_dense import (DenseLinear, dense_accumulate, dense_ac
                                          dense_accumulate_deferred_norm, dense_accumulate_swiglu)
 from qruntime.kernels.layout import concat_out_features, prepare
 from qruntime.kernels.prefill_attention import prefill_attention
-from qruntime.kernels.gemv_f16x2 import (packed_fp16_serves, qmatmul_accumulate_attention, qmatmul_accumulate_deferred_norm,
+from qruntime.kernels.gemv_packed import (packed_gemv_serves, qmatmul_accumulate_attention, qmatmul_accumulate_deferred_norm,
                                          qmatmul_accumulate_swiglu)
 from qruntime.kernels.qmatmul import qmatmul, qmatmul_accumulate
 from qruntime.kernels.rmsnorm import DeferredNorm, embed_rmsnorm, rmsnorm
@@ -85,8 +85,8 @@ class RunnerLinear:
 
     def forms_own_input(self) -> bool:
         """Whether accumulate_swiglu, accumulate_attention and accumulate_deferred_norm serve this
-        linear (a packed-fp16 or a 16-bit decode GEMV)."""
-        return self.dense is not None or packed_fp16_serves(self.triton)
+        linear (a packed or a 16-bit decode GEMV)."""
+        return self.dense is not None or packed_gemv_serves(self.triton)
 
     def accumulate_deferred_norm(self, h: torch.Tensor, norm_weight: torch.Tensor, out: torch.Tensor,
                                  norm: DeferredNorm, bias_to_reader: bool = False) -> None:
@@ -259,8 +259,8 @@ class TritonRunner:
     def _allocate_decode_buffers(self) -> None:
         cfg, dev = self.cfg, self.device
         f32 = dict(device=dev, dtype=torch.float32)
-        # the matmul inputs are fp16 whatever the model dtype: the int4 GEMV multiplies packed fp16
-        # pairs, and the tensor-core paths convert to fp16 anyway
+        # the matmul inputs are fp16 whatever the model dtype: the packed GEMVs take fp16 rows, and
+        # the tensor-core paths convert to fp16 anyway
         # (an fp32 model keeps fp32 inputs: that mode exists to compare against the reference)
         act = dict(device=dev, dtype=torch.float32 if self.dtype == torch.float32 else torch.float16)
         qkv_width = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim

@@ -33,7 +33,7 @@ def test_triton_backend_matches_torch_backend(tiny_model_dir, variant, bits, kv)
 
 @pytest.mark.parametrize("variant,bits", [("llama", 4), ("qwen2", 8), ("qwen3", 4), ("qwen2", 16)])
 def test_fp16_decode_steps_match_torch_backend(tiny_model_dir, variant, bits):
-    """fp16 activations: the decode step takes the packed-fp16 GEMVs, or for 16-bit weights the
+    """fp16 activations: the decode step takes the packed GEMVs, or for 16-bit weights the
     dense ones (kernels.gemv_dense), which form their inputs the same way (the fp32 mode of the test
     above does not). Three eager decode steps, each checked against the fp32 torch backend on the
     same prefix: an accumulator (or a deferred norm's sum of squares) left non-zero would show from

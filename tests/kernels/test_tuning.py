@@ -28,7 +28,7 @@ def test_every_table_is_well_formed():
             assert kind in ("splitk", "step", "gemm") and bits in ("w4", "w8") and m[0] == "m" and n[0] == "n" and k[0] == "k"
             assert len(cfg) == 5 and all(isinstance(v, int) and v > 0 for v in cfg[:4]), (path, key)
             if kind in ("splitk", "step"):
-                assert cfg[4] in (False, True, "f16x2", "slots", "slots-unrolled"), (path, key)
+                assert cfg[4] in (False, True, "packed", "slots", "slots-unrolled"), (path, key)
 
 
 def test_each_card_reads_its_own_table(monkeypatch):
@@ -62,8 +62,8 @@ def test_unknown_card_warns_and_uses_the_fallback(monkeypatch):
 def test_decode_step_linears_take_the_step_entries(monkeypatch):
     """A linear of the decode step takes the table's "step/" entry when there is one, else the
     standalone "splitk/" entry, which every other caller takes."""
-    table = {"splitk/w4/m1/n64/k128": [32, 128, 2, 1, "f16x2"], "step/w4/m1/n64/k128": [64, 128, 1, 1, "f16x2"],
-             "splitk/w4/m1/n32/k128": [16, 64, 1, 1, "f16x2"]}
+    table = {"splitk/w4/m1/n64/k128": [32, 128, 2, 1, "packed"], "step/w4/m1/n64/k128": [64, 128, 1, 1, "packed"],
+             "splitk/w4/m1/n32/k128": [16, 64, 1, 1, "packed"]}
     monkeypatch.setattr(tuning, "_table_for", lambda device: table)
     alone = prepare(quantize_rtn(torch.randn(64, 128), 4, 32, False), torch.device("cpu"), torch.float16)
     in_step = prepare(quantize_rtn(torch.randn(64, 128), 4, 32, False), torch.device("cpu"), torch.float16)
