@@ -131,13 +131,19 @@ def _chain_products(w, x, BITS: tl.constexpr, CHAIN: tl.constexpr, EMULATE: tl.c
 
 
 @triton.jit
+def _max_keeping_nan(a, b):
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)  # tl.max would drop a NaN
+
+
+@triton.jit
 def _quantize_slice(xk, XQ_MAX: tl.constexpr):
     """The slice's activations xk [BLOCK_K] (fp32) as 16-bit integers (int16, |xq| <= XQ_MAX) and
-    their step: xk ~ xq * step, step = max |xk| / XQ_MAX (1 for an all-zero slice). int16, not
-    int32: Triton then regroups the narrow integers, where with int32 it moved the regrouping up
-    to the loaded fp16 x and quantized every value in every lane (64 conversions a lane, not 4)."""
-    xmax = tl.max(tl.abs(xk), axis=0)
-    safe_max = tl.where(xmax > 0, xmax, 1.0)
+    their step: xk ~ xq * step, step = max |xk| / XQ_MAX (1 for an all-zero slice; NaN or inf
+    when the slice holds one, so that the outputs show it as float math would). int16, not int32:
+    Triton then regroups the narrow integers, where with int32 it moved the regrouping up to the
+    loaded fp16 x and quantized every value in every lane (64 conversions a lane, not 4)."""
+    xmax = tl.reduce(tl.abs(xk), 0, _max_keeping_nan)
+    safe_max = tl.where(xmax == 0, 1.0, xmax)
     xq = tl.floor(xk * (XQ_MAX / safe_max) + 0.5).to(tl.int16)
     return xq, safe_max / XQ_MAX
 

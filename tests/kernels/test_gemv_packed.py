@@ -68,6 +68,20 @@ def test_packed_gemv_sums_are_exact(bits, zero_mode, group):
     assert_close(out, ref_linear(seen[None], lin), "fp32")
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's numpy, on purpose
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_packed_gemv_does_not_hide_a_non_finite_activation(bad):
+    """A NaN or inf activation must not vanish into the integer quantization: the outputs are not
+    finite, as with float math (every column reads the bad value's K slice)."""
+    lin = make_linear(24, 128, 4, 32, "int", seed=3)
+    t = prepare(lin, torch.device("cpu"), torch.float16)
+    x = torch.randn(1, 128, generator=torch.Generator().manual_seed(2)).half()
+    x[0, 70] = bad
+    out = torch.zeros(1, 24)
+    qmatmul_accumulate(x, t, out, config=(16, 32, 2, 4, "packed"))
+    assert not torch.isfinite(out).any()
+
+
 def _run_ptx(asm: str, operands: list[int]) -> int:
     """Executes the straight-line PTX _int_dot_asm writes (mov, prmt, and, dp2a.lo/hi, shr, add, on
     32-bit registers) with $1.. = operands; returns $0 as a signed int."""
