@@ -24,7 +24,7 @@ import triton.language as tl
 
 from ._common import load_2d
 from .gemv_packed import (FROM_RESIDUAL, FROM_SPLITS, FROM_SWIGLU, FROM_X, check_gate_up, check_residual,
-                         check_splits, decode_gemv_input, decode_input_args, norm_weight_slice)
+                          check_splits, decode_gemv_input, decode_input_args, norm_weight_slice)
 from .pdl import pdl_launch, release_dependents, wait_for_producer
 from .rmsnorm import DeferredNorm
 

@@ -2,9 +2,9 @@
 
 `_qmatmul_kernel` serves decode (M = 1..16, split over K, fp32 atomics into an accumulator the
 caller owns) and prefill (M large, whole K per program, stored with bias/residual in the epilogue).
-For one fp16 row the tuned config usually picks the faster packed GEMV of kernels.gemv_packed (integer dot products)
-instead, and for 2-16 rows the slot kernel of kernels.slot_gemm (qmatmul_accumulate dispatches to
-them).
+For one fp16 row the tuned config usually picks the faster packed GEMV of kernels.gemv_packed
+(integer dot products) instead, and for 2-16 rows the slot kernel of kernels.slot_gemm
+(qmatmul_accumulate dispatches to them).
 
 Layout read (`kernels.layout.prepare`): the packed format's int32 words transposed to
 [K / EPW, N] (EPW = 32 / bits codes per word, low bits first; N contiguous, so a thread's 16-byte

@@ -46,8 +46,8 @@ from qruntime.kernels.gemv_dense import (DenseLinear, dense_accumulate, dense_ac
                                          dense_accumulate_deferred_norm, dense_accumulate_swiglu)
 from qruntime.kernels.layout import concat_out_features, prepare
 from qruntime.kernels.prefill_attention import prefill_attention
-from qruntime.kernels.gemv_packed import (packed_gemv_serves, qmatmul_accumulate_attention, qmatmul_accumulate_deferred_norm,
-                                         qmatmul_accumulate_swiglu)
+from qruntime.kernels.gemv_packed import (packed_gemv_serves, qmatmul_accumulate_attention,
+                                          qmatmul_accumulate_deferred_norm, qmatmul_accumulate_swiglu)
 from qruntime.kernels.qmatmul import qmatmul, qmatmul_accumulate
 from qruntime.kernels.rmsnorm import DeferredNorm, embed_rmsnorm, rmsnorm
 from qruntime.kernels.rope import rope_qkv_to_cache
