@@ -1,7 +1,7 @@
 """kernels.gemv_packed (the packed decode GEMV, reached through qmatmul_accumulate's "packed" path,
 and the forms that make their own input) against kernels.reference.linear. In the interpreter the
 kernel takes its plain-Triton EMULATE branch; the PTX it runs on the GPU is executed here by a
-small model of its five instructions (test_int_dot_asm_computes_the_layouts_dot), and the kernel
+small model of its six instructions (test_int_dot_asm_computes_the_layouts_dot), and the kernel
 itself is checked on the GPU (benchmarks/bench_decode.py)."""
 
 import pytest
