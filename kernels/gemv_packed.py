@@ -258,9 +258,9 @@ def slice_activations(x_ptr, aux_ptr, k0, K, norm_scale, SOURCE: tl.constexpr, N
 @triton.jit
 def residual_slice(h_ptr, norm_w, ss_ptr, k0, K, BLOCK_K: tl.constexpr):
     """K slice [k0, k0 + BLOCK_K) of h * w, h the fp32 residual row and w the RMSNorm weight's
-    slice (norm_w, fp32, loaded by the caller), in fp32 (not rounded: the kernel rounds it to fp16
-    after its 2^-e scaling, so no value overflows); the programs of column tile 0 (one per K
-    slice) add the slice's sum of h^2 to ss."""
+    slice (norm_w, fp32, loaded by the caller), in fp32 and not rounded to fp16 (h * w can exceed
+    its range: this kernel makes integers of it from fp32, kernels.gemv_dense multiplies it in
+    fp32); the programs of column tile 0 (one per K slice) add the slice's sum of h^2 to ss."""
     k = k0 + tl.arange(0, BLOCK_K)
     h = tl.load(h_ptr + k, mask=k < K, other=0.0)
     if tl.program_id(0) == 0:
