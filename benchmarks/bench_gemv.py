@@ -22,6 +22,7 @@ from qruntime.kernels.layout import prepare
 from qruntime.kernels.qmatmul import qmatmul, qmatmul_accumulate
 from qruntime.kernels.tuning import splitk_config
 from qruntime.kernels.reference import linear as ref_linear
+from qruntime.kernels.frag_gemm import FRAG_PATH
 from qruntime.kernels.slot_gemm import SLOT_PATHS
 from qruntime.quantizers.rtn import quantize_rtn
 
@@ -35,10 +36,12 @@ def configs(m: int, bits: int, quick: bool = False, narrow: bool = False, slots:
     candidate in the full sweep): a program takes one K slice of BLOCK_K across K_ITERS column
     tiles of BLOCK_N (the next requested while the current is multiplied), kept to 16-64 words per
     thread for one tile, 8-32 when a second is in flight (more spills or caps occupancy, fewer
-    leaves too little work per load; --quick: at most 4 tiles). M > 1: tensor-core tiles of 16
-    words along K (each word read once, one dot per code slot: the group of 128 caps BLOCK_K),
-    K_ITERS tiles per program; and the slot kernel (kernels.slot_gemm), whose K_ITERS are column tiles.
-    --slots adds the slot kernel's tiles at M = 1 too."""
+    leaves too little work per load; --quick: at most 4 tiles). M > 1: the fragment kernel
+    (kernels.frag_gemm: BLOCK_K is its K slice, K_ITERS its pipeline stages); with --quick only
+    those, else also tensor-core tiles of 16 words along K (each word read once, one dot per code
+    slot: the group of 128 caps BLOCK_K), K_ITERS tiles per program, and the slot kernel
+    (kernels.slot_gemm), whose K_ITERS are column tiles. --slots adds the slot kernel's tiles at
+    M = 1 too."""
     if m == 1:
         epw = 32 // bits
         found = []
@@ -51,7 +54,16 @@ def configs(m: int, bits: int, quick: bool = False, narrow: bool = False, slots:
                 found.append((bn, bk, tiles, nw, "packed"))
         found += slot_configs(bits) if slots else []
         return found if quick else found + [(64, 64, 1, 2, False)]
-    return slot_configs(bits) + [(64, 128, 1, 4, True), (128, 128, 1, 4, True), (64, 128, 2, 4, True), (64, 64, 2, 4, True)]
+    if quick:
+        return frag_configs()
+    return frag_configs() + slot_configs(bits) + [(64, 128, 1, 4, True), (128, 128, 1, 4, True), (64, 128, 2, 4, True),
+                                                  (64, 64, 2, 4, True)]
+
+
+def frag_configs():
+    """The few-row fragment kernel (kernels.frag_gemm): 2 or 4 warps of one or two 32-column tiles,
+    K slices of 256-2048, no software pipeline (deeper ones measured 4-6 times slower)."""
+    return [(32 * nw * tiles, ks, 1, nw, FRAG_PATH) for nw in (2, 4) for tiles in (1, 2) for ks in (256, 512, 1024, 2048)]
 
 
 def slot_configs(bits: int):
@@ -74,7 +86,8 @@ def main() -> None:
     ap.add_argument("--m", type=int, nargs="+", default=[1, 16])
     ap.add_argument("--prefill", type=int, default=0, help="also sweep the prefill GEMM at this M")
     ap.add_argument("--shapes", default="all", help="'all' or 'issue' (the four shapes of the acceptance)")
-    ap.add_argument("--quick", action="store_true", help="M = 1: only the tiles that won the full sweeps")
+    ap.add_argument("--quick", action="store_true",
+                    help="M = 1: only the tiles that won the full sweeps; M = 16: only the fragment kernel's")
     ap.add_argument("--jobs", type=int, default=12, help="processes compiling the configs before the timing")
     ap.add_argument("--narrow", action="store_true",
                     help="M = 1: only one-warp tiles of at most 64 columns, against the card's current table entry")
@@ -87,15 +100,19 @@ def main() -> None:
     for bits in args.bits:
         # correctness of every path on awkward sizes first
         w = torch.randn(777, 1000, device="cuda")
-        for group, sym, path, m, bk, iters in itertools.product((32, 128, -1), (True, False), [False, True, "packed", *SLOT_PATHS],
+        paths = [False, True, "packed", *SLOT_PATHS, FRAG_PATH]
+        for group, sym, path, m, bk, iters in itertools.product((32, 128, -1), (True, False), paths,
                                                                 (1, 16), (64, 128, 512), (2, 8)):
             slot = path in SLOT_PATHS
-            if m not in args.m or (m > 1 and path is not True and not slot) or (iters == 8 and path != "packed" and not slot):
+            if m not in args.m or (m > 1 and path is not True and not slot and path != FRAG_PATH) \
+                    or (iters == 8 and path != "packed" and not slot):
                 continue
             lin = quantize_rtn(w, bits, group, sym)
             x = torch.randn(m, 1000, device="cuda", dtype=torch.float16)
             out = torch.zeros(m, 777, device="cuda")
-            qmatmul_accumulate(x, prepare(lin, torch.device("cuda"), torch.float16), out, config=(64, bk, iters, 4, path))
+            # the fragment kernel: BLOCK_N 32 or 64 columns a warp of 2, K slices of whole blocks of 128
+            cfg = (64 if bk == 64 else 128, max(bk, 256), 1, 2, path) if path == FRAG_PATH else (64, bk, iters, 4, path)
+            qmatmul_accumulate(x, prepare(lin, torch.device("cuda"), torch.float16), out, config=cfg)
             ref = ref_linear(x.float(), lin)
             err = ((out - ref).norm() / ref.norm()).item()
             print(f"# check w{bits} g{group} sym={sym} path={path} M={m} BLOCK_K={bk} K_ITERS={iters}: rel err {err:.1e}",

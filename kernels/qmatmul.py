@@ -3,8 +3,8 @@
 `_qmatmul_kernel` serves decode (M = 1..16, split over K, fp32 atomics into an accumulator the
 caller owns) and prefill (M large, whole K per program, stored with bias/residual in the epilogue).
 For one fp16 row the tuned config usually picks the faster packed GEMV of kernels.gemv_packed
-(integer dot products) instead, and for 2-16 rows the slot kernel of kernels.slot_gemm
-(qmatmul_accumulate dispatches to them).
+(integer dot products) instead, and for 2-16 rows the fragment kernel of kernels.frag_gemm or the
+slot kernel of kernels.slot_gemm (qmatmul_accumulate dispatches to them).
 
 Layout read (`kernels.layout.prepare`): the packed format's int32 words transposed to
 [K / EPW, N] (EPW = 32 / bits codes per word, low bits first; N contiguous, so a thread's 16-byte
@@ -30,9 +30,11 @@ import triton
 import triton.language as tl
 
 from ._common import group_contribution, int_to_float_exact, nibble_slot
+from .frag_gemm import FRAG_PATH, try_frag_gemm
 from .gemv_packed import try_packed_gemv
 from .slot_gemm import try_slot_gemm
 from .pdl import pdl_launch, release_dependents, wait_for_producer
+from .tuning import FEW_ROWS_FALLBACK
 
 
 @triton.jit
@@ -135,10 +137,12 @@ def qmatmul_accumulate(x: torch.Tensor, lin, out: torch.Tensor,
 
     config = (BLOCK_N, BLOCK_K, K_ITERS, num_warps, path) with path False (fp32 FMA, M = 1), True
     (tensor cores), "packed" (the packed GEMV, M = 1, fp16 x, K a multiple of 32 / bits, no
-    act-order; otherwise the FMA path) or "slots" / "slots-unrolled" (kernels.slot_gemm: tensor
+    act-order; otherwise the FMA path), "slots" / "slots-unrolled" (kernels.slot_gemm: tensor
     cores, one dot per code slot, when a K slice of 16 word rows fits in a group; otherwise the
-    tensor-core path). K_ITERS: K tiles per program, or for "packed" and the slot paths the column
-    tiles each program's K slice spans."""
+    tensor-core path) or "frags" (kernels.frag_gemm: the words as the MMAs' A fragments, integer or
+    symmetric zero points, no act-order; otherwise the slot kernel's default tiles). K_ITERS: K
+    tiles per program, or for "packed" and the slot paths the column tiles each program's K slice
+    spans; for "frags", BLOCK_K is the K slice and K_ITERS the pipeline stages."""
     x2 = _check(x, lin)
     m, k = x2.shape
     if m > 16:
@@ -150,6 +154,10 @@ def qmatmul_accumulate(x: torch.Tensor, lin, out: torch.Tensor,
     if try_packed_gemv(x2, lin, out2, (bn, bk, iters, nw, use_dot)):  # iters column tiles per program
         return out
     if try_slot_gemm(x2, lin, out2, (bn, bk, iters, nw, use_dot)):  # likewise
+        return out
+    if try_frag_gemm(x2, lin, out2, (bn, bk, iters, nw, use_dot)):  # bk: the K slice, iters: pipeline stages
+        return out
+    if use_dot == FRAG_PATH and try_slot_gemm(x2, lin, out2, FEW_ROWS_FALLBACK):
         return out
     use_dot = use_dot is True or m > 1
     bk = min(bk, lin.group_size_eff)  # a tile must stay inside one group

@@ -66,6 +66,11 @@ def gemm_config(bits: int, n: int, k: int, m: int, device: torch.device | None =
     return 128, 128, 64, 8, 3
 
 
+# the few-row decode kernels' fallback when a "frags" config's kernel cannot serve a linear (float
+# offsets, act-order, groups smaller than its chunk): the slot kernel's former default
+FEW_ROWS_FALLBACK = (128, 128, 4, 4, "slots")
+
+
 def splitk_config(bits: int, n: int, k: int, m: int = 1, device: torch.device | None = None,
                   in_decode_step: bool = False) -> tuple[int, int, int, int, bool | str]:
     """(BLOCK_N, BLOCK_K, K_ITERS, num_warps, path) for the split-K decode kernels
@@ -75,8 +80,8 @@ def splitk_config(bits: int, n: int, k: int, m: int = 1, device: torch.device | 
     hit = (in_decode_step and table.get(f"step/{shape}")) or table.get(f"splitk/{shape}")
     if hit:
         return tuple(hit)
-    if m > 1:  # the slot kernel won all but the smallest M = 16 shapes measured (H200, benchmarks/results/h200/gemv_sweep_m16.json)
-        return 128, 128, 4, 4, "slots"
+    if m > 1:  # the fragment kernel beat the slot kernel on every M = 16 shape measured (H200, gemv_sweep_m16_frags.json)
+        return 64, 1024, 1, 2, "frags"
     # the packed path won every measured shape but the smallest int8 one
     # (benchmarks/results/gemv_sweep_w4.json, gemv_sweep_w8.json)
     return (256, 128, 1, 2, "packed")

@@ -3,7 +3,10 @@
 import torch
 
 from qruntime.checkpoint import PackedLinear
+from qruntime.kernels.layout import prepare
+from qruntime.kernels.reference import linear as ref_linear
 from qruntime.quantizers.rtn import quantize_rtn
+from tolerances import assert_close
 
 
 def make_linear(n, k, bits, group, zero_mode, act_order=False, bias=True, seed=0) -> PackedLinear:
@@ -18,3 +21,16 @@ def make_linear(n, k, bits, group, zero_mode, act_order=False, bias=True, seed=0
         lin.perm = torch.randperm(k, generator=g).to(torch.int32)
     lin.validate("test")
     return lin
+
+
+def assert_accumulates_product(try_kernel, config, bits, zero_mode, case) -> None:
+    """try_kernel(x, prepared linear, out, config) (a few-row decode kernel's entry) runs on a random
+    case (M, N, K, group) and adds x @ W.T to what `out` held, to the tensor-core tolerance."""
+    m, n, k, group = case
+    lin = make_linear(n, k, bits, group, zero_mode, seed=n + m)
+    t = prepare(lin, torch.device("cpu"), torch.float16)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(5)).half()
+    start = torch.randn(m, n)  # accumulates onto what `out` holds
+    out = start.clone()
+    assert try_kernel(x, t, out, config)
+    assert_close(out - start, ref_linear(x.float(), lin), "fp16_dot")

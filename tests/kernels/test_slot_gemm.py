@@ -9,7 +9,7 @@ from qruntime.kernels.layout import prepare
 from qruntime.kernels.qmatmul import qmatmul_accumulate
 from qruntime.kernels.reference import linear as ref_linear
 from qruntime.kernels.slot_gemm import slot_rows, try_slot_gemm
-from packed_linears import make_linear
+from packed_linears import assert_accumulates_product, make_linear
 from tolerances import assert_close
 
 # (M, N, K, group): K slices of 16 word rows inside a group; N and K not multiples of the tiles
@@ -26,14 +26,7 @@ CASES = {
 @pytest.mark.parametrize("bits", [4, 8], ids=["int4", "int8"])
 def test_slot_gemm_matches_reference(bits, zero_mode, case):
     """One column tile per program, four awkward shapes (the unrolled path: see the next test)."""
-    m, n, k, group = case
-    lin = make_linear(n, k, bits, group, zero_mode, seed=n + m)
-    t = prepare(lin, torch.device("cpu"), torch.float16)
-    x = torch.randn(m, k, generator=torch.Generator().manual_seed(5)).half()
-    start = torch.randn(m, n)  # accumulates onto what `out` holds
-    out = start.clone()
-    assert try_slot_gemm(x, t, out, (16, 128, 1, 4, "slots"))
-    assert_close(out - start, ref_linear(x.float(), lin), "fp16_dot")
+    assert_accumulates_product(try_slot_gemm, (16, 128, 1, 4, "slots"), bits, zero_mode, case)
 
 
 @pytest.mark.parametrize("path", ["slots", "slots-unrolled"])

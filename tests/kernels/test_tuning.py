@@ -28,7 +28,9 @@ def test_every_table_is_well_formed():
             assert kind in ("splitk", "step", "gemm") and bits in ("w4", "w8") and m[0] == "m" and n[0] == "n" and k[0] == "k"
             assert len(cfg) == 5 and all(isinstance(v, int) and v > 0 for v in cfg[:4]), (path, key)
             if kind in ("splitk", "step"):
-                assert cfg[4] in (False, True, "packed", "slots", "slots-unrolled"), (path, key)
+                assert cfg[4] in (False, True, "packed", "slots", "slots-unrolled", "frags"), (path, key)
+            if cfg[4] == "frags":  # kernels.frag_gemm: one or two 32-column tiles a warp, K slices of whole blocks
+                assert cfg[0] in (32 * cfg[3], 64 * cfg[3]) and cfg[1] % 128 == 0 and m != "m1", (path, key)
 
 
 def test_each_card_reads_its_own_table(monkeypatch):
