@@ -47,9 +47,11 @@ the slot kernel's tuned tiles in the same process (benchmarks/results/h200/frag_
 gemv_sweep_m16_frags.log). What still holds it back is latency (Nsight Compute: warps stalled on
 their loads, 12 of 16 possible a SM; ncu_frag_w4_m16_4096x14336.txt): a block's loads need
 registers (its x fragments take twice its words' at two blocks of 8 rows), which caps a warp at
-one block in flight. Prefetching the next block into registers, loading the words past L1 and
-Triton's cp.async pipeline were measured slower or equal (dropped_variants.log, thirteenth
-session); two tiles a warp wins the largest int8 shapes only, so it is a tile option.
+one block in flight. Prefetching the next block into registers (two blocks an iteration, so that
+no register copy waits for a load) lost 3-5 points on int4 and gained 2-11 on int8, loading the
+words past L1 changed nothing, and Triton's cp.async pipeline was 4-6 times slower
+(dropped_variants.log, thirteenth session); two tiles a warp wins the largest int8 shapes only,
+so it is a tile option.
 """
 
 from __future__ import annotations
