@@ -119,8 +119,8 @@ def frag_asm(bits: int, m_blocks: int) -> str:
     return "{\n" + regs + "\n" + acc_regs + "\n" + "\n".join(lines) + "\n}"
 
 
-_ASM = {(bits, mb): tl.constexpr(frag_asm(bits, mb)) for bits in (4, 8) for mb in (1, 2)}
-_ASM_W4_M8, _ASM_W4_M16, _ASM_W8_M8, _ASM_W8_M16 = _ASM[4, 1], _ASM[4, 2], _ASM[8, 1], _ASM[8, 2]
+_ASM_W4_M8, _ASM_W4_M16 = tl.constexpr(frag_asm(4, 1)), tl.constexpr(frag_asm(4, 2))
+_ASM_W8_M8, _ASM_W8_M16 = tl.constexpr(frag_asm(8, 1)), tl.constexpr(frag_asm(8, 2))
 
 
 @triton.jit
@@ -154,19 +154,25 @@ def _fp32_pair(acc):
 
 
 @triton.jit
-def _emulated_sums(x_ptr, w_ptr, kb, rows_k, n, n_ok, z, row, M, stride_xm, stride_wk, BITS: tl.constexpr,
-                   BLOCK_K: tl.constexpr):
-    """The interpreter's block sums for x row `row` [T] of each lane: sum over the block's K of
-    x[row] (code - z) for the lane's 4 columns, what its C fragment holds after the block's MMAs."""
+def _emulated_codes(w_ptr, kb, rows_k, n, n_ok, z, stride_wk, BITS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The interpreter's codes minus zero points, (q - z) fp32 [T, 4, BLOCK_K], of the block at K
+    column kb for each lane's 4 columns n."""
     EPW: tl.constexpr = 32 // BITS
     k = kb + tl.arange(0, BLOCK_K)
-    k_ok = (k // EPW) < rows_k
     wk = tl.load(w_ptr + (k // EPW)[None, None, :] * stride_wk + n[:, :, None],
-                 mask=k_ok[None, None, :] & n_ok[:, :, None], other=0)                    # [T, 4, BK]
+                 mask=((k // EPW) < rows_k)[None, None, :] & n_ok[:, :, None], other=0)
     q = (wk >> (nibble_slot(k, BITS) * BITS)[None, None, :]) & ((1 << BITS) - 1)
-    xr = tl.load(x_ptr + row[:, None] * stride_xm + k[None, :], mask=(row < M)[:, None] & k_ok[None, :],
-                 other=0.0).to(tl.float32)                                                # [T, BK]
-    return tl.sum((q.to(tl.float32) - z[:, :, None]) * xr[:, None, :], axis=2)
+    return q.to(tl.float32) - z.to(tl.float32)[:, :, None]
+
+
+@triton.jit
+def _emulated_sums(qz, x_ptr, kb, rows_k, row, M, stride_xm, BITS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The interpreter's block sums for x row `row` [T] of each lane: sum over the block's K of
+    x[row] (q - z) for the lane's 4 columns, what its C fragment holds after the block's MMAs."""
+    k = kb + tl.arange(0, BLOCK_K)
+    xr = tl.load(x_ptr + row[:, None] * stride_xm + k[None, :],
+                 mask=(row < M)[:, None] & ((k // (32 // BITS)) < rows_k)[None, :], other=0.0).to(tl.float32)
+    return tl.sum(qz * xr[:, None, :], axis=2)
 
 
 @triton.jit
@@ -298,16 +304,12 @@ def _frag_gemm_kernel(
             for tile in tl.static_range(TILES):
                 n = ns[tile]
                 s, z = _scales(s_ptr, z_ptr, grp, n, n < N, stride_sg, BITS, ZERO_MODE, False)
-                zf = z.to(tl.float32)
+                qz = _emulated_codes(w_ptr, blk * BLOCK_K, rows_k, n, n < N, z, stride_wk, BITS, BLOCK_K)
                 t00, t01, t10, t11 = totals[tile]
-                t00 += s * _emulated_sums(x_ptr, w_ptr, blk * BLOCK_K, rows_k, n, n < N, zf, 2 * quad, M, stride_xm,
-                                          stride_wk, BITS, BLOCK_K)
-                t01 += s * _emulated_sums(x_ptr, w_ptr, blk * BLOCK_K, rows_k, n, n < N, zf, 2 * quad + 1, M,
-                                          stride_xm, stride_wk, BITS, BLOCK_K)
-                t10 += s * _emulated_sums(x_ptr, w_ptr, blk * BLOCK_K, rows_k, n, n < N, zf, 8 + 2 * quad, M,
-                                          stride_xm, stride_wk, BITS, BLOCK_K)
-                t11 += s * _emulated_sums(x_ptr, w_ptr, blk * BLOCK_K, rows_k, n, n < N, zf, 9 + 2 * quad, M,
-                                          stride_xm, stride_wk, BITS, BLOCK_K)
+                t00 += s * _emulated_sums(qz, x_ptr, blk * BLOCK_K, rows_k, 2 * quad, M, stride_xm, BITS, BLOCK_K)
+                t01 += s * _emulated_sums(qz, x_ptr, blk * BLOCK_K, rows_k, 2 * quad + 1, M, stride_xm, BITS, BLOCK_K)
+                t10 += s * _emulated_sums(qz, x_ptr, blk * BLOCK_K, rows_k, 8 + 2 * quad, M, stride_xm, BITS, BLOCK_K)
+                t11 += s * _emulated_sums(qz, x_ptr, blk * BLOCK_K, rows_k, 9 + 2 * quad, M, stride_xm, BITS, BLOCK_K)
                 new += ((t00, t01, t10, t11),)
             totals = new
     else:
