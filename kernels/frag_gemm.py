@@ -119,8 +119,19 @@ def frag_asm(bits: int, m_blocks: int) -> str:
     return "{\n" + regs + "\n" + acc_regs + "\n" + "\n".join(lines) + "\n}"
 
 
+def frag_constraints(bits: int, m_blocks: int) -> str:
+    """The inline-asm constraints of frag_asm(bits, m_blocks), in its operand order: the accumulators
+    out (64-bit), the words, x (int4: 64-bit units, int8: 32-bit), clo, chi (int4 only), the
+    accumulators in; 4 operands each (pack = 4)."""
+    x = "l" if bits == 4 else "r"
+    groups = ["=l"] * m_blocks + ["r", x, "r"] + (["r"] if bits == 4 else []) + ["l"] * m_blocks
+    return ",".join(c for c in groups for _ in range(4))
+
+
 _ASM_W4_M8, _ASM_W4_M16 = tl.constexpr(frag_asm(4, 1)), tl.constexpr(frag_asm(4, 2))
 _ASM_W8_M8, _ASM_W8_M16 = tl.constexpr(frag_asm(8, 1)), tl.constexpr(frag_asm(8, 2))
+_CON_W4_M8, _CON_W4_M16 = tl.constexpr(frag_constraints(4, 1)), tl.constexpr(frag_constraints(4, 2))
+_CON_W8_M8, _CON_W8_M16 = tl.constexpr(frag_constraints(8, 1)), tl.constexpr(frag_constraints(8, 2))
 
 
 @triton.jit
@@ -128,20 +139,18 @@ def _chunk_mma(acc0, acc1, words, xf, clo, chi, BITS: tl.constexpr, M_BLOCKS: tl
     """One chunk's MMAs (frag_asm) on the lanes' fragments; acc0, acc1 int64 [T, 4] (fp32 pairs)."""
     if BITS == 4:
         if M_BLOCKS == 1:
-            acc0 = tl.inline_asm_elementwise(_ASM_W4_M8, "=l," * 4 + "r," * 4 + "l," * 4 + "r," * 8 + "l,l,l,l",
-                                             [words, xf, clo, chi, acc0], dtype=tl.int64, is_pure=True, pack=4)
+            acc0 = tl.inline_asm_elementwise(_ASM_W4_M8, _CON_W4_M8, [words, xf, clo, chi, acc0], dtype=tl.int64,
+                                             is_pure=True, pack=4)
         else:
-            acc0, acc1 = tl.inline_asm_elementwise(
-                _ASM_W4_M16, "=l," * 8 + "r," * 4 + "l," * 4 + "r," * 8 + "l," * 7 + "l",
-                [words, xf, clo, chi, acc0, acc1], dtype=(tl.int64, tl.int64), is_pure=True, pack=4)
+            acc0, acc1 = tl.inline_asm_elementwise(_ASM_W4_M16, _CON_W4_M16, [words, xf, clo, chi, acc0, acc1],
+                                                   dtype=(tl.int64, tl.int64), is_pure=True, pack=4)
     else:
         if M_BLOCKS == 1:
-            acc0 = tl.inline_asm_elementwise(_ASM_W8_M8, "=l," * 4 + "r," * 12 + "l,l,l,l",
-                                             [words, xf, clo, acc0], dtype=tl.int64, is_pure=True, pack=4)
+            acc0 = tl.inline_asm_elementwise(_ASM_W8_M8, _CON_W8_M8, [words, xf, clo, acc0], dtype=tl.int64,
+                                             is_pure=True, pack=4)
         else:
-            acc0, acc1 = tl.inline_asm_elementwise(_ASM_W8_M16, "=l," * 8 + "r," * 12 + "l," * 7 + "l",
-                                                   [words, xf, clo, acc0, acc1], dtype=(tl.int64, tl.int64),
-                                                   is_pure=True, pack=4)
+            acc0, acc1 = tl.inline_asm_elementwise(_ASM_W8_M16, _CON_W8_M16, [words, xf, clo, acc0, acc1],
+                                                   dtype=(tl.int64, tl.int64), is_pure=True, pack=4)
     return acc0, acc1
 
 
@@ -233,8 +242,11 @@ def _block_update(totals, loads, BITS: tl.constexpr, TILES: tl.constexpr, CHUNKS
     new = ()
     for tile in tl.static_range(TILES):
         s, z = scales[tile]
-        lo = (z | 0x6400) | ((z | 0x6400) << 16)               # fp16x2 1024 + z
-        hi = (0xD400 | (z << 4)) | ((0xD400 | (z << 4)) << 16)  # fp16x2 -(64 + z) (int4, z < 16)
+        lo = (z | 0x6400) | ((z | 0x6400) << 16)                   # fp16x2 1024 + z
+        if BITS == 4:
+            hi = (0xD400 | (z << 4)) | ((0xD400 | (z << 4)) << 16)  # fp16x2 -(64 + z) (z < 16)
+        else:
+            hi = lo  # int8 has no second constant (frag_asm takes none)
         acc0 = tl.zeros(z.shape, dtype=tl.int64)
         acc1 = tl.zeros(z.shape, dtype=tl.int64)
         for ch in tl.static_range(CHUNKS):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from qruntime.kernels.frag_gemm import frag_asm, frag_block_k, try_frag_gemm
+from qruntime.kernels.frag_gemm import frag_asm, frag_block_k, frag_constraints, try_frag_gemm
 from qruntime.kernels.layout import prepare
 from qruntime.kernels.qmatmul import qmatmul_accumulate
 from qruntime.kernels.reference import linear as ref_linear
@@ -223,3 +223,21 @@ def test_frag_asm_computes_the_lane_layouts_product(bits, m_blocks):
                 got = out[lane][4 * b + i]
                 for p, half in enumerate((got & 0xFFFFFFFF, got >> 32)):
                     assert _f32(half) == pytest.approx(float(want[8 * b + 2 * q + p, 4 * gid + i]), rel=1e-5, abs=1e-4)
+
+
+@pytest.mark.parametrize("m_blocks", [1, 2])
+@pytest.mark.parametrize("bits", [4, 8], ids=["int4", "int8"])
+def test_frag_constraints_cover_the_asm_operands(bits, m_blocks):
+    """The constraint string the kernel passes with frag_asm names every operand the PTX uses, the
+    64-bit ones as "l", and no more: its accumulators out first, 4 a block of 8 rows. (With one
+    block, x[g + 8]'s two operands are passed and not read.)"""
+    import re
+    asm, cons = frag_asm(bits, m_blocks), frag_constraints(bits, m_blocks).split(",")
+    used = {int(i) for i in re.findall(r"\$(\d+)", asm)}
+    x = 4 * m_blocks + 4
+    assert max(used) == len(cons) - 1
+    assert set(range(len(cons))) - used == (set() if m_blocks == 2 else {x + 2, x + 3})
+    assert [c for c in cons if c.startswith("=")] == ["=l"] * (4 * m_blocks)
+    wide = {int(i) for i in re.findall(r"mov\.b64 \{[^}]*\}, \$(\d+)", asm)}  # 64-bit operands split in two
+    wide |= {int(i) for i in re.findall(r"mov\.b64 \$(\d+), \{", asm)}
+    assert wide == {i for i, c in enumerate(cons) if c.endswith("l") and i in used}
