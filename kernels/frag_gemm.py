@@ -51,7 +51,9 @@ one block in flight. Prefetching the next block into registers (two blocks an it
 no register copy waits for a load) lost 3-5 points on int4 and gained 2-11 on int8, loading the
 words past L1 changed nothing, and Triton's cp.async pipeline was 4-6 times slower
 (dropped_variants.log, thirteenth session); two tiles a warp wins the largest int8 shapes only,
-so it is a tile option.
+so it is a tile option. Staging the blocks through shared memory by hand-written cp.async (each
+lane its own pieces, several blocks in flight without registers) was slower still, by a third to a
+half, with x staged or not (fourteenth session, ab_frag_cp_async.log).
 """
 
 from __future__ import annotations
