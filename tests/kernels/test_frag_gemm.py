@@ -5,6 +5,8 @@ is executed here by a model of a warp (its mov, lop3, prmt, shr, f16x2 and mma.s
 instructions, the MMA's fragments as the PTX ISA lays them out) on the words and x each lane
 loads, and checked against the layout's product."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -231,7 +233,6 @@ def test_frag_constraints_cover_the_asm_operands(bits, m_blocks):
     """The constraint string the kernel passes with frag_asm names every operand the PTX uses, the
     64-bit ones as "l", and no more: its accumulators out first, 4 a block of 8 rows. (With one
     block, x[g + 8]'s two operands are passed and not read.)"""
-    import re
     asm, cons = frag_asm(bits, m_blocks), frag_constraints(bits, m_blocks).split(",")
     used = {int(i) for i in re.findall(r"\$(\d+)", asm)}
     x = 4 * m_blocks + 4
