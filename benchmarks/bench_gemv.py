@@ -37,7 +37,7 @@ def configs(m: int, bits: int, quick: bool = False, narrow: bool = False, slots:
     tiles of BLOCK_N (the next requested while the current is multiplied), kept to 16-64 words per
     thread for one tile, 8-32 when a second is in flight (more spills or caps occupancy, fewer
     leaves too little work per load; --quick: at most 4 tiles). M > 1: the fragment kernel
-    (kernels.frag_gemm: BLOCK_K is its K slice, K_ITERS its pipeline stages); with --quick only
+    (kernels.frag_gemm: BLOCK_K is its K slice, K_ITERS its blocks loaded together); with --quick only
     those, else also tensor-core tiles of 16 words along K (each word read once, one dot per code
     slot: the group of 128 caps BLOCK_K), K_ITERS tiles per program, and the slot kernel
     (kernels.slot_gemm), whose K_ITERS are column tiles. --slots adds the slot kernel's tiles at
@@ -62,8 +62,10 @@ def configs(m: int, bits: int, quick: bool = False, narrow: bool = False, slots:
 
 def frag_configs():
     """The few-row fragment kernel (kernels.frag_gemm): 2 or 4 warps of one or two 32-column tiles,
-    K slices of 256-2048, no software pipeline (deeper ones measured 4-6 times slower)."""
-    return [(32 * nw * tiles, ks, 1, nw, FRAG_PATH) for nw in (2, 4) for tiles in (1, 2) for ks in (256, 512, 1024, 2048)]
+    K slices of 256-2048, the loads of one or two blocks of 128 columns of K requested together
+    (four lost on every shape, ab_frag_super.log)."""
+    return [(32 * nw * tiles, ks, sup, nw, FRAG_PATH) for nw in (2, 4) for tiles in (1, 2) for ks in (256, 512, 1024, 2048)
+            for sup in (1, 2)]
 
 
 def slot_configs(bits: int):
@@ -110,8 +112,10 @@ def main() -> None:
             lin = quantize_rtn(w, bits, group, sym)
             x = torch.randn(m, 1000, device="cuda", dtype=torch.float16)
             out = torch.zeros(m, 777, device="cuda")
-            # the fragment kernel: BLOCK_N 32 or 64 columns a warp of 2, K slices of whole blocks of 128
-            cfg = (64 if bk == 64 else 128, max(bk, 256), 1, 2, path) if path == FRAG_PATH else (64, bk, iters, 4, path)
+            # the fragment kernel: BLOCK_N 32 or 64 columns a warp of 2, K slices of whole blocks of 128,
+            # one block or two loaded together
+            cfg = (64 if bk == 64 else 128, max(bk, 256), 1 if bk == 64 else 2, 2, path) if path == FRAG_PATH \
+                else (64, bk, iters, 4, path)
             qmatmul_accumulate(x, prepare(lin, torch.device("cuda"), torch.float16), out, config=cfg)
             ref = ref_linear(x.float(), lin)
             err = ((out - ref).norm() / ref.norm()).item()

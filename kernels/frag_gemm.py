@@ -54,6 +54,14 @@ words past L1 changed nothing, and Triton's cp.async pipeline was 4-6 times slow
 so it is a tile option. Staging the blocks through shared memory by hand-written cp.async (each
 lane its own pieces, several blocks in flight without registers) was slower still, by a third to a
 half, with x staged or not (fourteenth session, ab_frag_cp_async.log).
+
+SUPER (config field 3): the slice is walked SUPER blocks at a time, all their loads requested
+before the first block's MMAs, and ptxas is given 232 registers instead of 168 to keep them in
+flight. At SUPER = 2 the int8 shapes gain 4-10 points of the read bandwidth (H200, one process:
+47.5 / 61.1 / 60.9 / 82.9% -> 52.6 / 70.9 / 70.4 / 87.0% on the issue's four shapes); int4 gains
+only on the smaller shapes (4096 x 4096 39.6 -> 42.2%) and loses 2-5 on the others. SUPER = 4
+lost everywhere, and so did forcing every load of a super-block ahead of its first MMA
+(benchmarks/results/h200/ab_frag_super.log). The tuned table picks SUPER per shape.
 """
 
 from __future__ import annotations
@@ -72,6 +80,10 @@ BLOCK_K_MAX = 128    # columns of K between two scale multiplies (a group, or pa
 # its MMAs: four dependent memory round trips a block. Given room (about 128 used), it issues the
 # whole block's loads first, as the program orders them (sm_90 code of triton 3.6).
 MAX_REGISTERS = 168
+# With two blocks' loads requested together (SUPER = 2), ptxas needs more room to keep the second
+# block's requests ahead of the first one's MMAs: int8 M = 16 gained 2-7 points of the read
+# bandwidth at 232 registers over 168, int4 stayed equal (benchmarks/results/h200/ab_frag_super.log).
+MAX_REGISTERS_SUPER = 232
 _MMA = "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32"
 
 
@@ -203,13 +215,20 @@ def _scales(s_ptr, z_ptr, grp, n, n_ok, stride_sg, BITS: tl.constexpr, ZERO_MODE
 
 
 @triton.jit
-def _block_loads(blk, w_lanes, ns, x_units, x_ok, quad, s_ptr, z_ptr, rows_k, N, stride_wk, stride_sg,
+def _block_group(blk, last_grp, GROUP_BLOCKS: tl.constexpr):
+    """The group of block blk. A super-block may run past K in a partial last slice: those blocks
+    read the last group's scales (and zero words and x, so they add nothing)."""
+    return 0 if GROUP_BLOCKS == 0 else tl.minimum(blk // GROUP_BLOCKS, last_grp)
+
+
+@triton.jit
+def _block_loads(blk, last_grp, w_lanes, ns, x_units, x_ok, quad, s_ptr, z_ptr, rows_k, N, stride_wk, stride_sg,
                  BITS: tl.constexpr, ZERO_MODE: tl.constexpr, TILES: tl.constexpr, CHUNKS: tl.constexpr,
                  GROUP_BLOCKS: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, FULL_M: tl.constexpr):
-    """Everything block blk reads, requested together: per tile its chunks' words, scales and zero
-    points; per chunk the lanes' x fragments (shared by the tiles)."""
+    """Everything block blk reads: per tile its chunks' words, scales and zero points; per chunk the
+    lanes' x fragments (shared by the tiles)."""
     ROWS: tl.constexpr = CHUNKS * 4  # word rows a block
-    grp = 0 if GROUP_BLOCKS == 0 else blk // GROUP_BLOCKS
+    grp = _block_group(blk, last_grp, GROUP_BLOCKS)
     words = ()
     scales = ()
     for tile in tl.static_range(TILES):
@@ -266,20 +285,40 @@ def _block_update(totals, loads, BITS: tl.constexpr, TILES: tl.constexpr, CHUNKS
 
 
 @triton.jit
+def _emulated_block_update(totals, blk, last_grp, ns, quad, x_ptr, w_ptr, s_ptr, z_ptr, rows_k, M, N, stride_xm,
+                           stride_wk, stride_sg, BITS: tl.constexpr, ZERO_MODE: tl.constexpr, TILES: tl.constexpr,
+                           BLOCK_K: tl.constexpr, GROUP_BLOCKS: tl.constexpr):
+    """_block_update's sums for the interpreter, from plain loads (no inline PTX there)."""
+    grp = _block_group(blk, last_grp, GROUP_BLOCKS)
+    new = ()
+    for tile in tl.static_range(TILES):
+        n = ns[tile]
+        s, z = _scales(s_ptr, z_ptr, grp, n, n < N, stride_sg, BITS, ZERO_MODE, False)
+        qz = _emulated_codes(w_ptr, blk * BLOCK_K, rows_k, n, n < N, z, stride_wk, BITS, BLOCK_K)
+        t00, t01, t10, t11 = totals[tile]
+        t00 += s * _emulated_sums(qz, x_ptr, blk * BLOCK_K, rows_k, 2 * quad, M, stride_xm, BITS, BLOCK_K)
+        t01 += s * _emulated_sums(qz, x_ptr, blk * BLOCK_K, rows_k, 2 * quad + 1, M, stride_xm, BITS, BLOCK_K)
+        t10 += s * _emulated_sums(qz, x_ptr, blk * BLOCK_K, rows_k, 8 + 2 * quad, M, stride_xm, BITS, BLOCK_K)
+        t11 += s * _emulated_sums(qz, x_ptr, blk * BLOCK_K, rows_k, 9 + 2 * quad, M, stride_xm, BITS, BLOCK_K)
+        new += ((t00, t01, t10, t11),)
+    return new
+
+
+@triton.jit
 def _frag_gemm_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr,
     M, N, K, stride_xm, stride_wk, stride_sg, stride_om,
     BITS: tl.constexpr, ZERO_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, EMULATE: tl.constexpr, PDL: tl.constexpr,
     WARPS: tl.constexpr, TILES: tl.constexpr, K_SLICE: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_BLOCKS: tl.constexpr, M_BLOCKS: tl.constexpr, STAGES: tl.constexpr, EVEN_N: tl.constexpr,
+    GROUP_BLOCKS: tl.constexpr, M_BLOCKS: tl.constexpr, SUPER: tl.constexpr, EVEN_N: tl.constexpr,
     EVEN_K: tl.constexpr, FULL_M: tl.constexpr,
 ):
     """out [M, N] += x [M, K] @ W.T for M <= 16 (M_BLOCKS blocks of 8 rows): program (TILES tiles of
     32 columns a warp, K slice of K_SLICE), scale multiplies every BLOCK_K columns of K
     (GROUP_BLOCKS such blocks a group; 0: one group, per-channel), fp32 atomics at the end.
     EVEN_N, EVEN_K: no partial column tile, no partial K slice; FULL_M: M = 8 M_BLOCKS (no masks
-    there). STAGES: Triton's software pipeline over the blocks (1: none; the loads of one block
-    are already in flight together, and deeper pipelines measured 4-6 times slower)."""
+    there). SUPER: blocks whose loads are requested together, before the first of them is
+    multiplied (it divides the slice's blocks)."""
     EPW: tl.constexpr = 32 // BITS
     T: tl.constexpr = 32 * WARPS
     CHUNKS: tl.constexpr = BLOCK_K // (4 * EPW)
@@ -292,6 +331,7 @@ def _frag_gemm_kernel(
     rows_k = K // EPW
     b_lo = tl.program_id(1) * (K_SLICE // BLOCK_K)
     b_hi = tl.minimum(tl.cdiv(K, BLOCK_K), b_lo + K_SLICE // BLOCK_K)
+    last_grp = 0 if GROUP_BLOCKS == 0 else (tl.cdiv(K, BLOCK_K) - 1) // GROUP_BLOCKS
     # x in 64-bit (int4: 4 fp16) or 32-bit (int8: 2 fp16) units: element e of lane (g, c) is unit
     # 2 r + e % 2 of x row g + 8 (e // 2), r its word row (two units: its 8 or 4 columns)
     e = tl.arange(0, 4)[None, :]
@@ -311,26 +351,20 @@ def _frag_gemm_kernel(
         zero = tl.zeros([T, 4], dtype=tl.float32)
         totals += ((zero, zero, zero, zero),)
     wait_for_producer(PDL)  # x is the previous kernel's output
-    if EMULATE:
-        for blk in tl.range(b_lo, b_hi):
-            grp = 0 if GROUP_BLOCKS == 0 else blk // GROUP_BLOCKS
-            new = ()
-            for tile in tl.static_range(TILES):
-                n = ns[tile]
-                s, z = _scales(s_ptr, z_ptr, grp, n, n < N, stride_sg, BITS, ZERO_MODE, False)
-                qz = _emulated_codes(w_ptr, blk * BLOCK_K, rows_k, n, n < N, z, stride_wk, BITS, BLOCK_K)
-                t00, t01, t10, t11 = totals[tile]
-                t00 += s * _emulated_sums(qz, x_ptr, blk * BLOCK_K, rows_k, 2 * quad, M, stride_xm, BITS, BLOCK_K)
-                t01 += s * _emulated_sums(qz, x_ptr, blk * BLOCK_K, rows_k, 2 * quad + 1, M, stride_xm, BITS, BLOCK_K)
-                t10 += s * _emulated_sums(qz, x_ptr, blk * BLOCK_K, rows_k, 8 + 2 * quad, M, stride_xm, BITS, BLOCK_K)
-                t11 += s * _emulated_sums(qz, x_ptr, blk * BLOCK_K, rows_k, 9 + 2 * quad, M, stride_xm, BITS, BLOCK_K)
-                new += ((t00, t01, t10, t11),)
-            totals = new
-    else:
-        for blk in tl.range(b_lo, b_hi, num_stages=STAGES):
-            loads = _block_loads(blk, w_lanes, ns, x_units, x_ok, quad, s_ptr, z_ptr, rows_k, N, stride_wk, stride_sg,
-                                 BITS, ZERO_MODE, TILES, CHUNKS, GROUP_BLOCKS, EVEN_N, EVEN_K, FULL_M)
-            totals = _block_update(totals, loads, BITS, TILES, CHUNKS, M_BLOCKS)
+    for sb in tl.range(b_lo, b_hi, SUPER, num_stages=1):  # Triton's own pipeline measured 4-6 times slower
+        if EMULATE:
+            for i in tl.static_range(SUPER):
+                totals = _emulated_block_update(totals, sb + i, last_grp, ns, quad, x_ptr, w_ptr, s_ptr, z_ptr, rows_k,
+                                                M, N, stride_xm, stride_wk, stride_sg, BITS, ZERO_MODE, TILES, BLOCK_K,
+                                                GROUP_BLOCKS)
+        else:
+            loads = ()
+            for i in tl.static_range(SUPER):
+                loads += (_block_loads(sb + i, last_grp, w_lanes, ns, x_units, x_ok, quad, s_ptr, z_ptr, rows_k, N,
+                                       stride_wk, stride_sg, BITS, ZERO_MODE, TILES, CHUNKS, GROUP_BLOCKS, EVEN_N,
+                                       EVEN_K, FULL_M),)
+            for i in tl.static_range(SUPER):
+                totals = _block_update(totals, loads[i], BITS, TILES, CHUNKS, M_BLOCKS)
     for tile in tl.static_range(TILES):
         n = ns[tile]
         n_ok = n < N
@@ -366,13 +400,14 @@ def frag_block_k(lin) -> int | None:
 
 
 def try_frag_gemm(x2: torch.Tensor, lin, out2: torch.Tensor, config: tuple) -> bool:
-    """Runs out2 [M, N] += x2 @ W.T with this kernel when `config` (BLOCK_N, K slice, pipeline stages,
-    num_warps, path) selects it (path "frags"; BLOCK_N = 32 num_warps, or 64 num_warps for two
-    column tiles a warp) and it applies: 1..16 rows, integer or symmetric zero points, no
-    act-order, K a multiple of the codes per word, groups of whole chunks (int4: 32 columns of K,
-    int8: 16); returns whether it ran. x is read as fp16 (bf16 is converted first, as the slot
-    kernel does) from rows aligned for its 8- and 16-byte loads (copied when they are not)."""
-    bn, k_slice, stages, nw, path = config
+    """Runs out2 [M, N] += x2 @ W.T with this kernel when `config` (BLOCK_N, K slice, SUPER blocks
+    requested together, num_warps, path) selects it (path "frags"; BLOCK_N = 32 num_warps, or 64
+    num_warps for two column tiles a warp; SUPER dividing the slice's blocks) and it applies: 1..16
+    rows, integer or symmetric zero points, no act-order, K a multiple of the codes per word, groups
+    of whole chunks (int4: 32 columns of K, int8: 16); returns whether it ran. x is read as fp16
+    (bf16 is converted first, as the slot kernel does) from rows aligned for its 8- and 16-byte
+    loads (copied when they are not)."""
+    bn, k_slice, sup, nw, path = config
     m, k = x2.shape
     tiles = bn // (32 * nw)
     if path != FRAG_PATH or not 1 <= m <= 16 or lin.zero_mode_id == 2 or lin.perm is not None:
@@ -380,6 +415,8 @@ def try_frag_gemm(x2: torch.Tensor, lin, out2: torch.Tensor, config: tuple) -> b
     epw = 32 // lin.bits
     block_k = frag_block_k(lin)
     if block_k is None or k % epw or tiles not in (1, 2) or bn != 32 * nw * tiles or k_slice % block_k:
+        return False
+    if sup < 1 or (k_slice // block_k) % sup:
         return False
     if x2.dtype != torch.float16:
         x2 = x2.to(torch.float16)
@@ -393,7 +430,7 @@ def try_frag_gemm(x2: torch.Tensor, lin, out2: torch.Tensor, config: tuple) -> b
         m, n, k, x2.stride(0), lin.words.stride(0), lin.scales.stride(0), out2.stride(0),
         BITS=lin.bits, ZERO_MODE=lin.zero_mode_id, HAS_BIAS=lin.bias is not None, EMULATE=INTERPRET,
         WARPS=nw, TILES=tiles, K_SLICE=k_slice, BLOCK_K=block_k, GROUP_BLOCKS=0 if group >= k else group // block_k,
-        M_BLOCKS=m_blocks, STAGES=stages, EVEN_N=n % bn == 0, EVEN_K=k % k_slice == 0, FULL_M=m == 8 * m_blocks,
-        num_warps=nw, maxnreg=MAX_REGISTERS, **pdl_launch(x2),
+        M_BLOCKS=m_blocks, SUPER=sup, EVEN_N=n % bn == 0, EVEN_K=k % k_slice == 0, FULL_M=m == 8 * m_blocks,
+        num_warps=nw, maxnreg=MAX_REGISTERS if sup == 1 else MAX_REGISTERS_SUPER, **pdl_launch(x2),
     )
     return True

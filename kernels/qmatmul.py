@@ -142,7 +142,8 @@ def qmatmul_accumulate(x: torch.Tensor, lin, out: torch.Tensor,
     tensor-core path) or "frags" (kernels.frag_gemm: the words as the MMAs' A fragments, integer or
     symmetric zero points, no act-order; otherwise the slot kernel's default tiles). K_ITERS: K
     tiles per program, or for "packed" and the slot paths the column tiles each program's K slice
-    spans; for "frags", BLOCK_K is the K slice and K_ITERS the pipeline stages."""
+    spans; for "frags", BLOCK_K is the K slice and K_ITERS the K blocks whose loads are requested
+    together."""
     x2 = _check(x, lin)
     m, k = x2.shape
     if m > 16:
@@ -155,7 +156,7 @@ def qmatmul_accumulate(x: torch.Tensor, lin, out: torch.Tensor,
         return out
     if try_slot_gemm(x2, lin, out2, (bn, bk, iters, nw, use_dot)):  # likewise
         return out
-    if try_frag_gemm(x2, lin, out2, (bn, bk, iters, nw, use_dot)):  # bk: the K slice, iters: pipeline stages
+    if try_frag_gemm(x2, lin, out2, (bn, bk, iters, nw, use_dot)):  # bk: the K slice, iters: blocks loaded together
         return out
     if use_dot == FRAG_PATH and try_slot_gemm(x2, lin, out2, FEW_ROWS_FALLBACK):
         return out

@@ -36,6 +36,25 @@ def test_frag_gemm_matches_reference(bits, zero_mode, case):
     assert_accumulates_product(try_frag_gemm, (64, 256, 1, 2, "frags"), bits, zero_mode, case)
 
 
+# (config, case): SUPER blocks loaded together (config field 3), with super-blocks that run past K
+SUPER_CASES = {
+    "super2-m16-n70-k384-g128": ((64, 256, 2, 2, "frags"), (16, 70, 384, 128)),  # last slice: block 3 past K
+    "super4-m9-n33-k640-g128": ((64, 512, 4, 2, "frags"), (9, 33, 640, 128)),   # last slice: 3 of 4 past K
+    "super2-two-tiles-m3-n100-k512-g32": ((128, 256, 2, 2, "frags"), (3, 100, 512, 32)),  # int4: 1-chunk blocks
+    "super2-m8-n64-k768-g256": ((64, 256, 2, 2, "frags"), (8, 64, 768, 256)),   # two blocks a group
+}
+
+
+@pytest.mark.parametrize("config,case", SUPER_CASES.values(), ids=SUPER_CASES.keys())
+@pytest.mark.parametrize("zero_mode", ["symmetric", "int"])
+@pytest.mark.parametrize("bits", [4, 8], ids=["int4", "int8"])
+def test_frag_gemm_blocks_loaded_together(bits, zero_mode, config, case):
+    """The K slice walked SUPER blocks at a time: a super-block of a partial last slice runs past K,
+    and its blocks there read the last group's scales and add nothing. (The interpreter runs the
+    emulated sums over the same walk; the GPU's loads are checked by benchmarks/bench_gemv.py.)"""
+    assert_accumulates_product(try_frag_gemm, config, bits, zero_mode, case)
+
+
 @pytest.mark.parametrize("shape", [(16, 100, 384), (5, 256, 256)], ids=["m16-n100-partial", "m5-n256-whole"])
 @pytest.mark.parametrize("bits", [4, 8], ids=["int4", "int8"])
 def test_frag_gemm_two_column_tiles_a_warp(bits, shape):
@@ -65,7 +84,7 @@ def test_frag_gemm_bf16_and_strided_activations(bits):
 
 def test_frag_gemm_refuses_what_it_cannot_serve():
     """Float offsets (GGUF), act-order, a tile that is not 32 columns a warp, a K slice that is not
-    whole blocks, and groups smaller than a chunk (int4: 32 columns of K) go elsewhere, leaving
+    whole blocks or whole super-blocks, and groups smaller than a chunk (int4: 32 columns of K) go elsewhere, leaving
     `out` untouched; qmatmul_accumulate still answers right through the other kernels."""
     x = torch.randn(4, 256, generator=torch.Generator().manual_seed(1)).half()
     refused = [
@@ -75,6 +94,8 @@ def test_frag_gemm_refuses_what_it_cannot_serve():
         (make_linear(24, 256, 4, 128, "int", seed=3), (128, 256, 1, 1, "frags")),    # four tiles a warp
         (make_linear(24, 256, 4, 128, "int", seed=4), (64, 192, 1, 2, "frags")),     # 192: 1.5 blocks
         (make_linear(24, 256, 4, 16, "int", seed=5), (64, 256, 1, 2, "frags")),      # 16 < one chunk
+        (make_linear(24, 256, 4, 128, "int", seed=6), (64, 384, 2, 2, "frags")),     # 3 blocks, 2 at a time
+        (make_linear(24, 256, 4, 128, "int", seed=6), (64, 256, 0, 2, "frags")),     # no block at a time
     ]
     for lin, cfg in refused:
         t = prepare(lin, torch.device("cpu"), torch.float16)

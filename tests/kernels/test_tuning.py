@@ -29,8 +29,10 @@ def test_every_table_is_well_formed():
             assert len(cfg) == 5 and all(isinstance(v, int) and v > 0 for v in cfg[:4]), (path, key)
             if kind in ("splitk", "step"):
                 assert cfg[4] in (False, True, "packed", "slots", "slots-unrolled", "frags"), (path, key)
-            if cfg[4] == "frags":  # kernels.frag_gemm: one or two 32-column tiles a warp, K slices of whole blocks
+            if cfg[4] == "frags":  # kernels.frag_gemm: one or two 32-column tiles a warp, K slices of whole
+                # blocks (g128: 128 columns of K), walked 1 or 2 blocks at a time
                 assert cfg[0] in (32 * cfg[3], 64 * cfg[3]) and cfg[1] % 128 == 0 and m != "m1", (path, key)
+                assert cfg[2] in (1, 2) and (cfg[1] // 128) % cfg[2] == 0, (path, key)
 
 
 def test_each_card_reads_its_own_table(monkeypatch):
