@@ -64,8 +64,8 @@ def frag_configs():
     """The few-row fragment kernel (kernels.frag_gemm): 2 or 4 warps of one or two 32-column tiles,
     K slices of 256-2048, the loads of one or two blocks of 128 columns of K requested together
     (four lost on every shape, ab_frag_super.log)."""
-    return [(32 * nw * tiles, ks, sup, nw, FRAG_PATH) for nw in (2, 4) for tiles in (1, 2) for ks in (256, 512, 1024, 2048)
-            for sup in (1, 2)]
+    return [(32 * nw * tiles, ks, sup, nw, FRAG_PATH) for nw in (2, 4) for tiles in (1, 2)
+            for ks in (256, 512, 1024, 2048) for sup in (1, 2)]
 
 
 def slot_configs(bits: int):

@@ -156,7 +156,7 @@ def qmatmul_accumulate(x: torch.Tensor, lin, out: torch.Tensor,
         return out
     if try_slot_gemm(x2, lin, out2, (bn, bk, iters, nw, use_dot)):  # likewise
         return out
-    if try_frag_gemm(x2, lin, out2, (bn, bk, iters, nw, use_dot)):  # bk: the K slice, iters: blocks loaded together
+    if try_frag_gemm(x2, lin, out2, (bn, bk, iters, nw, use_dot)):  # bk: the K slice, iters: blocks at a time
         return out
     if use_dot == FRAG_PATH and try_slot_gemm(x2, lin, out2, FEW_ROWS_FALLBACK):
         return out

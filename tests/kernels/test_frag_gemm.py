@@ -84,8 +84,9 @@ def test_frag_gemm_bf16_and_strided_activations(bits):
 
 def test_frag_gemm_refuses_what_it_cannot_serve():
     """Float offsets (GGUF), act-order, a tile that is not 32 columns a warp, a K slice that is not
-    whole blocks or whole super-blocks, and groups smaller than a chunk (int4: 32 columns of K) go elsewhere, leaving
-    `out` untouched; qmatmul_accumulate still answers right through the other kernels."""
+    whole blocks or whole super-blocks, and groups smaller than a chunk (int4: 32 columns of K) go
+    elsewhere, leaving `out` untouched; qmatmul_accumulate still answers right through the other
+    kernels."""
     x = torch.randn(4, 256, generator=torch.Generator().manual_seed(1)).half()
     refused = [
         (make_linear(24, 256, 4, 128, "float", seed=1), (64, 256, 1, 2, "frags")),
