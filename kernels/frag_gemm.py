@@ -329,9 +329,10 @@ def _frag_gemm_kernel(
     quad = lane % 4   # and the lane within it
     col = tl.program_id(0) * (T * TILES) + (t // 32) * (32 * TILES) + 4 * gid
     rows_k = K // EPW
+    blocks = tl.cdiv(K, BLOCK_K)
     b_lo = tl.program_id(1) * (K_SLICE // BLOCK_K)
-    b_hi = tl.minimum(tl.cdiv(K, BLOCK_K), b_lo + K_SLICE // BLOCK_K)
-    last_grp = 0 if GROUP_BLOCKS == 0 else (tl.cdiv(K, BLOCK_K) - 1) // GROUP_BLOCKS
+    b_hi = tl.minimum(blocks, b_lo + K_SLICE // BLOCK_K)
+    last_grp = 0 if GROUP_BLOCKS == 0 else (blocks - 1) // GROUP_BLOCKS
     # x in 64-bit (int4: 4 fp16) or 32-bit (int8: 2 fp16) units: element e of lane (g, c) is unit
     # 2 r + e % 2 of x row g + 8 (e // 2), r its word row (two units: its 8 or 4 columns)
     e = tl.arange(0, 4)[None, :]
