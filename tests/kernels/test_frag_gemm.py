@@ -55,6 +55,17 @@ def test_frag_gemm_blocks_loaded_together(bits, zero_mode, config, case):
     assert_accumulates_product(try_frag_gemm, config, bits, zero_mode, case)
 
 
+@pytest.mark.parametrize("config,case", [((32, 256, 2, 1, "frags"), (16, 70, 384, 128)),
+                                         ((64, 512, 1, 1, "frags"), (5, 100, 1000, 128))],
+                         ids=["one-tile-super2-m16-n70-k384", "two-tiles-m5-n100-k1000"])
+@pytest.mark.parametrize("bits", [4, 8], ids=["int4", "int8"])
+def test_frag_gemm_one_warp_programs(bits, config, case):
+    """Programs of one warp (num_warps 1, which the H200's sweep picks for several shapes): one
+    tile walked two blocks at a time with a partial last slice, and two tiles a warp with a
+    partial second tile and a partial K slice."""
+    assert_accumulates_product(try_frag_gemm, config, bits, "int", case)
+
+
 @pytest.mark.parametrize("shape", [(16, 100, 384), (5, 256, 256)], ids=["m16-n100-partial", "m5-n256-whole"])
 @pytest.mark.parametrize("bits", [4, 8], ids=["int4", "int8"])
 def test_frag_gemm_two_column_tiles_a_warp(bits, shape):
