@@ -60,7 +60,7 @@ def test_frag_gemm_blocks_loaded_together(bits, zero_mode, config, case):
                          ids=["one-tile-super2-m16-n70-k384", "two-tiles-m5-n100-k1000"])
 @pytest.mark.parametrize("bits", [4, 8], ids=["int4", "int8"])
 def test_frag_gemm_one_warp_programs(bits, config, case):
-    """Programs of one warp (num_warps 1, which the H200's sweep picks for several shapes): one
+    """Programs of one warp (num_warps 1, among the configs bench_gemv.py sweeps): one
     tile walked two blocks at a time with a partial last slice, and two tiles a warp with a
     partial second tile and a partial K slice."""
     assert_accumulates_product(try_frag_gemm, config, bits, "int", case)
