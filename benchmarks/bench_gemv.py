@@ -117,7 +117,7 @@ def main() -> None:
             out = torch.zeros(m, 777, device="cuda")
             # the fragment kernel: one or two 32-column tiles a warp, programs of 2 warps or 1 (bk 512), K
             # slices of whole blocks of 128, one block or two loaded together
-            cfg = ((64, 256, 1, 2), (128, 256, 2, 2), (64, 512, 2, 1))[(64, 128, 512).index(bk)] + (path,) \
+            cfg = {64: (64, 256, 1, 2), 128: (128, 256, 2, 2), 512: (64, 512, 2, 1)}[bk] + (path,) \
                 if path == FRAG_PATH else (64, bk, iters, 4, path)
             qmatmul_accumulate(x, prepare(lin, torch.device("cuda"), torch.float16), out, config=cfg)
             ref = ref_linear(x.float(), lin)
