@@ -23,6 +23,7 @@ from qruntime.kernels.qmatmul import qmatmul, qmatmul_accumulate
 from qruntime.kernels.tuning import splitk_config
 from qruntime.kernels.reference import linear as ref_linear
 from qruntime.kernels.frag_gemm import FRAG_PATH
+from qruntime.kernels.tma_frag_gemm import TMA_FRAG_PATH, tma_frag_serves
 from qruntime.kernels.slot_gemm import SLOT_PATHS
 from qruntime.quantizers.rtn import quantize_rtn
 
@@ -55,20 +56,45 @@ def configs(m: int, bits: int, quick: bool = False, narrow: bool = False, slots:
         found += slot_configs(bits) if slots else []
         return found if quick else found + [(64, 64, 1, 2, False)]
     if quick:
-        return frag_configs()
-    return frag_configs() + slot_configs(bits) + [(64, 128, 1, 4, True), (128, 128, 1, 4, True), (64, 128, 2, 4, True),
+        return frag_configs() + tma_frag_configs()
+    return frag_configs() + tma_frag_configs() + slot_configs(bits) + [(64, 128, 1, 4, True), (128, 128, 1, 4, True), (64, 128, 2, 4, True),
                                                   (64, 64, 2, 4, True)]
 
 
 def frag_configs():
-    """The few-row fragment kernel (kernels.frag_gemm): 1, 2 or 4 warps of one or two 32-column
-    tiles (one-warp programs won 12 of the 22 M = 16 shapes on the H200, by 0.1-1.8 points over the
-    best of 2-4 warps, gemv_sweep_m16_one_warp.log; not in the table yet, as no GPU check had run
-    them: the check loop in main now does),
+    """The few-row fragment kernel (kernels.frag_gemm): 2 or 4 warps of one or two 32-column tiles
+    (one-warp programs won 12 of the 22 M = 16 shapes on the H200 by 0.1-1.8 points,
+    gemv_sweep_m16_one_warp.log, but failed the GPU check in the eighteenth session: see main),
     K slices of 256-2048, the loads of one or two blocks of 128 columns of K requested together
     (four lost on every shape, ab_frag_super.log)."""
-    return [(32 * nw * tiles, ks, sup, nw, FRAG_PATH) for nw in (1, 2, 4) for tiles in (1, 2)
+    return [(32 * nw * tiles, ks, sup, nw, FRAG_PATH) for nw in (2, 4) for tiles in (1, 2)
             for ks in (256, 512, 1024, 2048) for sup in (1, 2)]
+
+
+def tma_frag_configs():
+    """The fragment kernel with TMA-staged operands (kernels.tma_frag_gemm): 2 or 4 warps of one or
+    two 32-column tiles, K slices of 128-2048 through rings of 2 or 3 stages (the probe's winners,
+    tma_frag_probe.log; deeper rings lost: fewer programs fit an SM)."""
+    return [(32 * nw * tiles, ks, stages, nw, TMA_FRAG_PATH) for nw in (2, 4) for tiles in (1, 2)
+            for ks in (128, 256, 512, 1024, 2048) for stages in ((1,) if ks == 128 else (2, 3))]
+
+
+def check_tma_frag(bits: int) -> None:
+    """The TMA kernel's products against the reference where it serves (K a multiple of 128; N a
+    multiple of 32 but not of the tile; a partial last K slice; 3 and 16 rows; one and two tiles a
+    warp; g128 and per-channel, integer and symmetric zero points)."""
+    for group, sym, m, cfg in itertools.product((128, -1), (True, False), (3, 16),
+                                                [(64, 512, 2, 2), (128, 256, 3, 2), (256, 1024, 2, 4), (64, 128, 1, 1)]):
+        packed = quantize_rtn(torch.randn(800, 1152, device="cuda"), bits, group, sym)
+        lin = prepare(packed, torch.device("cuda"), torch.float16)
+        assert tma_frag_serves(lin, m, torch.device("cuda"))
+        x = torch.randn(m, 1152, device="cuda", dtype=torch.float16)
+        out = torch.zeros(m, 800, device="cuda")
+        qmatmul_accumulate(x, lin, out, config=cfg + (TMA_FRAG_PATH,))
+        ref = ref_linear(x.float(), packed)
+        err = ((out - ref).norm() / ref.norm()).item()
+        print(f"# check w{bits} g{group} sym={sym} path={TMA_FRAG_PATH} M={m} config={cfg}: rel err {err:.1e}", flush=True)
+        assert err < 3e-3, err
 
 
 def slot_configs(bits: int):
@@ -115,9 +141,11 @@ def main() -> None:
             lin = quantize_rtn(w, bits, group, sym)
             x = torch.randn(m, 1000, device="cuda", dtype=torch.float16)
             out = torch.zeros(m, 777, device="cuda")
-            # the fragment kernel: one or two 32-column tiles a warp, programs of 2 warps or 1 (bk 512), K
-            # slices of whole blocks of 128, one block or two loaded together
-            cfg = {64: (64, 256, 1, 2), 128: (128, 256, 2, 2), 512: (64, 512, 2, 1)}[bk] + (path,) \
+            # the fragment kernel: one or two 32-column tiles a warp, programs of 2 warps, K slices of whole
+            # blocks of 128, one block or two loaded together. (One-warp programs, (64, 512, 2, 1), gave
+            # rel err 1.4 here at int8 g32 symmetric in the eighteenth session after passing in three
+            # earlier ones; they were never in a table and are out of the sweep until that is understood.)
+            cfg = {64: (64, 256, 1, 2), 128: (128, 256, 2, 2), 512: (128, 512, 2, 2)}[bk] + (path,) \
                 if path == FRAG_PATH else (64, bk, iters, 4, path)
             qmatmul_accumulate(x, prepare(lin, torch.device("cuda"), torch.float16), out, config=cfg)
             ref = ref_linear(x.float(), lin)
@@ -125,6 +153,8 @@ def main() -> None:
             print(f"# check w{bits} g{group} sym={sym} path={path} M={m} BLOCK_K={bk} K_ITERS={iters}: rel err {err:.1e}",
                   flush=True)
             assert err < 3e-3, err
+        if any(m > 1 for m in args.m):
+            check_tma_frag(bits)
         shapes = SHAPES if args.shapes == "all" else SHAPES[:4]
         compile_ahead(bits, args.m, shapes, args.quick, args.narrow, args.slots, args.jobs)
         for (k, n), m in itertools.product(shapes, args.m):
@@ -144,6 +174,11 @@ def main() -> None:
             timed.sort(key=lambda tc: tc[0])
             t, cfg = timed[0]
             print("  runners-up: " + ", ".join(f"{c} {100 * need / s / bw:.1f}%" for s, c in timed[1:4]), flush=True)
+            best_of = {}  # each kernel's best in this process, for the comparison between them
+            for s, c in timed:
+                best_of.setdefault(str(c[4]), (s, c))
+            print("  best per path: " + ", ".join(f"{p} {c} {s * 1e6:.2f} us {100 * need / s / bw:.1f}%"
+                                                 for p, (s, c) in best_of.items()), flush=True)
             rows.append(dict(bits=bits, k=k, n=n, m=m, us=t * 1e6, bytes=need, tbps=need / t / 1e12,
                              frac_of_read_bw=need / t / bw, config=list(cfg)))
             tuned[f"splitk/w{bits}/m{m}/n{n}/k{k}"] = list(cfg)

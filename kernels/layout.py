@@ -10,7 +10,7 @@ transpose at load time and nothing per token.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -36,6 +36,8 @@ class TritonLinear:
     perm: torch.Tensor | None              # int32 [K]
     bias: torch.Tensor | None              # [N]
     in_decode_step: bool = False           # a linear of the engine's decode step: its tiles come from the step's entries
+    # TMA descriptors of the words (kernels.tma_frag_gemm), made on first use
+    tma_descriptors: dict = field(default_factory=dict, repr=False, compare=False)
 
     def splitk_config(self, m: int = 1) -> tuple[int, int, int, int, bool]:
         return splitk_config(self.bits, self.out_features, self.in_features, m, self.words.device, self.in_decode_step)

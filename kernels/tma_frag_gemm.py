@@ -1,0 +1,381 @@
+"""The few-row decode GEMM (M = 2..16) of kernels.frag_gemm with its operands staged by TMA through
+a ring of shared-memory buffers (Gluon, Hopper and newer).
+
+    out^T [N, M] += W [N, K] @ x^T [K, M]      (mma.sync m16n8k16, kernels.frag_gemm.frag_asm)
+
+Why: the fragment kernel loads each lane's words and x fragments into registers, and the
+registers a block's loads need cap each warp at one or two blocks in flight; its M = 16 GEMVs sat
+at 44-74% of an H200's read bandwidth. Here the copy engine (TMA) moves a program's blocks of
+words and x into shared memory, STAGES blocks ahead of the MMAs and without a register: one
+thread issues two bulk copies per block, and the warps read each block back with one 16-byte
+LDS per chunk of 4 word rows (words) and two per chunk (x), in exactly the lanes the fragment
+kernel's global loads used, then run the same PTX. H200, M = 16, g128, the issue's shapes
+4096 x 4096 / 4096 x 14336 / 14336 x 4096 / 4096 x 128256, each kernel's best tile in the same
+process (benchmarks/results/h200/gemv_sweep_m16_tma.log): int8 56.1/74.5/75.7/90.6% -> 60.8/84.5/
+86.1/98.1% of the read bandwidth, int4 44.1/53.0/54.5/67.6% -> 43.2/58.1/59.3/71.8% (4096 x 4096
+keeps the fragment kernel). int4 is held back by registers: reading a whole block into registers
+before the barrier that lets its stage be refilled costs 24 more than refilling after the MMAs
+(168 against 144 at two tiles a warp: 6 programs an SM instead of 7); the prototype that refilled
+after the MMAs reached 64/65/83% (tma_frag_probe.log), not yet measured in this kernel.
+
+Layouts (why the views below are conflict-free and need no shuffle):
+- words: the int32 words [K / EPW, N] are described to TMA as [N / 32, K / EPW, 32] (strides 32,
+  N, 1), so one box [WARPS * TILES, R, 32] (R = 128 / EPW word rows, one block of 128 columns of
+  K) lands as WARPS * TILES sub-boxes of [R, 32], each 32 columns wide: one 128-byte row per word
+  row, 128-byte swizzled (16-byte piece j of row r stored at piece j ^ (r % 8)).
+- Lane (g, c) of warp w reads, for chunk h of tile u, the 4 words of word row lane_word_row(h, c)
+  at the sub-box's columns 4 g .. 4 g + 3. (The fragment kernel's lanes c take word rows chunk +
+  c; any assignment of word rows to lanes c works as long as x's fragments follow it, and the one
+  chosen makes every LDS free of bank conflicts under the swizzle.) `words_view_bases` writes
+  this as a linear map from a buffer offset to (tile-chunk, thread, word), the
+  SharedLinearLayout Gluon loads through.
+- x: x [M, K] fp16 is described as [K / 64, M, 64] (strides 64, K, 1), one box [2, 16, 64] per
+  block (rows past M read as zeros, so M < 16 needs no mask), 128-byte swizzled the same way; lane
+  (g, c) reads x rows g and g + 8 at the 8 (int4) or 4 (int8) columns of its word row
+  (`x_view_bases`), the same for every warp (the load broadcasts over warps).
+  Both views are computed from the swizzle and the lane map (`_linear_bases`), not written out.
+
+Blocks past K (a partial last slice) read zeros from TMA and the last group's scales, and add
+nothing. The outputs go to memory once per program, by fp32 atomics (split-K), as in the fragment
+kernel. No interpreter runs Gluon: tests/kernels/test_tma_frag_gemm.py checks the two views
+against a model of TMA's swizzle on the CPU (the PTX itself is kernels.frag_gemm's, checked by a
+model of a warp there), and benchmarks/bench_gemv.py checks the kernel's products on the GPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+from ._common import INTERPRET
+from .frag_gemm import _add_rows, _chunk_mma, _fp32_pair as _pair
+from .pdl import pdl_launch
+
+TMA_FRAG_PATH = "tma-frags"  # the tuned configs' name of this kernel
+BLOCK_K = gl.constexpr(128)  # columns of K a stage holds, and between two scale multiplies
+_X_BOX = [2, 16, 64]         # x's box: 128 columns of 16 rows, as two 128-byte-wide halves
+_X_BOX_BYTES = gl.constexpr(2 * 16 * 64 * 2)
+
+
+def tma_swizzle(byte: int) -> int:
+    """Where a TMA box's byte lands in shared memory under the 128-byte swizzle (box laid out row-major,
+    buffer 1024-byte aligned): its 16-byte piece index (bits 4-6) xor its 128-byte row mod 8 (bits 7-9)."""
+    return byte ^ (((byte >> 7) & 7) << 4)
+
+
+def lane_word_row(bits: int, chunk: int, c: int) -> int:
+    """The word row of its block (0..R-1) that lanes (g, c) take in chunk `chunk`: for each chunk the
+    4 lanes c take 4 rows, and the chunks cover the block. Chosen so that every LDS of the words and
+    of x is free of bank conflicts under the swizzle (tests/kernels/test_tma_frag_gemm.py): the words'
+    16-byte pieces need the 4 rows to differ in bits 1-2 (the 8 lanes of an LDS.128 phase then hit
+    pieces g ^ (row % 8), all different); int8's x (8 bytes a lane and row, 16 lanes a phase) needs
+    them to differ in bits 0 and 3 as well."""
+    if bits == 4:
+        return 8 * (chunk // 2) + 2 * c + chunk % 2
+    return (3 * (c & 1)) ^ (12 * (c >> 1)) ^ (chunk & 1) ^ (4 * (chunk >> 1 & 1)) ^ (16 * (chunk >> 2))
+
+
+def _linear_bases(forward, shape: tuple[int, ...]) -> list[list[int]]:
+    """Bases of the shared layout whose logical index `idx` (in `shape`) sits at buffer offset
+    forward(idx): basis b is the index at offset 2^b. Checks that forward is a bijection that xor's
+    of bases reproduce (a Triton linear layout), which the swizzle and the lane maps here are."""
+    table = {}
+    for idx in itertools.product(*(range(s) for s in shape)):
+        table[forward(idx)] = idx
+    size = len(table)
+    assert sorted(table) == list(range(size)) and size == math.prod(shape)
+    bases = [list(table[1 << b]) for b in range(size.bit_length() - 1)]
+    for offset, idx in table.items():
+        got = [0] * len(shape)
+        for b, basis in enumerate(bases):
+            if offset >> b & 1:
+                got = [u ^ v for u, v in zip(got, basis)]
+        assert tuple(got) == idx
+    return bases
+
+
+@functools.lru_cache(maxsize=None)
+def _words_view_bases(bits: int, warps: int, tiles: int) -> tuple:
+    rows = 128 // (32 // bits)
+    chunks = rows // 4
+
+    def offset(idx):  # (tile * CHUNKS + chunk, thread, word) -> int32 slot of the stage buffer
+        tile_chunk, t, i = idx
+        tile, chunk = divmod(tile_chunk, chunks)
+        warp, lane = divmod(t, 32)
+        g, c = divmod(lane, 4)
+        box = warp * tiles + tile
+        return tma_swizzle(((box * rows + lane_word_row(bits, chunk, c)) * 32 + 4 * g + i) * 4) // 4
+    return tuple(map(tuple, _linear_bases(offset, (tiles * chunks, 32 * warps, 4))))
+
+
+def words_view_bases(bits: int, warps: int, tiles: int) -> list[list[int]]:
+    """Offset bases of one stage's words viewed as [TILES * CHUNKS, 32 * WARPS, 4] int32 (index
+    u * CHUNKS + h, thread t = 32 w + 4 g + c, word i): the buffer holds sub-box s = w * TILES + u
+    ([R, 32] words, one 128-byte row per word row, swizzled), and thread t's 4 words of chunk h are
+    the sub-box's row lane_word_row(h, c), columns 4 g .. 4 g + 3."""
+    return [list(b) for b in _words_view_bases(bits, warps, tiles)]
+
+
+@functools.lru_cache(maxsize=None)
+def _x_view_bases(bits: int) -> tuple:
+    unit = 8 if bits == 4 else 4  # bytes of a fragment element: 4 (int4) or 2 (int8) columns of x
+    chunks = 128 // (32 // bits) // 4
+
+    def offset(idx):  # (chunk, 0, lane, element) -> unit slot of the stage's x box [2, 16, 64] fp16
+        chunk, _, lane, e = idx
+        g, c = divmod(lane, 4)
+        column = (2 * lane_word_row(bits, chunk, c) + e % 2) * unit // 2
+        byte = ((column // 64) * 16 + g + 8 * (e // 2)) * 128 + (column % 64) * 2
+        return tma_swizzle(byte) // unit
+    return tuple(map(tuple, _linear_bases(offset, (chunks, 1, 32, 4))))
+
+
+def x_view_bases(bits: int) -> list[list[int]]:
+    """Offset bases of one stage's x box [2, 16, 64] fp16 (two halves of 64 columns, 16 rows each,
+    128-byte rows, swizzled) viewed in units of 8 (int4) or 4 (int8) bytes as [CHUNKS, 1, 32, 4]
+    (chunk, -, lane, element): element e of lane (g, c) in chunk h is unit 2 r + e % 2 of x row
+    g + 8 (e // 2) (the first or second half of the 8 or 4 columns of word row r), r =
+    lane_word_row(h, c): the fragment kernel's x operand for that word row."""
+    return [list(b) for b in _x_view_bases(bits)]
+
+
+@gluon.jit
+def _split_all(p, FRAG: gl.constexpr, NUM: gl.constexpr):
+    """p [T, 4, NUM] (the last dim held in registers) -> tuple of the NUM [T, 4] slices, in FRAG."""
+    T: gl.constexpr = p.shape[0]
+    if NUM == 2:
+        a, b = gl.split(p)
+        return gl.convert_layout(a, FRAG, assert_trivial=True), gl.convert_layout(b, FRAG, assert_trivial=True)
+    else:
+        a, b = gl.split(gl.reshape(p, [T, 4, NUM // 2, 2]))  # even and odd indices
+        evens = _split_all(a, FRAG, NUM // 2)
+        odds = _split_all(b, FRAG, NUM // 2)
+        out = ()
+        for i in gl.static_range(NUM // 2):
+            out += (evens[i], odds[i])
+        return out
+
+
+@gluon.jit
+def _slices(block, FRAG: gl.constexpr, NUM: gl.constexpr):
+    """[NUM, T, 4] (the first dim held in registers) -> tuple of NUM [T, 4] tensors in FRAG."""
+    return _split_all(gl.permute(block, [1, 2, 0]), FRAG, NUM)
+
+
+@gluon.jit
+def _request(w_desc, x_desc, wbuf, xbuf, bars, stage, row, n0, EPW: gl.constexpr, WORDS: gl.constexpr,
+             X: gl.constexpr):
+    """TMA copies of block `row` (its first word row) into `stage`: the words (WORDS; the barrier's
+    expected bytes count x too), x (X; after the producer of x has finished)."""
+    bar = bars.index(stage)
+    if WORDS:
+        mbarrier.expect(bar, w_desc.block_type.nbytes + _X_BOX_BYTES)
+        tma.async_copy_global_to_shared(w_desc, [n0 // 32, row, 0], bar, wbuf.index(stage))
+    if X:
+        tma.async_copy_global_to_shared(x_desc, [row * EPW // 64, 0, 0], bar, xbuf.index(stage))
+
+
+@gluon.jit
+def _scales(s_ptr, z_ptr, grp, n, n_ok, stride_sg, BITS: gl.constexpr, ZERO_MODE: gl.constexpr,
+            FRAG: gl.constexpr):
+    """Group grp's scales (fp32) and zero points (int32) of columns n [T, 4]. (kernels.frag_gemm's
+    _scales, with the symmetric zero point's tensor given a layout, which Gluon needs.)"""
+    s = gl.load(s_ptr + grp * stride_sg + n, mask=n_ok, other=0.0).to(gl.float32)
+    if ZERO_MODE == 0:
+        z = gl.full(n.shape, 8 if BITS == 4 else 128, gl.int32, FRAG)
+    else:
+        z = gl.load(z_ptr + grp * stride_sg + n, mask=n_ok, other=0).to(gl.int32)
+    return s, z
+
+
+@gluon.jit
+def _block_scales(s_ptr, z_ptr, blk, last_grp, ns, N, stride_sg, BITS: gl.constexpr, ZERO_MODE: gl.constexpr,
+                  GROUP_BLOCKS: gl.constexpr, TILES: gl.constexpr, FRAG: gl.constexpr):
+    """Per tile, block blk's scales and zero points (a block past K reads the last group's)."""
+    grp = 0 if GROUP_BLOCKS == 0 else gl.minimum(blk // GROUP_BLOCKS, last_grp)
+    out = ()
+    for u in gl.static_range(TILES):
+        out += (_scales(s_ptr, z_ptr, grp, ns[u], ns[u] < N, stride_sg, BITS, ZERO_MODE, FRAG),)
+    return out
+
+
+@gluon.jit
+def _tma_frag_gemm_kernel(
+    x_desc, w_desc, s_ptr, z_ptr, out_ptr, M, N, K, stride_sg, stride_om,
+    BITS: gl.constexpr, ZERO_MODE: gl.constexpr, PDL: gl.constexpr, WARPS: gl.constexpr,
+    TILES: gl.constexpr, K_SLICE: gl.constexpr, STAGES: gl.constexpr, GROUP_BLOCKS: gl.constexpr,
+    M_BLOCKS: gl.constexpr, WORDS_VIEW: gl.constexpr, X_VIEW: gl.constexpr,
+):
+    """out [M, N] += x [M, K] @ W.T for M <= 16: program (TILES tiles of 32 columns a warp, K slice
+    of K_SLICE walked in blocks of 128 through STAGES buffers), scale multiplies per block
+    (GROUP_BLOCKS blocks a group; 0: one group, per-channel), fp32 atomics at the end."""
+    EPW: gl.constexpr = 32 // BITS
+    R: gl.constexpr = BLOCK_K // EPW            # word rows a block
+    CHUNKS: gl.constexpr = R // 4
+    T: gl.constexpr = 32 * WARPS
+    NB: gl.constexpr = K_SLICE // BLOCK_K       # blocks a slice
+    FRAG: gl.constexpr = gl.BlockedLayout([1, 4], [32, 1], [WARPS, 1], [1, 0])  # thread t holds row t
+    WORDS_L: gl.constexpr = gl.BlockedLayout([CHUNKS * TILES, 1, 4], [1, 32, 1], [1, WARPS, 1], [2, 0, 1])
+    X_CHUNKS_L: gl.constexpr = gl.BlockedLayout([CHUNKS, 1, 4], [1, 32, 1], [1, WARPS, 1], [2, 0, 1])
+    X_LOAD_L: gl.constexpr = gl.BlockedLayout([CHUNKS, 1, 1, 4], [1, 1, 32, 1], [1, WARPS, 1, 1], [3, 0, 1, 2])
+    X_UNIT: gl.constexpr = gl.int64 if BITS == 4 else gl.int32
+    if PDL:
+        gdc_launch_dependents()
+    n0 = gl.program_id(0) * (T * TILES)
+    row_lo = gl.program_id(1) * (NB * R)
+    wbuf = gl.allocate_shared_memory(gl.int32, [STAGES, WARPS * TILES, R, 32], w_desc.layout)
+    xbuf = gl.allocate_shared_memory(gl.float16, [STAGES] + x_desc.block_type.shape, x_desc.layout)
+    bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(bars.index(i), count=1)
+    fence_async_shared()
+    # the weights are no kernel's output: the first blocks are requested before the PDL wait
+    for i in gl.static_range(STAGES):
+        if i < NB:
+            _request(w_desc, x_desc, wbuf, xbuf, bars, i, row_lo + i * R, n0, EPW, True, False)
+
+    t = gl.arange(0, T, layout=gl.SliceLayout(1, FRAG))
+    lane = t % 32
+    gid = lane // 4
+    quad = lane % 4
+    e = gl.arange(0, 4, layout=gl.SliceLayout(0, FRAG))[None, :]
+    ns = ()       # per tile: the lane's 4 columns [T, 4]
+    totals = ()   # and the sums of x rows 2c, 2c + 1, 8 + 2c, 9 + 2c over the slice
+    for u in gl.static_range(TILES):
+        ns += ((n0 + (t // 32) * (32 * TILES) + 32 * u + 4 * gid)[:, None] + e,)
+        zero = gl.zeros([T, 4], gl.float32, FRAG)
+        totals += ((zero, zero, zero, zero),)
+    blocks = gl.cdiv(K, BLOCK_K)
+    last_grp = 0 if GROUP_BLOCKS == 0 else (blocks - 1) // GROUP_BLOCKS
+    blk_lo = gl.program_id(1) * NB
+    if PDL:
+        gdc_wait()  # x is the previous kernel's output
+    for i in gl.static_range(STAGES):
+        if i < NB:
+            _request(w_desc, x_desc, wbuf, xbuf, bars, i, row_lo + i * R, n0, EPW, False, True)
+    nxt = _block_scales(s_ptr, z_ptr, blk_lo, last_grp, ns, N, stride_sg, BITS, ZERO_MODE, GROUP_BLOCKS, TILES, FRAG)
+    for b in range(NB):
+        stage = b % STAGES
+        scales = nxt  # the next block's scales are requested before this block's MMAs
+        nxt = _block_scales(s_ptr, z_ptr, blk_lo + gl.minimum(b + 1, NB - 1), last_grp, ns, N, stride_sg, BITS,
+                            ZERO_MODE, GROUP_BLOCKS, TILES, FRAG)
+        mbarrier.wait(bars.index(stage), (b // STAGES) & 1)
+        words = _slices(wbuf.index(stage)._reinterpret(gl.int32, [CHUNKS * TILES, T, 4], WORDS_VIEW).load(WORDS_L),
+                        FRAG, CHUNKS * TILES)
+        xv = xbuf.index(stage)._reinterpret(X_UNIT, [CHUNKS, 1, 32, 4], X_VIEW).load(X_LOAD_L)
+        xv = gl.reshape(xv.broadcast_to([CHUNKS, WARPS, 32, 4]), [CHUNKS, T, 4])  # every warp reads the same x
+        xfs = _slices(gl.convert_layout(xv, X_CHUNKS_L, assert_trivial=True), FRAG, CHUNKS)
+        if b + STAGES < NB:  # every warp has read this stage: refill it
+            gl.thread_barrier()
+            _request(w_desc, x_desc, wbuf, xbuf, bars, stage, row_lo + (b + STAGES) * R, n0, EPW, True, True)
+        new = ()
+        for u in gl.static_range(TILES):
+            s, z = scales[u]
+            clo = (z | 0x6400) | ((z | 0x6400) << 16)                    # fp16x2 1024 + z
+            if BITS == 4:
+                chi = (0xD400 | (z << 4)) | ((0xD400 | (z << 4)) << 16)  # fp16x2 -(64 + z) (z < 16)
+            else:
+                chi = clo  # int8 has no second constant (frag_asm takes none)
+            acc0 = gl.zeros([T, 4], gl.int64, FRAG)
+            acc1 = gl.zeros([T, 4], gl.int64, FRAG)
+            for h in gl.static_range(CHUNKS):
+                acc0, acc1 = _chunk_mma(acc0, acc1, words[u * CHUNKS + h], xfs[h], clo, chi, BITS, M_BLOCKS)
+            t00, t01, t10, t11 = totals[u]
+            a0, a1 = _pair(acc0)
+            t00 += s * a0
+            t01 += s * a1
+            if M_BLOCKS == 2:
+                a0, a1 = _pair(acc1)
+                t10 += s * a0
+                t11 += s * a1
+            new += ((t00, t01, t10, t11),)
+        totals = new
+    row = 2 * quad
+    for u in gl.static_range(TILES):
+        n = ns[u]
+        n_ok = n < N
+        t00, t01, t10, t11 = totals[u]
+        _add_rows(out_ptr, t00, row, n, n_ok, M, stride_om)
+        _add_rows(out_ptr, t01, row + 1, n, n_ok, M, stride_om)
+        if M_BLOCKS == 2:
+            _add_rows(out_ptr, t10, row + 8, n, n_ok, M, stride_om)
+            _add_rows(out_ptr, t11, row + 9, n, n_ok, M, stride_om)
+
+
+def _words_descriptor(lin, warps: int, tiles: int) -> TensorDescriptor:
+    """The words' TMA descriptor for boxes of `warps * tiles` sub-boxes, kept on the linear."""
+    key = (warps * tiles, lin.words.data_ptr())
+    desc = lin.tma_descriptors.get(key)
+    if desc is None:
+        rows = 128 // (32 // lin.bits)
+        kw, n = lin.words.shape
+        layout = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=32, rank=3)
+        desc = TensorDescriptor(lin.words, [n // 32, kw, 32], [32, n, 1], [warps * tiles, rows, 32], layout)
+        lin.tma_descriptors[key] = desc
+    return desc
+
+
+def _x_descriptor(x2: torch.Tensor) -> TensorDescriptor:
+    m, k = x2.shape
+    layout = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=3)
+    return TensorDescriptor(x2, [k // 64, m, 64], [64, x2.stride(0), 1], _X_BOX, layout)
+
+
+@functools.lru_cache(maxsize=None)
+def _has_tma(index: int | None) -> bool:
+    return torch.cuda.get_device_capability(index)[0] >= 9
+
+
+def tma_frag_serves(lin, m: int, device: torch.device) -> bool:
+    """Whether this kernel can run `lin` at M = m on `device`: a CUDA device of compute capability
+    9.0+ (TMA; not the interpreter), 1..16 rows, int4/int8 with integer or symmetric zero points, no
+    act-order, no bias (the kernel has no bias path: linears with one, Qwen's q|k|v, keep the
+    fragment kernel), K a multiple of 128 with groups of whole blocks of 128 (or one group), N a
+    multiple of 32 and words [K / EPW, N] contiguous (the TMA views)."""
+    if INTERPRET or device.type != "cuda" or not _has_tma(device.index):
+        return False
+    k, n = lin.in_features, lin.out_features
+    group = lin.group_size_eff
+    return (1 <= m <= 16 and lin.bits in (4, 8) and lin.zero_mode_id != 2 and lin.perm is None and lin.bias is None
+            and k % 128 == 0
+            and (group >= k or group % 128 == 0) and n % 32 == 0 and lin.words.stride() == (n, 1))
+
+
+def try_tma_frag_gemm(x2: torch.Tensor, lin, out2: torch.Tensor, config: tuple) -> bool:
+    """Runs out2 [M, N] += x2 @ W.T with this kernel when `config` (BLOCK_N, K slice, STAGES,
+    num_warps, path) selects it (path "tma-frags"; BLOCK_N = 32 num_warps (one tile a warp) or 64
+    num_warps (two), the K slice a multiple of 128) and tma_frag_serves; returns whether it ran. x
+    is read as fp16 (bf16 is converted first, as the fragment kernel does) from 16-byte aligned
+    rows (copied when they are not)."""
+    bn, k_slice, stages, nw, path = config
+    m, k = x2.shape
+    tiles = bn // (32 * nw)
+    if path != TMA_FRAG_PATH or tiles not in (1, 2) or bn != 32 * nw * tiles or k_slice % 128 or stages < 1:
+        return False
+    if not tma_frag_serves(lin, m, x2.device):
+        return False
+    if x2.dtype != torch.float16:
+        x2 = x2.to(torch.float16)
+    if x2.stride(0) % 8 or x2.data_ptr() % 16:  # TMA: 16-byte aligned base and rows
+        x2 = x2.clone(memory_format=torch.contiguous_format)
+    n = lin.out_features
+    group = lin.group_size_eff
+    _tma_frag_gemm_kernel[(triton.cdiv(n, bn), triton.cdiv(k, k_slice))](
+        _x_descriptor(x2), _words_descriptor(lin, nw, tiles), lin.scales, lin.zeros_or_offsets, out2,
+        m, n, k, lin.scales.stride(0), out2.stride(0),
+        BITS=lin.bits, ZERO_MODE=lin.zero_mode_id, WARPS=nw, TILES=tiles,
+        K_SLICE=k_slice, STAGES=stages, GROUP_BLOCKS=0 if group >= k else group // 128, M_BLOCKS=1 if m <= 8 else 2,
+        WORDS_VIEW=gl.SharedLinearLayout(words_view_bases(lin.bits, nw, tiles)),
+        X_VIEW=gl.SharedLinearLayout(x_view_bases(lin.bits)), num_warps=nw, **pdl_launch(x2),
+    )
+    return True

@@ -1,0 +1,117 @@
+"""kernels.tma_frag_gemm (the fragment GEMM with its words and x staged by TMA). No interpreter
+runs Gluon, so the CPU checks the two things the kernel adds to kernels.frag_gemm's PTX (whose
+model test is tests/kernels/test_frag_gemm.py): the shared-memory views through which each lane
+reads back exactly the fragments the fragment kernel's lanes load, against a model of how TMA
+lays a box out under the 128-byte swizzle, and that those reads are free of bank conflicts. The
+GPU runs the kernel itself against kernels.reference.linear (benchmarks/bench_gemv.py, whose log
+is kept). In the interpreter a "tma-frags" config runs the fragment kernel on the same tile."""
+
+import itertools
+
+import pytest
+
+from qruntime.kernels.frag_gemm import try_frag_gemm
+from qruntime.kernels.qmatmul import qmatmul_accumulate
+from qruntime.kernels.tma_frag_gemm import lane_word_row, words_view_bases, x_view_bases
+from packed_linears import assert_accumulates_product
+
+
+def stored_byte(byte: int) -> int:
+    """Where TMA's 128-byte swizzle puts a box's byte (box laid out row-major, 1024-byte aligned):
+    the 16-byte piece index (bits 4-6) xor the 128-byte row index mod 8 (bits 7-9)."""
+    return byte ^ (((byte >> 7) & 7) << 4)
+
+
+def view_index(bases, offset: int) -> tuple:
+    """The logical index a linear shared layout gives a buffer offset: xor of its set bits' bases."""
+    index = [0] * len(bases[0])
+    for bit, basis in enumerate(bases):
+        if offset >> bit & 1:
+            index = [a ^ b for a, b in zip(index, basis)]
+    return tuple(index)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_lanes_take_every_word_row_once(bits):
+    rows = 128 // (32 // bits)
+    taken = sorted(lane_word_row(bits, h, c) for h in range(rows // 4) for c in range(4))
+    assert taken == list(range(rows))
+
+
+@pytest.mark.parametrize("bits,warps,tiles", list(itertools.product((4, 8), (1, 2, 4, 8), (1, 2))))
+def test_words_view_reads_each_lanes_fragment(bits, warps, tiles):
+    rows = 128 // (32 // bits)
+    chunks = rows // 4
+    words = warps * tiles * rows * 32
+    bases = words_view_bases(bits, warps, tiles)
+    assert 1 << len(bases) == words
+    held = {}  # buffer slot (int32) -> (sub-box, word row, column) TMA stored there
+    for box, row, col in itertools.product(range(warps * tiles), range(rows), range(32)):
+        held[stored_byte(((box * rows + row) * 32 + col) * 4) // 4] = (box, row, col)
+    slot_of = {}
+    for slot in range(words):
+        index = view_index(bases, slot)
+        slot_of[index] = slot
+        tile_chunk, t, i = index
+        tile, h = divmod(tile_chunk, chunks)
+        warp, lane = divmod(t, 32)
+        g, c = divmod(lane, 4)
+        assert held[slot] == (warp * tiles + tile, lane_word_row(bits, h, c), 4 * g + i), (slot, index)
+    assert len(slot_of) == words  # every (chunk, thread, word) read once
+    # one LDS.128 a lane: each phase of 8 lanes must hit 8 different 16-byte bank groups
+    for tile_chunk, warp, phase in itertools.product(range(tiles * chunks), range(warps), range(4)):
+        groups = {slot_of[(tile_chunk, 32 * warp + 8 * phase + j, 0)] // 4 % 8 for j in range(8)}
+        assert len(groups) == 8, (tile_chunk, warp, phase)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_x_view_reads_each_lanes_fragment(bits):
+    unit = 8 if bits == 4 else 4      # bytes a fragment element carries: 4 or 2 columns of x
+    chunks = 128 // (32 // bits) // 4
+    bases = x_view_bases(bits)
+    assert 1 << len(bases) == 4096 // unit
+    slot_of = {}
+    for slot in range(4096 // unit):
+        index = view_index(bases, slot)
+        slot_of[index] = slot
+        h, zero, lane, e = index
+        assert zero == 0
+        g, c = divmod(lane, 4)
+        # the unit's first column of the block: unit 2 r + e % 2 of the lane's word row r
+        column = (2 * lane_word_row(bits, h, c) + e % 2) * unit // 2
+        half, byte = divmod(stored_byte(slot * unit), 2048)  # TMA's box [2, 16, 64] fp16, swizzled
+        assert (half, byte // 128, byte % 128 // 2) == (column // 64, g + 8 * (e // 2), column % 64), (slot, index)
+    assert len(slot_of) == 4096 // unit
+    # a lane's two units of one x row are one load (16 bytes for int4, 8 for int8): 8 or 16 lanes a phase
+    per_phase = 128 // (2 * unit)
+    for h, row_half, phase in itertools.product(range(chunks), range(2), range(32 // per_phase)):
+        lanes = range(per_phase * phase, per_phase * (phase + 1))
+        first = [slot_of[(h, 0, lane, 2 * row_half)] * unit for lane in lanes]
+        assert all(f % (2 * unit) == 0 for f in first)  # the two units are adjacent and aligned
+        banks = {(f // 4 + b) % 32 for f in first for b in range(2 * unit // 4)}
+        assert len(banks) == 32, (h, row_half, phase)
+
+
+# (config, case): one tile a warp and two; a partial last K slice, a partial column tile, M < 8
+CASES = {
+    "two-tiles-m16-n70-k384-g128": ((128, 256, 2, 2, "tma-frags"), (16, 70, 384, 128)),
+    "one-tile-m5-n100-k512-per-channel": ((64, 512, 3, 2, "tma-frags"), (5, 100, 512, -1)),
+}
+
+
+@pytest.mark.parametrize("config,case", CASES.values(), ids=CASES.keys())
+@pytest.mark.parametrize("zero_mode", ["symmetric", "int"])
+@pytest.mark.parametrize("bits", [4, 8], ids=["int4", "int8"])
+def test_tma_config_runs_fragment_kernel_without_tma(bits, zero_mode, config, case):
+    """Without TMA (here: the interpreter) a "tma-frags" config runs the fragment kernel on the same
+    tile and K slice, and the product is right."""
+    ran = []
+
+    def through_dispatch(x, lin, out, cfg):
+        frag_cfg = (cfg[0], cfg[1], 1, cfg[3], "frags")
+        ran.append(try_frag_gemm(x, lin, out.clone(), frag_cfg))  # the fragment kernel serves it
+        qmatmul_accumulate(x, lin, out, config=cfg)
+        return True
+
+    assert_accumulates_product(through_dispatch, config, bits, zero_mode, case)
+    assert ran == [True]
