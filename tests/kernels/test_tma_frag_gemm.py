@@ -9,11 +9,14 @@ is kept). In the interpreter a "tma-frags" config runs the fragment kernel on th
 import itertools
 
 import pytest
+import torch
 
+from qruntime.kernels import tma_frag_gemm
 from qruntime.kernels.frag_gemm import try_frag_gemm
+from qruntime.kernels.layout import prepare
 from qruntime.kernels.qmatmul import qmatmul_accumulate
 from qruntime.kernels.tma_frag_gemm import lane_word_row, words_view_bases, x_view_bases
-from packed_linears import assert_accumulates_product
+from packed_linears import assert_accumulates_product, make_linear
 
 
 def stored_byte(byte: int) -> int:
@@ -115,3 +118,27 @@ def test_tma_config_runs_fragment_kernel_without_tma(bits, zero_mode, config, ca
 
     assert_accumulates_product(through_dispatch, config, bits, zero_mode, case)
     assert ran == [True]
+
+
+def test_serves_only_what_the_kernel_handles(monkeypatch):
+    """tma_frag_serves' rules (what the kernel has no path for keeps the fragment kernel), with the
+    device check stubbed so that they run on the CPU."""
+    monkeypatch.setattr(tma_frag_gemm, "INTERPRET", False)
+    monkeypatch.setattr(tma_frag_gemm, "_has_tma", lambda index: True)
+    cuda = torch.device("cuda", 0)
+
+    def serves(n=96, k=256, bits=4, group=128, zero_mode="int", bias=False, act_order=False, m=16):
+        lin = prepare(make_linear(n, k, bits, group, zero_mode, act_order=act_order, bias=bias), torch.device("cpu"),
+                      torch.float16)
+        return tma_frag_gemm.tma_frag_serves(lin, m, cuda)
+
+    assert serves() and serves(bits=8, zero_mode="symmetric", group=-1, m=1) and serves(group=256)
+    assert not serves(bias=True)              # no bias path
+    assert not serves(act_order=True)         # no permutation of x
+    assert not serves(zero_mode="float")      # GGUF offsets need sum x per group
+    assert not serves(group=64)               # a group smaller than a block of 128
+    assert not serves(k=320, group=-1)        # K not a multiple of 128 (x's [K / 64, M, 64] view)
+    assert not serves(n=80)                   # N not a multiple of 32 (the words' [N / 32, K / EPW, 32] view)
+    assert not serves(m=17)
+    assert not tma_frag_gemm.tma_frag_serves(prepare(make_linear(96, 256, 4, 128, "int", bias=False), torch.device("cpu"),
+                                                     torch.float16), 16, torch.device("cpu"))
