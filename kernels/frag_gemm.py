@@ -263,25 +263,40 @@ def _block_update(totals, loads, BITS: tl.constexpr, TILES: tl.constexpr, CHUNKS
     new = ()
     for tile in tl.static_range(TILES):
         s, z = scales[tile]
-        lo = (z | 0x6400) | ((z | 0x6400) << 16)                   # fp16x2 1024 + z
-        if BITS == 4:
-            hi = (0xD400 | (z << 4)) | ((0xD400 | (z << 4)) << 16)  # fp16x2 -(64 + z) (z < 16)
-        else:
-            hi = lo  # int8 has no second constant (frag_asm takes none)
+        lo, hi = zero_point_operands(z, BITS)
         acc0 = tl.zeros(z.shape, dtype=tl.int64)
         acc1 = tl.zeros(z.shape, dtype=tl.int64)
         for ch in tl.static_range(CHUNKS):
             acc0, acc1 = _chunk_mma(acc0, acc1, words[tile][ch], xfs[ch], lo, hi, BITS, M_BLOCKS)
-        t00, t01, t10, t11 = totals[tile]
-        a0, a1 = _fp32_pair(acc0)
-        t00 += s * a0
-        t01 += s * a1
-        if M_BLOCKS == 2:
-            a0, a1 = _fp32_pair(acc1)
-            t10 += s * a0
-            t11 += s * a1
-        new += ((t00, t01, t10, t11),)
+        new += (add_scaled_block(totals[tile], acc0, acc1, s, M_BLOCKS),)
     return new
+
+
+@triton.jit
+def zero_point_operands(z, BITS: tl.constexpr):
+    """frag_asm's per-word constants for zero points z (int32): fp16x2 1024 + z, and for int4
+    -(64 + z) (int8 has no second constant: the first is passed twice)."""
+    lo = (z | 0x6400) | ((z | 0x6400) << 16)                   # fp16x2 1024 + z
+    if BITS == 4:
+        hi = (0xD400 | (z << 4)) | ((0xD400 | (z << 4)) << 16)  # fp16x2 -(64 + z) (z < 16)
+    else:
+        hi = lo
+    return lo, hi
+
+
+@triton.jit
+def add_scaled_block(totals, acc0, acc1, s, M_BLOCKS: tl.constexpr):
+    """totals (the 4 [T, 4] sums of x rows 2c, 2c + 1, 8 + 2c, 9 + 2c) + s times one block's MMA
+    sums acc0 (rows 2c, 2c + 1) and acc1 (8 + 2c, 9 + 2c; M_BLOCKS = 2 only)."""
+    t00, t01, t10, t11 = totals
+    a0, a1 = _fp32_pair(acc0)
+    t00 += s * a0
+    t01 += s * a1
+    if M_BLOCKS == 2:
+        a0, a1 = _fp32_pair(acc1)
+        t10 += s * a0
+        t11 += s * a1
+    return t00, t01, t10, t11
 
 
 @triton.jit

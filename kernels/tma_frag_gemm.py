@@ -57,7 +57,7 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from ._common import INTERPRET
-from .frag_gemm import _add_rows, _chunk_mma, _fp32_pair as _pair
+from .frag_gemm import _add_rows, _chunk_mma, add_scaled_block, zero_point_operands
 from .pdl import pdl_launch
 
 TMA_FRAG_PATH = "tma-frags"  # the tuned configs' name of this kernel
@@ -281,24 +281,12 @@ def _tma_frag_gemm_kernel(
         new = ()
         for u in gl.static_range(TILES):
             s, z = scales[u]
-            clo = (z | 0x6400) | ((z | 0x6400) << 16)                    # fp16x2 1024 + z
-            if BITS == 4:
-                chi = (0xD400 | (z << 4)) | ((0xD400 | (z << 4)) << 16)  # fp16x2 -(64 + z) (z < 16)
-            else:
-                chi = clo  # int8 has no second constant (frag_asm takes none)
+            clo, chi = zero_point_operands(z, BITS)
             acc0 = gl.zeros([T, 4], gl.int64, FRAG)
             acc1 = gl.zeros([T, 4], gl.int64, FRAG)
             for h in gl.static_range(CHUNKS):
                 acc0, acc1 = _chunk_mma(acc0, acc1, words[u * CHUNKS + h], xfs[h], clo, chi, BITS, M_BLOCKS)
-            t00, t01, t10, t11 = totals[u]
-            a0, a1 = _pair(acc0)
-            t00 += s * a0
-            t01 += s * a1
-            if M_BLOCKS == 2:
-                a0, a1 = _pair(acc1)
-                t10 += s * a0
-                t11 += s * a1
-            new += ((t00, t01, t10, t11),)
+            new += (add_scaled_block(totals[u], acc0, acc1, s, M_BLOCKS),)
         totals = new
     row = 2 * quad
     for u in gl.static_range(TILES):
