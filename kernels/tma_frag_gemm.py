@@ -63,7 +63,7 @@ from .pdl import pdl_launch
 TMA_FRAG_PATH = "tma-frags"  # the tuned configs' name of this kernel
 BLOCK_K = gl.constexpr(128)  # columns of K a stage holds, and between two scale multiplies
 _X_BOX = [2, 16, 64]         # x's box: 128 columns of 16 rows, as two 128-byte-wide halves
-_X_BOX_BYTES = gl.constexpr(2 * 16 * 64 * 2)
+_X_BOX_BYTES = gl.constexpr(math.prod(_X_BOX) * 2)  # fp16
 
 
 def tma_swizzle(byte: int) -> int:
