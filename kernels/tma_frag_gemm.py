@@ -9,14 +9,17 @@ at 44-74% of an H200's read bandwidth. Here the copy engine (TMA) moves a progra
 words and x into shared memory, STAGES blocks ahead of the MMAs and without a register: one
 thread issues two bulk copies per block, and the warps read each block back with one 16-byte
 LDS per chunk of 4 word rows (words) and two per chunk (x), in exactly the lanes the fragment
-kernel's global loads used, then run the same PTX. H200, M = 16, g128, the issue's shapes
-4096 x 4096 / 4096 x 14336 / 14336 x 4096 / 4096 x 128256, each kernel's best tile in the same
-process (benchmarks/results/h200/gemv_sweep_m16_tma.log): int8 56.1/74.5/75.7/90.6% -> 60.8/84.5/
-86.1/98.1% of the read bandwidth, int4 44.1/53.0/54.5/67.6% -> 43.2/58.1/59.3/71.8% (4096 x 4096
-keeps the fragment kernel). int4 is held back by registers: reading a whole block into registers
-before the barrier that lets its stage be refilled costs 24 more than refilling after the MMAs
-(168 against 144 at two tiles a warp: 6 programs an SM instead of 7); the prototype that refilled
-after the MMAs reached 64/65/83% (tma_frag_probe.log), not yet measured in this kernel.
+kernel's global loads used, then run the same PTX; a stage is refilled once its block's MMAs are
+done. H200, M = 16, g128, the issue's shapes 4096 x 4096 / 4096 x 14336 / 14336 x 4096 /
+4096 x 128256, each kernel's best tile in the same process (benchmarks/results/h200/
+gemv_sweep_m16_tma.log): int8 56.1/74.5/75.7/90.6% -> 60.8/84.5/86.1/98.1% of the read bandwidth,
+int4 44.1/53.0/54.5/67.6% -> 43.2/58.1/59.3/71.8% (4096 x 4096 kept the fragment kernel).
+Refilling a stage as soon as every warp had read it, before the MMAs, held every fragment in a
+register across the barrier: int4 at two tiles a warp took 168 registers instead of 144 (int8 at
+four warps 127 instead of 79). Refilling after the MMAs (refill_ab.log, every tile both ways in one
+process) took int4 to 42.6/59.3/60.6/80.2% and left int8 within a point (62.4/80.2/81.6/94.6%,
+4096 x 4096 +5); the sweep with it, gemv_sweep_m16_late.log: int8 65.0/82.3/81.7/97.0%, int4
+44.1/60.6/62.8/81.8%.
 
 Layouts (why the views below are conflict-free and need no shuffle):
 - words: the int32 words [K / EPW, N] are described to TMA as [N / 32, K / EPW, 32] (strides 32,
@@ -275,9 +278,6 @@ def _tma_frag_gemm_kernel(
         xv = xbuf.index(stage)._reinterpret(X_UNIT, [CHUNKS, 1, 32, 4], X_VIEW).load(X_LOAD_L)
         xv = gl.reshape(xv.broadcast_to([CHUNKS, WARPS, 32, 4]), [CHUNKS, T, 4])  # every warp reads the same x
         xfs = _slices(gl.convert_layout(xv, X_CHUNKS_L, assert_trivial=True), FRAG, CHUNKS)
-        if b + STAGES < NB:  # every warp has read this stage: refill it
-            gl.thread_barrier()
-            _request(w_desc, x_desc, wbuf, xbuf, bars, stage, row_lo + (b + STAGES) * R, n0, EPW, True, True)
         new = ()
         for u in gl.static_range(TILES):
             s, z = scales[u]
@@ -288,6 +288,12 @@ def _tma_frag_gemm_kernel(
                 acc0, acc1 = _chunk_mma(acc0, acc1, words[u * CHUNKS + h], xfs[h], clo, chi, BITS, M_BLOCKS)
             new += (add_scaled_block(totals[u], acc0, acc1, s, M_BLOCKS),)
         totals = new
+        # every warp has read this stage: refill it. (After the MMAs, not before: a refill between
+        # the reads and the MMAs makes every word and x fragment a register held across the
+        # barrier, 24-48 more a thread and one program fewer an SM; refill_ab.log.)
+        if b + STAGES < NB:
+            gl.thread_barrier()
+            _request(w_desc, x_desc, wbuf, xbuf, bars, stage, row_lo + (b + STAGES) * R, n0, EPW, True, True)
     row = 2 * quad
     for u in gl.static_range(TILES):
         n = ns[u]
