@@ -418,7 +418,7 @@ def frag_block_k(lin) -> int | None:
 def try_frag_gemm(x2: torch.Tensor, lin, out2: torch.Tensor, config: tuple) -> bool:
     """Runs out2 [M, N] += x2 @ W.T with this kernel when `config` (BLOCK_N, K slice, SUPER blocks
     requested together, num_warps, path) selects it (path "frags"; BLOCK_N = 32 num_warps, or 64
-    num_warps for two column tiles a warp; SUPER dividing the slice's blocks) and it applies: 1..16
+    num_warps for two column tiles a warp; 2+ warps; SUPER dividing the slice's blocks) and it applies: 1..16
     rows, integer or symmetric zero points, no act-order, K a multiple of the codes per word, groups
     of whole chunks (int4: 32 columns of K, int8: 16); returns whether it ran. x is read as fp16
     (bf16 is converted first, as the slot kernel does) from rows aligned for its 8- and 16-byte
@@ -432,6 +432,8 @@ def try_frag_gemm(x2: torch.Tensor, lin, out2: torch.Tensor, config: tuple) -> b
     block_k = frag_block_k(lin)
     if block_k is None or k % epw or tiles not in (1, 2) or bn != 32 * nw * tiles or k_slice % block_k:
         return False
+    if nw < 2:  # one-warp programs give wrong sums on the H200 wherever a K slice spans groups (g32, g128;
+        return False  # per-channel is right) and right ones in the interpreter: frag_one_warp.log
     if sup < 1 or (k_slice // block_k) % sup:
         return False
     if x2.dtype != torch.float16:

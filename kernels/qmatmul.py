@@ -31,11 +31,13 @@ import triton.language as tl
 
 from ._common import group_contribution, int_to_float_exact, nibble_slot
 from .frag_gemm import FRAG_PATH, try_frag_gemm
-from .tma_frag_gemm import TMA_FRAG_PATH, try_tma_frag_gemm
+from .tma_frag_gemm import TMA_FRAG_PATH, TMA_STREAM_PATH, try_tma_frag_gemm
 from .gemv_packed import try_packed_gemv
 from .slot_gemm import try_slot_gemm
 from .pdl import pdl_launch, release_dependents, wait_for_producer
 from .tuning import FEW_ROWS_FALLBACK
+
+STREAM_FALLBACK_SLICE = 512  # "tma-stream" configs run by the fragment kernel: its K slice
 
 
 @triton.jit
@@ -143,10 +145,13 @@ def qmatmul_accumulate(x: torch.Tensor, lin, out: torch.Tensor,
     tensor-core path) or "frags" (kernels.frag_gemm: the words as the MMAs' A fragments, integer or
     symmetric zero points, no act-order; otherwise the slot kernel's default tiles) or "tma-frags"
     (kernels.tma_frag_gemm: the fragment kernel's MMAs on operands staged by TMA, on Hopper and
-    newer; where it cannot serve, the fragment kernel with the same tile and slice). K_ITERS: K
+    newer; where it cannot serve, the fragment kernel with the same tile and slice) or "tma-stream"
+    (the same kernel, one wave of programs sharing the work equally; where it cannot serve, the
+    fragment kernel with the same tile and K slices of STREAM_FALLBACK_SLICE). K_ITERS: K
     tiles per program, or for "packed" and the slot paths the column tiles each program's K slice
     spans; for "frags", BLOCK_K is the K slice and K_ITERS the K blocks whose loads are requested
-    together; for "tma-frags", BLOCK_K is the K slice and K_ITERS the stages of its ring."""
+    together; for "tma-frags", BLOCK_K is the K slice and K_ITERS the stages of its ring; for
+    "tma-stream", BLOCK_K is the programs an SM and K_ITERS the stages."""
     x2 = _check(x, lin)
     m, k = x2.shape
     if m > 16:
@@ -163,9 +168,10 @@ def qmatmul_accumulate(x: torch.Tensor, lin, out: torch.Tensor,
         return out
     if try_tma_frag_gemm(x2, lin, out2, (bn, bk, iters, nw, use_dot)):  # bk: the K slice, iters: stages
         return out
-    if use_dot == TMA_FRAG_PATH and try_frag_gemm(x2, lin, out2, (bn, bk, 1, nw, FRAG_PATH)):  # no TMA, or not served
+    if use_dot in (TMA_FRAG_PATH, TMA_STREAM_PATH) and try_frag_gemm(  # no TMA, or not served
+            x2, lin, out2, (bn, bk if use_dot == TMA_FRAG_PATH else STREAM_FALLBACK_SLICE, 1, nw, FRAG_PATH)):
         return out
-    if use_dot in (FRAG_PATH, TMA_FRAG_PATH) and try_slot_gemm(x2, lin, out2, FEW_ROWS_FALLBACK):
+    if use_dot in (FRAG_PATH, TMA_FRAG_PATH, TMA_STREAM_PATH) and try_slot_gemm(x2, lin, out2, FEW_ROWS_FALLBACK):
         return out
     use_dot = use_dot is True or m > 1
     bk = min(bk, lin.group_size_eff)  # a tile must stay inside one group

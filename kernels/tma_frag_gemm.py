@@ -38,9 +38,17 @@ Layouts (why the views below are conflict-free and need no shuffle):
   (`x_view_bases`), the same for every warp (the load broadcasts over warps).
   Both views are computed from the swizzle and the lane map (`_linear_bases`), not written out.
 
-Blocks past K (a partial last slice) read zeros from TMA and the last group's scales, and add
-nothing. The outputs go to memory once per program, by fp32 atomics (split-K), as in the fragment
-kernel. No interpreter runs Gluon: tests/kernels/test_tma_frag_gemm.py checks the two views
+Work is cut into units, (column tile, block of 128 columns of K), numbered along K tile after
+tile, and a program walks a run of consecutive units. "tma-frags" configs: a split-K grid, column
+tile x K slice, as in the fragment kernel (blocks past K, in a partial last slice, read zeros from
+TMA and the last group's scales, and add nothing). "tma-stream": as many programs as the config
+asks per SM, all resident at once, each an equal run, which may cross from one tile into the next
+(its sums go out at the crossing): no second partial wave of programs and no ring filled twice on
+an SM. Against the best split-K tile in the same process it won 6 of the 11 int4 M = 16 shapes by
+0.4-3.6 points of the read bandwidth and one int8 shape by 0.3 (gemv_sweep_m16_stream.log: int4
+4096 x 14336 60.9 -> 62.1%, 4096 x 128256 80.1 -> 82.4%, 2048 x 3072 20.8 -> 24.4%), and lost the
+other int8 shapes by 0.9-6.4 points (their split-K grids already fill the card with short rings). The outputs go to memory
+by fp32 atomics, once per tile a run touches. No interpreter runs Gluon: tests/kernels/test_tma_frag_gemm.py checks the two views
 against a model of TMA's swizzle on the CPU (the PTX itself is kernels.frag_gemm's, checked by a
 model of a warp there), and benchmarks/bench_gemv.py checks the kernel's products on the GPU.
 """
@@ -63,7 +71,8 @@ from ._common import INTERPRET
 from .frag_gemm import _add_rows, _chunk_mma, add_scaled_block, zero_point_operands
 from .pdl import pdl_launch
 
-TMA_FRAG_PATH = "tma-frags"  # the tuned configs' name of this kernel
+TMA_FRAG_PATH = "tma-frags"  # the tuned configs' names of this kernel: split-K grid,
+TMA_STREAM_PATH = "tma-stream"  # and equal runs of units in one wave of programs
 BLOCK_K = gl.constexpr(128)  # columns of K a stage holds, and between two scale multiplies
 _X_BOX = [2, 16, 64]         # x's box: 128 columns of 16 rows, as two 128-byte-wide halves
 _X_BOX_BYTES = gl.constexpr(math.prod(_X_BOX) * 2)  # fp16
@@ -213,20 +222,57 @@ def _block_scales(s_ptr, z_ptr, blk, last_grp, ns, N, stride_sg, BITS: gl.conste
 
 
 @gluon.jit
+def _columns(base, tile, TILES: gl.constexpr, T: gl.constexpr):
+    """Per tile u of column tile `tile`, the lane's 4 columns [T, 4] (base: their offsets in the tile)."""
+    out = ()
+    for u in gl.static_range(TILES):
+        out += (base + (tile * (T * TILES) + 32 * u),)
+    return out
+
+
+@gluon.jit
+def _unit(u, BK):
+    """Work unit u -> (column tile, block of 128 columns of K): units run along K, tile after tile."""
+    tile = u // BK
+    return tile, u - tile * BK
+
+
+@gluon.jit
+def _unit_at(lo, i, BK, STREAM: gl.constexpr):
+    """The i-th unit of the run from unit lo (split-K slices: the i-th block, past K if need be)."""
+    if STREAM:
+        return _unit(lo + i, BK)
+    tile, blk = _unit(lo, BK)
+    return tile, blk + i
+
+
+@gluon.jit
+def _following(tile, blk, BK, STREAM: gl.constexpr):
+    """The unit after (tile, blk) (split-K slices: the block after, past K if need be)."""
+    if not STREAM:
+        return tile, blk + 1
+    wrap = blk + 1 == BK
+    return tile + wrap.to(gl.int32), gl.where(wrap, 0, blk + 1)
+
+
+@gluon.jit
 def _tma_frag_gemm_kernel(
     x_desc, w_desc, s_ptr, z_ptr, out_ptr, M, N, K, stride_sg, stride_om,
     BITS: gl.constexpr, ZERO_MODE: gl.constexpr, PDL: gl.constexpr, WARPS: gl.constexpr,
     TILES: gl.constexpr, K_SLICE: gl.constexpr, STAGES: gl.constexpr, GROUP_BLOCKS: gl.constexpr,
-    M_BLOCKS: gl.constexpr, WORDS_VIEW: gl.constexpr, X_VIEW: gl.constexpr,
+    M_BLOCKS: gl.constexpr, WORDS_VIEW: gl.constexpr, X_VIEW: gl.constexpr, STREAM: gl.constexpr,
 ):
-    """out [M, N] += x [M, K] @ W.T for M <= 16: program (TILES tiles of 32 columns a warp, K slice
-    of K_SLICE walked in blocks of 128 through STAGES buffers), scale multiplies per block
-    (GROUP_BLOCKS blocks a group; 0: one group, per-channel), fp32 atomics at the end."""
+    """out [M, N] += x [M, K] @ W.T for M <= 16. Work units: (column tile of TILES tiles of 32
+    columns a warp, block of 128 columns of K), numbered along K tile after tile. A program walks a
+    run of consecutive units through STAGES buffers: STREAM, an equal share of all units (grid: the
+    programs that fit the card at once; a run may cross from one tile into the next), else the
+    K_SLICE / 128 units of column tile program_id(0) from slice program_id(1). Scale multiplies per
+    block (GROUP_BLOCKS blocks a group; 0: one group, per-channel); fp32 atomics when a run leaves
+    a tile."""
     EPW: gl.constexpr = 32 // BITS
     R: gl.constexpr = BLOCK_K // EPW            # word rows a block
     CHUNKS: gl.constexpr = R // 4
     T: gl.constexpr = 32 * WARPS
-    NB: gl.constexpr = K_SLICE // BLOCK_K       # blocks a slice
     FRAG: gl.constexpr = gl.BlockedLayout([1, 4], [32, 1], [WARPS, 1], [1, 0])  # thread t holds row t
     WORDS_L: gl.constexpr = gl.BlockedLayout([CHUNKS * TILES, 1, 4], [1, 32, 1], [1, WARPS, 1], [2, 0, 1])
     X_CHUNKS_L: gl.constexpr = gl.BlockedLayout([CHUNKS, 1, 4], [1, 32, 1], [1, WARPS, 1], [2, 0, 1])
@@ -234,8 +280,15 @@ def _tma_frag_gemm_kernel(
     X_UNIT: gl.constexpr = gl.int64 if BITS == 4 else gl.int32
     if PDL:
         gdc_launch_dependents()
-    n0 = gl.program_id(0) * (T * TILES)
-    row_lo = gl.program_id(1) * (NB * R)
+    BK = gl.cdiv(K, BLOCK_K)                    # units a column tile
+    if STREAM:
+        units = gl.cdiv(N, T * TILES) * BK
+        lo = gl.program_id(0) * units // gl.num_programs(0)
+        count = (gl.program_id(0) + 1) * units // gl.num_programs(0) - lo
+    else:
+        NB: gl.constexpr = K_SLICE // BLOCK_K
+        lo = gl.program_id(0) * BK + gl.program_id(1) * NB
+        count = NB  # blocks past K (a partial last slice) read zeros and the last group's scales
     wbuf = gl.allocate_shared_memory(gl.int32, [STAGES, WARPS * TILES, R, 32], w_desc.layout)
     xbuf = gl.allocate_shared_memory(gl.float16, [STAGES] + x_desc.block_type.shape, x_desc.layout)
     bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -244,34 +297,39 @@ def _tma_frag_gemm_kernel(
     fence_async_shared()
     # the weights are no kernel's output: the first blocks are requested before the PDL wait
     for i in gl.static_range(STAGES):
-        if i < NB:
-            _request(w_desc, x_desc, wbuf, xbuf, bars, i, row_lo + i * R, n0, EPW, True, False)
+        if i < count:
+            tile, blk = _unit_at(lo, i, BK, STREAM)
+            _request(w_desc, x_desc, wbuf, xbuf, bars, i, blk * R, tile * (T * TILES), EPW, True, False)
 
     t = gl.arange(0, T, layout=gl.SliceLayout(1, FRAG))
     lane = t % 32
-    gid = lane // 4
-    quad = lane % 4
+    row = 2 * (lane % 4)  # the first x row of the lane's sums
     e = gl.arange(0, 4, layout=gl.SliceLayout(0, FRAG))[None, :]
-    ns = ()       # per tile: the lane's 4 columns [T, 4]
-    totals = ()   # and the sums of x rows 2c, 2c + 1, 8 + 2c, 9 + 2c over the slice
+    base = ((t // 32) * (32 * TILES) + 4 * (lane // 4))[:, None] + e  # the lane's columns in a tile
+    zero = gl.zeros([T, 4], gl.float32, FRAG)
+    totals = ()   # per tile: the sums of x rows 2c, 2c + 1, 8 + 2c, 9 + 2c over the run's blocks so far
     for u in gl.static_range(TILES):
-        ns += ((n0 + (t // 32) * (32 * TILES) + 32 * u + 4 * gid)[:, None] + e,)
-        zero = gl.zeros([T, 4], gl.float32, FRAG)
         totals += ((zero, zero, zero, zero),)
-    blocks = gl.cdiv(K, BLOCK_K)
-    last_grp = 0 if GROUP_BLOCKS == 0 else (blocks - 1) // GROUP_BLOCKS
-    blk_lo = gl.program_id(1) * NB
+    last_grp = 0 if GROUP_BLOCKS == 0 else (BK - 1) // GROUP_BLOCKS
     if PDL:
         gdc_wait()  # x is the previous kernel's output
     for i in gl.static_range(STAGES):
-        if i < NB:
-            _request(w_desc, x_desc, wbuf, xbuf, bars, i, row_lo + i * R, n0, EPW, False, True)
-    nxt = _block_scales(s_ptr, z_ptr, blk_lo, last_grp, ns, N, stride_sg, BITS, ZERO_MODE, GROUP_BLOCKS, TILES, FRAG)
-    for b in range(NB):
+        if i < count:
+            tile, blk = _unit_at(lo, i, BK, STREAM)
+            _request(w_desc, x_desc, wbuf, xbuf, bars, i, blk * R, tile * (T * TILES), EPW, False, True)
+    # units carried along instead of divided out per block: this block's, the next one's (its
+    # scales are requested a block ahead) and the refill's, STAGES ahead
+    tile, blk = _unit(lo, BK)
+    tile_r, blk_r = _unit_at(lo, STAGES, BK, STREAM)
+    ns = _columns(base, tile, TILES, T)
+    nxt = _block_scales(s_ptr, z_ptr, blk, last_grp, ns, N, stride_sg, BITS, ZERO_MODE, GROUP_BLOCKS, TILES, FRAG)
+    for b in range(count):
         stage = b % STAGES
         scales = nxt  # the next block's scales are requested before this block's MMAs
-        nxt = _block_scales(s_ptr, z_ptr, blk_lo + gl.minimum(b + 1, NB - 1), last_grp, ns, N, stride_sg, BITS,
-                            ZERO_MODE, GROUP_BLOCKS, TILES, FRAG)
+        tile_n, blk_n = _following(tile, blk, BK, STREAM)
+        ns_n = _columns(base, tile_n, TILES, T) if STREAM else ns
+        nxt = _block_scales(s_ptr, z_ptr, blk_n, last_grp, ns_n, N, stride_sg, BITS, ZERO_MODE, GROUP_BLOCKS, TILES,
+                            FRAG)
         mbarrier.wait(bars.index(stage), (b // STAGES) & 1)
         words = _slices(wbuf.index(stage)._reinterpret(gl.int32, [CHUNKS * TILES, T, 4], WORDS_VIEW).load(WORDS_L),
                         FRAG, CHUNKS * TILES)
@@ -291,10 +349,27 @@ def _tma_frag_gemm_kernel(
         # every warp has read this stage: refill it. (After the MMAs, not before: a refill between
         # the reads and the MMAs makes every word and x fragment a register held across the
         # barrier, 24-48 more a thread and one program fewer an SM; refill_ab.log.)
-        if b + STAGES < NB:
+        if b + STAGES < count:
             gl.thread_barrier()
-            _request(w_desc, x_desc, wbuf, xbuf, bars, stage, row_lo + (b + STAGES) * R, n0, EPW, True, True)
-    row = 2 * quad
+            _request(w_desc, x_desc, wbuf, xbuf, bars, stage, blk_r * R, tile_r * (T * TILES), EPW, True, True)
+        tile_r, blk_r = _following(tile_r, blk_r, BK, STREAM)
+        if STREAM:
+            if (tile_n != tile) & (b < count - 1):  # the run leaves this tile for the next: its sums go out
+                _add_totals(out_ptr, totals, row, _columns(base, tile, TILES, T), N, M, stride_om, M_BLOCKS, TILES)
+                cleared = ()
+                for u in gl.static_range(TILES):
+                    cleared += ((zero, zero, zero, zero),)
+                totals = cleared
+        tile, blk = tile_n, blk_n
+    if STREAM:  # the loop has moved one unit past the run
+        tile, blk = _unit(lo + count - 1, BK)
+        ns = _columns(base, tile, TILES, T)
+    _add_totals(out_ptr, totals, row, ns, N, M, stride_om, M_BLOCKS, TILES)
+
+
+@gluon.jit
+def _add_totals(out_ptr, totals, row, ns, N, M, stride_om, M_BLOCKS: gl.constexpr, TILES: gl.constexpr):
+    """out += each tile's sums (lane (g, c): x rows row = 2c, 2c + 1, 8 + 2c, 9 + 2c at its 4 columns)."""
     for u in gl.static_range(TILES):
         n = ns[u]
         n_ok = n < N
@@ -326,6 +401,11 @@ def _x_descriptor(x2: torch.Tensor) -> TensorDescriptor:
 
 
 @functools.lru_cache(maxsize=None)
+def _multiprocessors(index: int | None) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+@functools.lru_cache(maxsize=None)
 def _has_tma(index: int | None) -> bool:
     return torch.cuda.get_device_capability(index)[0] >= 9
 
@@ -346,15 +426,19 @@ def tma_frag_serves(lin, m: int, device: torch.device) -> bool:
 
 
 def try_tma_frag_gemm(x2: torch.Tensor, lin, out2: torch.Tensor, config: tuple) -> bool:
-    """Runs out2 [M, N] += x2 @ W.T with this kernel when `config` (BLOCK_N, K slice, STAGES,
-    num_warps, path) selects it (path "tma-frags"; BLOCK_N = 32 num_warps (one tile a warp) or 64
-    num_warps (two), the K slice a multiple of 128) and tma_frag_serves; returns whether it ran. x
-    is read as fp16 (bf16 is converted first, as the fragment kernel does) from 16-byte aligned
-    rows (copied when they are not)."""
-    bn, k_slice, stages, nw, path = config
+    """Runs out2 [M, N] += x2 @ W.T with this kernel when `config` (BLOCK_N, K slice or programs an
+    SM, STAGES, num_warps, path) selects it and tma_frag_serves; returns whether it ran. Path
+    "tma-frags": a grid of column tiles x K slices (a multiple of 128); "tma-stream": as many
+    programs as fit the card at once (the second field an SM, times its multiprocessors), each an
+    equal run of the units. BLOCK_N = 32 num_warps (one tile a warp) or 64 num_warps (two). x is
+    read as fp16 (bf16 is converted first, as the fragment kernel does) from 16-byte aligned rows
+    (copied when they are not)."""
+    bn, k_field, stages, nw, path = config
     m, k = x2.shape
     tiles = bn // (32 * nw)
-    if path != TMA_FRAG_PATH or tiles not in (1, 2) or bn != 32 * nw * tiles or k_slice % 128 or stages < 1:
+    stream = path == TMA_STREAM_PATH
+    if path not in (TMA_FRAG_PATH, TMA_STREAM_PATH) or tiles not in (1, 2) or bn != 32 * nw * tiles or stages < 1 \
+            or k_field < 1 or (not stream and k_field % 128):
         return False
     if not tma_frag_serves(lin, m, x2.device):
         return False
@@ -364,12 +448,17 @@ def try_tma_frag_gemm(x2: torch.Tensor, lin, out2: torch.Tensor, config: tuple) 
         x2 = x2.clone(memory_format=torch.contiguous_format)
     n = lin.out_features
     group = lin.group_size_eff
-    _tma_frag_gemm_kernel[(triton.cdiv(n, bn), triton.cdiv(k, k_slice))](
+    if stream:
+        units = triton.cdiv(n, bn) * triton.cdiv(k, 128)
+        grid = (min(units, k_field * _multiprocessors(x2.device.index)),)
+    else:
+        grid = (triton.cdiv(n, bn), triton.cdiv(k, k_field))
+    _tma_frag_gemm_kernel[grid](
         _x_descriptor(x2), _words_descriptor(lin, nw, tiles), lin.scales, lin.zeros_or_offsets, out2,
         m, n, k, lin.scales.stride(0), out2.stride(0),
         BITS=lin.bits, ZERO_MODE=lin.zero_mode_id, WARPS=nw, TILES=tiles,
-        K_SLICE=k_slice, STAGES=stages, GROUP_BLOCKS=0 if group >= k else group // 128, M_BLOCKS=1 if m <= 8 else 2,
-        WORDS_VIEW=gl.SharedLinearLayout(words_view_bases(lin.bits, nw, tiles)),
-        X_VIEW=gl.SharedLinearLayout(x_view_bases(lin.bits)), num_warps=nw, **pdl_launch(x2),
+        K_SLICE=128 if stream else k_field, STAGES=stages, GROUP_BLOCKS=0 if group >= k else group // 128,
+        M_BLOCKS=1 if m <= 8 else 2, WORDS_VIEW=gl.SharedLinearLayout(words_view_bases(lin.bits, nw, tiles)),
+        X_VIEW=gl.SharedLinearLayout(x_view_bases(lin.bits)), STREAM=stream, num_warps=nw, **pdl_launch(x2),
     )
     return True

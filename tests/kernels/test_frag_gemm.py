@@ -55,17 +55,6 @@ def test_frag_gemm_blocks_loaded_together(bits, zero_mode, config, case):
     assert_accumulates_product(try_frag_gemm, config, bits, zero_mode, case)
 
 
-@pytest.mark.parametrize("config,case", [((32, 256, 2, 1, "frags"), (16, 70, 384, 128)),
-                                         ((64, 512, 1, 1, "frags"), (5, 100, 1000, 128))],
-                         ids=["one-tile-super2-m16-n70-k384", "two-tiles-m5-n100-k1000"])
-@pytest.mark.parametrize("bits", [4, 8], ids=["int4", "int8"])
-def test_frag_gemm_one_warp_programs(bits, config, case):
-    """Programs of one warp (num_warps 1, among the configs bench_gemv.py sweeps): one
-    tile walked two blocks at a time with a partial last slice, and two tiles a warp with a
-    partial second tile and a partial K slice."""
-    assert_accumulates_product(try_frag_gemm, config, bits, "int", case)
-
-
 @pytest.mark.parametrize("shape", [(16, 100, 384), (5, 256, 256)], ids=["m16-n100-partial", "m5-n256-whole"])
 @pytest.mark.parametrize("bits", [4, 8], ids=["int4", "int8"])
 def test_frag_gemm_two_column_tiles_a_warp(bits, shape):
@@ -95,7 +84,8 @@ def test_frag_gemm_bf16_and_strided_activations(bits):
 
 def test_frag_gemm_refuses_what_it_cannot_serve():
     """Float offsets (GGUF), act-order, a tile that is not 32 columns a warp, a K slice that is not
-    whole blocks or whole super-blocks, and groups smaller than a chunk (int4: 32 columns of K) go
+    whole blocks or whole super-blocks, groups smaller than a chunk (int4: 32 columns of K) and
+    one-warp programs (wrong sums on the H200, benchmarks/results/h200/frag_one_warp.log) go
     elsewhere, leaving `out` untouched; qmatmul_accumulate still answers right through the other
     kernels."""
     x = torch.randn(4, 256, generator=torch.Generator().manual_seed(1)).half()
@@ -108,6 +98,8 @@ def test_frag_gemm_refuses_what_it_cannot_serve():
         (make_linear(24, 256, 4, 16, "int", seed=5), (64, 256, 1, 2, "frags")),      # 16 < one chunk
         (make_linear(24, 256, 4, 128, "int", seed=6), (64, 384, 2, 2, "frags")),     # 3 blocks, 2 at a time
         (make_linear(24, 256, 4, 128, "int", seed=6), (64, 256, 0, 2, "frags")),     # no block at a time
+        (make_linear(24, 256, 8, 128, "int", seed=7), (64, 256, 1, 1, "frags")),     # one warp (wrong on the GPU)
+        (make_linear(24, 256, 4, 128, "int", seed=7), (32, 256, 2, 1, "frags")),     # likewise
     ]
     for lin, cfg in refused:
         t = prepare(lin, torch.device("cpu"), torch.float16)

@@ -14,7 +14,7 @@ import torch
 from qruntime.kernels import tma_frag_gemm
 from qruntime.kernels.frag_gemm import try_frag_gemm
 from qruntime.kernels.layout import prepare
-from qruntime.kernels.qmatmul import qmatmul_accumulate
+from qruntime.kernels.qmatmul import STREAM_FALLBACK_SLICE, qmatmul_accumulate
 from qruntime.kernels.tma_frag_gemm import lane_word_row, words_view_bases, x_view_bases
 from packed_linears import assert_accumulates_product, make_linear
 
@@ -99,6 +99,7 @@ def test_x_view_reads_each_lanes_fragment(bits):
 CASES = {
     "two-tiles-m16-n70-k384-g128": ((128, 256, 2, 2, "tma-frags"), (16, 70, 384, 128)),
     "one-tile-m5-n100-k512-per-channel": ((64, 512, 3, 2, "tma-frags"), (5, 100, 512, -1)),
+    "stream-two-tiles-m3-n96-k640-g128": ((128, 6, 2, 2, "tma-stream"), (3, 96, 640, 128)),
 }
 
 
@@ -107,11 +108,11 @@ CASES = {
 @pytest.mark.parametrize("bits", [4, 8], ids=["int4", "int8"])
 def test_tma_config_runs_fragment_kernel_without_tma(bits, zero_mode, config, case):
     """Without TMA (here: the interpreter) a "tma-frags" config runs the fragment kernel on the same
-    tile and K slice, and the product is right."""
+    tile and K slice ("tma-stream": K slices of STREAM_FALLBACK_SLICE), and the product is right."""
     ran = []
 
     def through_dispatch(x, lin, out, cfg):
-        frag_cfg = (cfg[0], cfg[1], 1, cfg[3], "frags")
+        frag_cfg = (cfg[0], cfg[1] if cfg[4] == "tma-frags" else STREAM_FALLBACK_SLICE, 1, cfg[3], "frags")
         ran.append(try_frag_gemm(x, lin, out.clone(), frag_cfg))  # the fragment kernel serves it
         qmatmul_accumulate(x, lin, out, config=cfg)
         return True

@@ -28,7 +28,8 @@ def test_every_table_is_well_formed():
             assert kind in ("splitk", "step", "gemm") and bits in ("w4", "w8") and m[0] == "m" and n[0] == "n" and k[0] == "k"
             assert len(cfg) == 5 and all(isinstance(v, int) and v > 0 for v in cfg[:4]), (path, key)
             if kind in ("splitk", "step"):
-                assert cfg[4] in (False, True, "packed", "slots", "slots-unrolled", "frags", "tma-frags"), (path, key)
+                assert cfg[4] in (False, True, "packed", "slots", "slots-unrolled", "frags", "tma-frags",
+                                  "tma-stream"), (path, key)
             if cfg[4] == "frags":  # kernels.frag_gemm: one or two 32-column tiles a warp, K slices of whole
                 # blocks (g128: 128 columns of K), walked 1 or 2 blocks at a time
                 assert cfg[0] in (32 * cfg[3], 64 * cfg[3]) and cfg[1] % 128 == 0 and m != "m1", (path, key)
@@ -36,6 +37,9 @@ def test_every_table_is_well_formed():
             if cfg[4] == "tma-frags":  # kernels.tma_frag_gemm: the same tiles, K slices of whole blocks of 128,
                 # rings of 1-3 stages
                 assert cfg[0] in (32 * cfg[3], 64 * cfg[3]) and cfg[1] % 128 == 0 and m != "m1", (path, key)
+                assert 1 <= cfg[2] <= 3, (path, key)
+            if cfg[4] == "tma-stream":  # the same tiles and rings, 1-32 programs an SM
+                assert cfg[0] in (32 * cfg[3], 64 * cfg[3]) and 1 <= cfg[1] <= 32 and m != "m1", (path, key)
                 assert 1 <= cfg[2] <= 3, (path, key)
 
 
