@@ -143,3 +143,23 @@ def test_serves_only_what_the_kernel_handles(monkeypatch):
     assert not serves(m=17)
     assert not tma_frag_gemm.tma_frag_serves(prepare(make_linear(96, 256, 4, 128, "int", bias=False), torch.device("cpu"),
                                                      torch.float16), 16, torch.device("cpu"))
+
+
+def test_refuses_malformed_configs(monkeypatch):
+    """try_tma_frag_gemm returns False, before any launch, for configs that name another kernel or
+    that the kernel has no shape for (the linear itself served: the device check stubbed), so that
+    dispatch moves on instead of failing."""
+    monkeypatch.setattr(tma_frag_gemm, "INTERPRET", False)
+    monkeypatch.setattr(tma_frag_gemm, "_has_tma", lambda index: True)
+    lin = prepare(make_linear(96, 256, 4, 128, "int"), torch.device("cpu"), torch.float16)
+    x = torch.randn(4, 256).half()
+    out = torch.zeros(4, 96)
+    for cfg in [(64, 512, 2, 2, "frags"),         # the fragment kernel's
+                (256, 512, 2, 2, "tma-frags"),     # four tiles a warp
+                (96, 512, 2, 2, "tma-frags"),      # not whole 32-column tiles a warp
+                (64, 192, 2, 2, "tma-frags"),      # a K slice of 1.5 blocks
+                (64, 512, 0, 2, "tma-frags"),      # no stage
+                (64, 0, 2, 2, "tma-stream"),       # no program an SM
+                (64, 4, 0, 2, "tma-stream")]:
+        assert not tma_frag_gemm.try_tma_frag_gemm(x, lin, out, cfg), cfg
+    assert torch.count_nonzero(out) == 0
