@@ -146,8 +146,8 @@ def qmatmul_accumulate(x: torch.Tensor, lin, out: torch.Tensor,
     symmetric zero points, no act-order; otherwise the slot kernel's default tiles) or "tma-frags"
     (kernels.tma_frag_gemm: the fragment kernel's MMAs on operands staged by TMA, on Hopper and
     newer; where it cannot serve, the fragment kernel with the same tile and slice) or "tma-stream"
-    (the same kernel, one wave of programs sharing the work equally; where it cannot serve, the
-    fragment kernel with the same tile and K slices of STREAM_FALLBACK_SLICE). K_ITERS: K
+    (the same kernel, a tuned number of programs an SM sharing the work equally; where it cannot
+    serve, the fragment kernel with the same tile and K slices of STREAM_FALLBACK_SLICE). K_ITERS: K
     tiles per program, or for "packed" and the slot paths the column tiles each program's K slice
     spans; for "frags", BLOCK_K is the K slice and K_ITERS the K blocks whose loads are requested
     together; for "tma-frags", BLOCK_K is the K slice and K_ITERS the stages of its ring; for

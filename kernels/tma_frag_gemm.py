@@ -41,15 +41,18 @@ Layouts (why the views below are conflict-free and need no shuffle):
 Work is cut into units, (column tile, block of 128 columns of K), numbered along K tile after
 tile, and a program walks a run of consecutive units. "tma-frags" configs: a split-K grid, column
 tile x K slice, as in the fragment kernel (blocks past K, in a partial last slice, read zeros from
-TMA and the last group's scales, and add nothing). "tma-stream": as many programs as the config
-asks per SM, all resident at once, each an equal run, which may cross from one tile into the next
-(its sums go out at the crossing): no second partial wave of programs and no ring filled twice on
-an SM. Against the best split-K tile in the same process it won 6 of the 11 int4 M = 16 shapes by
-0.4-3.6 points of the read bandwidth and one int8 shape by 0.3 (gemv_sweep_m16_stream.log: int4
-4096 x 14336 60.9 -> 62.1%, 4096 x 128256 80.1 -> 82.4%, 2048 x 3072 20.8 -> 24.4%), and lost the
-other int8 shapes by 0.9-6.4 points (their split-K grids already fill the card with short rings). The outputs go to memory
-by fp32 atomics, once per tile a run touches. No interpreter runs Gluon: tests/kernels/test_tma_frag_gemm.py checks the two views
-against a model of TMA's swizzle on the CPU (the PTX itself is kernels.frag_gemm's, checked by a
+TMA and the last group's scales, and add nothing). "tma-stream": the config's number of programs
+an SM times the SMs, each an equal run, which may cross from one tile into the next (its sums go
+out at the crossing); when that many fit an SM at once there is no partial second wave and no
+ring filled twice on an SM. Against the best split-K tile in the same process it won 6 of the 11
+int4 M = 16 shapes by 0.4-3.6 points of the read bandwidth and one int8 shape by 0.3
+(gemv_sweep_m16_stream.log: int4 4096 x 14336 60.9 -> 62.1%, 4096 x 128256 80.1 -> 82.4%,
+2048 x 3072 20.8 -> 24.4%), and lost the other int8 shapes by 0.9-6.4 points (their split-K
+grids already fill the card with short rings). The outputs go to memory by fp32 atomics, once per
+tile a run touches.
+
+No interpreter runs Gluon: tests/kernels/test_tma_frag_gemm.py checks the two views against a
+model of TMA's swizzle on the CPU (the PTX itself is kernels.frag_gemm's, checked by a
 model of a warp there), and benchmarks/bench_gemv.py checks the kernel's products on the GPU.
 """
 
@@ -72,7 +75,7 @@ from .frag_gemm import _add_rows, _chunk_mma, add_scaled_block, zero_point_opera
 from .pdl import pdl_launch
 
 TMA_FRAG_PATH = "tma-frags"  # the tuned configs' names of this kernel: split-K grid,
-TMA_STREAM_PATH = "tma-stream"  # and equal runs of units in one wave of programs
+TMA_STREAM_PATH = "tma-stream"  # and equal runs of units, a tuned number of programs an SM
 BLOCK_K = gl.constexpr(128)  # columns of K a stage holds, and between two scale multiplies
 _X_BOX = [2, 16, 64]         # x's box: 128 columns of 16 rows, as two 128-byte-wide halves
 _X_BOX_BYTES = gl.constexpr(math.prod(_X_BOX) * 2)  # fp16
@@ -264,8 +267,8 @@ def _tma_frag_gemm_kernel(
 ):
     """out [M, N] += x [M, K] @ W.T for M <= 16. Work units: (column tile of TILES tiles of 32
     columns a warp, block of 128 columns of K), numbered along K tile after tile. A program walks a
-    run of consecutive units through STAGES buffers: STREAM, an equal share of all units (grid: the
-    programs that fit the card at once; a run may cross from one tile into the next), else the
+    run of consecutive units through STAGES buffers: STREAM, an equal share of all units (grid: a
+    tuned number of programs an SM; a run may cross from one tile into the next), else the
     K_SLICE / 128 units of column tile program_id(0) from slice program_id(1). Scale multiplies per
     block (GROUP_BLOCKS blocks a group; 0: one group, per-channel); fp32 atomics when a run leaves
     a tile."""
