@@ -89,22 +89,18 @@ def tma_stream_configs():
 
 def check_tma_frag(bits: int) -> None:
     """The TMA kernel's products against the reference where it serves (K a multiple of 128; N a
-    multiple of 32 but not of the tile; a partial last K slice; 3 and 16 rows; one and two tiles a
-    warp; g128 and per-channel, integer and symmetric zero points)."""
-    for group, sym, m, cfg in itertools.product((128, -1), (True, False), (3, 16),
-                                                [(64, 512, 2, 2), (128, 256, 3, 2), (256, 1024, 2, 4), (64, 128, 1, 1)]):
-        packed = quantize_rtn(torch.randn(800, 1152, device="cuda"), bits, group, sym)
-        lin = prepare(packed, torch.device("cuda"), torch.float16)
-        assert tma_frag_serves(lin, m, torch.device("cuda"))
-        x = torch.randn(m, 1152, device="cuda", dtype=torch.float16)
-        check_product(x, packed, lin, cfg + (TMA_FRAG_PATH,), f"w{bits} g{group} sym={sym} path={TMA_FRAG_PATH} M={m} config={cfg}")
-    # one wave sharing the units: runs that cross from tile to tile (units >> programs), a partial last tile
-    for group, sym, m, cfg in itertools.product((128, -1), (True, False), (3, 16),
-                                                [(64, 1, 2, 2), (128, 2, 3, 2), (256, 1, 2, 4), (128, 12, 2, 4)]):
-        packed = quantize_rtn(torch.randn(4000, 2304, device="cuda"), bits, group, sym)
-        lin = prepare(packed, torch.device("cuda"), torch.float16)
-        x = torch.randn(m, 2304, device="cuda", dtype=torch.float16)
-        check_product(x, packed, lin, cfg + (TMA_STREAM_PATH,), f"w{bits} g{group} sym={sym} path={TMA_STREAM_PATH} M={m} config={cfg}")
+    multiple of 32 but not of the tile; 3 and 16 rows; one and two tiles a warp; g128 and
+    per-channel, integer and symmetric zero points), on both grids: split-K with a partial last K
+    slice, and the stream grid with runs that cross from tile to tile (units >> programs)."""
+    grids = [(TMA_FRAG_PATH, (800, 1152), [(64, 512, 2, 2), (128, 256, 3, 2), (256, 1024, 2, 4), (64, 128, 1, 1)]),
+             (TMA_STREAM_PATH, (4000, 2304), [(64, 1, 2, 2), (128, 2, 3, 2), (256, 1, 2, 4), (128, 12, 2, 4)])]
+    for path, (n, k), cfgs in grids:
+        for group, sym, m, cfg in itertools.product((128, -1), (True, False), (3, 16), cfgs):
+            packed = quantize_rtn(torch.randn(n, k, device="cuda"), bits, group, sym)
+            lin = prepare(packed, torch.device("cuda"), torch.float16)
+            assert tma_frag_serves(lin, m, torch.device("cuda"))
+            x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+            check_product(x, packed, lin, cfg + (path,), f"w{bits} g{group} sym={sym} path={path} M={m} config={cfg}")
 
 
 def check_product(x: torch.Tensor, packed, lin, cfg: tuple, label: str) -> None:

@@ -310,9 +310,7 @@ def _tma_frag_gemm_kernel(
     e = gl.arange(0, 4, layout=gl.SliceLayout(0, FRAG))[None, :]
     base = ((t // 32) * (32 * TILES) + 4 * (lane // 4))[:, None] + e  # the lane's columns in a tile
     zero = gl.zeros([T, 4], gl.float32, FRAG)
-    totals = ()   # per tile: the sums of x rows 2c, 2c + 1, 8 + 2c, 9 + 2c over the run's blocks so far
-    for u in gl.static_range(TILES):
-        totals += ((zero, zero, zero, zero),)
+    totals = _cleared(zero, TILES)  # per tile: sums of x rows 2c, 2c + 1, 8 + 2c, 9 + 2c over the run so far
     last_grp = 0 if GROUP_BLOCKS == 0 else (BK - 1) // GROUP_BLOCKS
     if PDL:
         gdc_wait()  # x is the previous kernel's output
@@ -359,15 +357,21 @@ def _tma_frag_gemm_kernel(
         if STREAM:
             if (tile_n != tile) & (b < count - 1):  # the run leaves this tile for the next: its sums go out
                 _add_totals(out_ptr, totals, row, _columns(base, tile, TILES, T), N, M, stride_om, M_BLOCKS, TILES)
-                cleared = ()
-                for u in gl.static_range(TILES):
-                    cleared += ((zero, zero, zero, zero),)
-                totals = cleared
+                totals = _cleared(zero, TILES)
         tile, blk = tile_n, blk_n
     if STREAM:  # the loop has moved one unit past the run
         tile, blk = _unit(lo + count - 1, BK)
         ns = _columns(base, tile, TILES, T)
     _add_totals(out_ptr, totals, row, ns, N, M, stride_om, M_BLOCKS, TILES)
+
+
+@gluon.jit
+def _cleared(zero, TILES: gl.constexpr):
+    """Per tile, the four sums at zero."""
+    out = ()
+    for u in gl.static_range(TILES):
+        out += ((zero, zero, zero, zero),)
+    return out
 
 
 @gluon.jit
