@@ -23,7 +23,7 @@ from qruntime.kernels.qmatmul import qmatmul, qmatmul_accumulate
 from qruntime.kernels.tuning import splitk_config
 from qruntime.kernels.reference import linear as ref_linear
 from qruntime.kernels.frag_gemm import FRAG_PATH
-from qruntime.kernels.tma_frag_gemm import TMA_FRAG_PATH, TMA_STREAM_PATH, tma_frag_serves
+from qruntime.kernels.tma_frag_gemm import STAGED_SCALES, TMA_FRAG_PATH, TMA_STREAM_PATH, tma_frag_serves
 from qruntime.kernels.slot_gemm import SLOT_PATHS
 from qruntime.quantizers.rtn import quantize_rtn
 
@@ -75,26 +75,30 @@ def frag_configs():
 def tma_frag_configs():
     """The fragment kernel with TMA-staged operands (kernels.tma_frag_gemm): 2 or 4 warps of one or
     two 32-column tiles, K slices of 128-2048 through rings of 2 or 3 stages (the probe's winners,
-    tma_frag_probe.log; deeper rings lost: fewer programs fit an SM)."""
-    return [(32 * nw * tiles, ks, stages, nw, TMA_FRAG_PATH) for nw in (2, 4) for tiles in (1, 2)
+    tma_frag_probe.log; deeper rings lost: fewer programs fit an SM), the scales loaded a block ahead
+    or staged by TMA ("+scales")."""
+    return [(32 * nw * tiles, ks, stages, nw, TMA_FRAG_PATH + staged) for staged in ("", STAGED_SCALES)
+            for nw in (2, 4) for tiles in (1, 2)
             for ks in (128, 256, 512, 1024, 2048) for stages in ((1,) if ks == 128 else (2, 3))]
 
 
 def tma_stream_configs():
     """The TMA kernel in one wave of programs sharing the units equally ("tma-stream"): the same
-    tiles and rings, 4-12 programs an SM."""
-    return [(32 * nw * tiles, per_sm, stages, nw, TMA_STREAM_PATH) for nw in (2, 4) for tiles in (1, 2)
-            for per_sm in (4, 6, 8, 12) for stages in (2, 3)]
+    tiles, rings and scales, 4-12 programs an SM."""
+    return [(32 * nw * tiles, per_sm, stages, nw, TMA_STREAM_PATH + staged) for staged in ("", STAGED_SCALES)
+            for nw in (2, 4) for tiles in (1, 2) for per_sm in (4, 6, 8, 12) for stages in (2, 3)]
 
 
 def check_tma_frag(bits: int) -> None:
     """The TMA kernel's products against the reference where it serves (K a multiple of 128; N a
     multiple of 32 but not of the tile; 3 and 16 rows; one and two tiles a warp; g128 and
     per-channel, integer and symmetric zero points), on both grids: split-K with a partial last K
-    slice, and the stream grid with runs that cross from tile to tile (units >> programs)."""
+    slice, and the stream grid with runs that cross from tile to tile (units >> programs); the
+    scales loaded a block ahead and staged by TMA."""
     grids = [(TMA_FRAG_PATH, (800, 1152), [(64, 512, 2, 2), (128, 256, 3, 2), (256, 1024, 2, 4), (64, 128, 1, 1)]),
              (TMA_STREAM_PATH, (4000, 2304), [(64, 1, 2, 2), (128, 2, 3, 2), (256, 1, 2, 4), (128, 12, 2, 4)])]
-    for path, (n, k), cfgs in grids:
+    for (grid, (n, k), cfgs), staged in itertools.product(grids, ("", STAGED_SCALES)):
+        path = grid + staged
         for group, sym, m, cfg in itertools.product((128, -1), (True, False), (3, 16), cfgs):
             packed = quantize_rtn(torch.randn(n, k, device="cuda"), bits, group, sym)
             lin = prepare(packed, torch.device("cuda"), torch.float16)

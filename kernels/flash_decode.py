@@ -52,6 +52,7 @@ class RopeInput:
     qkv_bias: torch.Tensor | None = None
 
 
+COMBINE_PIECE = 32  # dims of one head a combine program merges (ab_combine_pieces.log: 32 of 128, 7 of 8 tiles faster)
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 
@@ -210,17 +211,21 @@ def merge_splits(o_ptr, lse_ptr, o_offs, lse_offs, ok, o_split_stride, lse_split
 
 @triton.jit
 def _combine_kernel(o_ptr, lse_ptr, out_ptr, clear_ptr, CLEAR_N, H: tl.constexpr, HD: tl.constexpr,
-                    NUM_SPLITS: tl.constexpr, CLEAR_CHUNK: tl.constexpr, PDL: tl.constexpr):
+                    PIECE: tl.constexpr, NUM_SPLITS: tl.constexpr, CLEAR_CHUNK: tl.constexpr, PDL: tl.constexpr):
+    """Grid (H, HD / PIECE): a program merges PIECE dims of one head over every split. Pieces, not
+    whole heads, so that the splits' o (a 32k-position cache's 128 splits: 64 KB a head) is read
+    from L2 by 4x more programs at once."""
     release_dependents(PDL)
     wait_for_producer(PDL)
     h = tl.program_id(0)
+    piece = tl.program_id(1)
     if CLEAR_CHUNK > 0:  # each program zeroes its chunk of `clear` (accumulators read by the step so far)
-        offs = h * CLEAR_CHUNK + tl.arange(0, CLEAR_CHUNK)
+        offs = (h * (HD // PIECE) + piece) * CLEAR_CHUNK + tl.arange(0, CLEAR_CHUNK)
         tl.store(clear_ptr + offs, tl.zeros([CLEAR_CHUNK], dtype=clear_ptr.dtype.element_ty), mask=offs < CLEAR_N)
-    d = tl.arange(0, HD)
+    d = piece * PIECE + tl.arange(0, PIECE)
     one = tl.arange(0, 1)
-    # all splits in one chunk: 4 warps hold [NUM_SPLITS, HD] without spilling, and at long contexts
-    # (every split used) chunks would be dependent rounds of loads
+    # all splits in one chunk: [NUM_SPLITS, PIECE] fits a program's registers without spilling, and
+    # at long contexts (every split used) chunks would be dependent rounds of loads
     out = merge_splits(o_ptr, lse_ptr, (h + one[:, None]) * HD + d[None, :], h + one, one == 0, H * HD, H,
                        NUM_SPLITS, NUM_SPLITS)
     tl.store(out_ptr + h * HD + d[None, :], out.to(out_ptr.dtype.element_ty))
@@ -311,7 +316,9 @@ def flash_decode(q: torch.Tensor | None, k_cache: torch.Tensor, v_cache: torch.T
                                  num_warps, rope, num_stages, heads_last)
     h, hd = lse.shape[1], o.shape[2]
     clear_n = 0 if clear is None else clear.numel()
-    _combine_kernel[(h,)](o, lse, out, clear, clear_n, H=h, HD=hd, NUM_SPLITS=num_splits,
-                          CLEAR_CHUNK=triton.next_power_of_2(triton.cdiv(clear_n, h)) if clear_n else 0,
-                          **pdl_launch(lse))
+    piece = min(hd, COMBINE_PIECE)
+    programs = h * (hd // piece)
+    _combine_kernel[(h, hd // piece)](o, lse, out, clear, clear_n, H=h, HD=hd, PIECE=piece, NUM_SPLITS=num_splits,
+                                      CLEAR_CHUNK=triton.next_power_of_2(triton.cdiv(clear_n, programs)) if clear_n else 0,
+                                      **pdl_launch(lse))
     return out

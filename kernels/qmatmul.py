@@ -31,7 +31,7 @@ import triton.language as tl
 
 from ._common import group_contribution, int_to_float_exact, nibble_slot
 from .frag_gemm import FRAG_PATH, try_frag_gemm
-from .tma_frag_gemm import TMA_FRAG_PATH, TMA_STREAM_PATH, try_tma_frag_gemm
+from .tma_frag_gemm import TMA_FRAG_PATH, TMA_PATHS, tma_grid, try_tma_frag_gemm
 from .gemv_packed import try_packed_gemv
 from .slot_gemm import try_slot_gemm
 from .pdl import pdl_launch, release_dependents, wait_for_producer
@@ -147,7 +147,8 @@ def qmatmul_accumulate(x: torch.Tensor, lin, out: torch.Tensor,
     (kernels.tma_frag_gemm: the fragment kernel's MMAs on operands staged by TMA, on Hopper and
     newer; where it cannot serve, the fragment kernel with the same tile and slice) or "tma-stream"
     (the same kernel, a tuned number of programs an SM sharing the work equally; where it cannot
-    serve, the fragment kernel with the same tile and K slices of STREAM_FALLBACK_SLICE). K_ITERS: K
+    serve, the fragment kernel with the same tile and K slices of STREAM_FALLBACK_SLICE), either with
+    the suffix "+scales" (the scales and zero points staged by TMA with the words). K_ITERS: K
     tiles per program, or for "packed" and the slot paths the column tiles each program's K slice
     spans; for "frags", BLOCK_K is the K slice and K_ITERS the K blocks whose loads are requested
     together; for "tma-frags", BLOCK_K is the K slice and K_ITERS the stages of its ring; for
@@ -168,10 +169,10 @@ def qmatmul_accumulate(x: torch.Tensor, lin, out: torch.Tensor,
         return out
     if try_tma_frag_gemm(x2, lin, out2, (bn, bk, iters, nw, use_dot)):  # bk: the K slice, iters: stages
         return out
-    if use_dot in (TMA_FRAG_PATH, TMA_STREAM_PATH) and try_frag_gemm(  # no TMA, or not served
-            x2, lin, out2, (bn, bk if use_dot == TMA_FRAG_PATH else STREAM_FALLBACK_SLICE, 1, nw, FRAG_PATH)):
+    if use_dot in TMA_PATHS and try_frag_gemm(  # no TMA, or not served
+            x2, lin, out2, (bn, bk if tma_grid(use_dot) == TMA_FRAG_PATH else STREAM_FALLBACK_SLICE, 1, nw, FRAG_PATH)):
         return out
-    if use_dot in (FRAG_PATH, TMA_FRAG_PATH, TMA_STREAM_PATH) and try_slot_gemm(x2, lin, out2, FEW_ROWS_FALLBACK):
+    if use_dot in (FRAG_PATH,) + TMA_PATHS and try_slot_gemm(x2, lin, out2, FEW_ROWS_FALLBACK):
         return out
     use_dot = use_dot is True or m > 1
     bk = min(bk, lin.group_size_eff)  # a tile must stay inside one group

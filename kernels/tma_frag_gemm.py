@@ -51,6 +51,19 @@ int4 M = 16 shapes by 0.4-3.6 points of the read bandwidth and one int8 shape by
 grids already fill the card with short rings). The outputs go to memory by fp32 atomics, once per
 tile a run touches.
 
+Scales and zero points: loaded by every lane a block ahead (LDG into registers), or, in the paths
+with the suffix "+scales", staged by TMA with the words (one group's BLOCK_N scales, and zero
+points, a box beside each stage's words; read back with one broadcast LDS a tile, the 4 lanes c of
+a row g reading the same 4 columns). Nsight Compute had the int4 kernel's warps waiting on the
+scale loads for 35% of their stall cycles (ncu_tma_4096_14336_4_16.txt), and an L2 prefetch of
+them 2-4 blocks ahead changed nothing (ab_scales_l2_prefetch.log): the wait is L2's latency. Staged,
+a block's scales cost no register in flight (int4, two tiles a warp: 144 -> 134 registers) but two
+more copies a block, and in the sm_90 code every TMA copy is followed by a CTA barrier (5 instead
+of 3 a block), which four-warp programs pay for: ab_staged_scales.log, the same tiles both ways, int8
+4096 x 4096 63.2 -> 70.3%, 14336 x 4096 81.0 -> 85.7%, int4 four-warp tiles down to -10 points. So
+both stay, and the tuned table chooses per shape (gemv_sweep_m16_scales.log: 17 of the 22 M = 16
+shapes take "+scales").
+
 No interpreter runs Gluon: tests/kernels/test_tma_frag_gemm.py checks the two views against a
 model of TMA's swizzle on the CPU (the PTX itself is kernels.frag_gemm's, checked by a
 model of a warp there), and benchmarks/bench_gemv.py checks the kernel's products on the GPU.
@@ -76,6 +89,8 @@ from .pdl import pdl_launch
 
 TMA_FRAG_PATH = "tma-frags"  # the tuned configs' names of this kernel: split-K grid,
 TMA_STREAM_PATH = "tma-stream"  # and equal runs of units, a tuned number of programs an SM
+STAGED_SCALES = "+scales"  # either, with the scales and zero points staged by TMA beside the words
+TMA_PATHS = (TMA_FRAG_PATH, TMA_STREAM_PATH, TMA_FRAG_PATH + STAGED_SCALES, TMA_STREAM_PATH + STAGED_SCALES)
 BLOCK_K = gl.constexpr(128)  # columns of K a stage holds, and between two scale multiplies
 _X_BOX = [2, 16, 64]         # x's box: 128 columns of 16 rows, as two 128-byte-wide halves
 _X_BOX_BYTES = gl.constexpr(math.prod(_X_BOX) * 2)  # fp16
@@ -188,14 +203,26 @@ def _slices(block, FRAG: gl.constexpr, NUM: gl.constexpr):
 
 
 @gluon.jit
-def _request(w_desc, x_desc, wbuf, xbuf, bars, stage, row, n0, EPW: gl.constexpr, WORDS: gl.constexpr,
-             X: gl.constexpr):
-    """TMA copies of block `row` (its first word row) into `stage`: the words (WORDS; the barrier's
-    expected bytes count x too), x (X; after the producer of x has finished)."""
+def _request(w_desc, x_desc, s_desc, z_desc, wbuf, xbuf, sbuf, zbuf, bars, stage, row, n0, grp, EPW: gl.constexpr,
+             WORDS: gl.constexpr, X: gl.constexpr, SCALES_TMA: gl.constexpr, ZERO_MODE: gl.constexpr):
+    """TMA copies of block `row` (its first word row) into `stage`: the words and group grp's scales
+    and zero points of the tile's columns (WORDS; the barrier's expected bytes count x too), x (X;
+    after the producer of x has finished)."""
     bar = bars.index(stage)
     if WORDS:
-        mbarrier.expect(bar, w_desc.block_type.nbytes + _X_BOX_BYTES)
-        tma.async_copy_global_to_shared(w_desc, [n0 // 32, row, 0], bar, wbuf.index(stage))
+        if not SCALES_TMA:
+            mbarrier.expect(bar, w_desc.block_type.nbytes + _X_BOX_BYTES)
+            tma.async_copy_global_to_shared(w_desc, [n0 // 32, row, 0], bar, wbuf.index(stage))
+        elif ZERO_MODE == 0:
+            mbarrier.expect(bar, w_desc.block_type.nbytes + _X_BOX_BYTES + s_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(w_desc, [n0 // 32, row, 0], bar, wbuf.index(stage))
+            tma.async_copy_global_to_shared(s_desc, [grp, n0], bar, sbuf.index(stage))
+        else:
+            mbarrier.expect(bar, w_desc.block_type.nbytes + _X_BOX_BYTES + s_desc.block_type.nbytes
+                            + z_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(w_desc, [n0 // 32, row, 0], bar, wbuf.index(stage))
+            tma.async_copy_global_to_shared(s_desc, [grp, n0], bar, sbuf.index(stage))
+            tma.async_copy_global_to_shared(z_desc, [grp, n0], bar, zbuf.index(stage))
     if X:
         tma.async_copy_global_to_shared(x_desc, [row * EPW // 64, 0, 0], bar, xbuf.index(stage))
 
@@ -214,14 +241,58 @@ def _scales(s_ptr, z_ptr, grp, n, n_ok, stride_sg, BITS: gl.constexpr, ZERO_MODE
 
 
 @gluon.jit
+def _staged_scales(sbuf, zbuf, stage, BITS: gl.constexpr, ZERO_MODE: gl.constexpr, TILES: gl.constexpr,
+                   WARPS: gl.constexpr, SCALES_VIEW: gl.constexpr, FRAG: gl.constexpr):
+    """Per tile, the scales (fp32) and zero points (int32) of the lane's 4 columns [T, 4], read back
+    from the stage's TMA copies (the 4 lanes c of a row g read the same 4 columns: a broadcast)."""
+    T: gl.constexpr = 32 * WARPS
+    L: gl.constexpr = gl.BlockedLayout([1, TILES, 1, 1, 4], [1, 1, 8, 4, 1], [WARPS, 1, 1, 1, 1], [4, 3, 2, 1, 0])
+    s = _per_tile(sbuf.index(stage)._reinterpret(gl.float16, [WARPS, TILES, 8, 1, 4], SCALES_VIEW).load(L),
+                  TILES, T, FRAG)
+    if ZERO_MODE != 0:
+        zb = zbuf.index(stage)
+        if zb.shape[1] > T * TILES:  # a box widened to TMA's 128-byte alignment of each stage
+            zb = zb.slice(0, T * TILES, dim=1)
+        z = _per_tile(zb._reinterpret(gl.uint8, [WARPS, TILES, 8, 1, 4], SCALES_VIEW).load(L), TILES, T, FRAG)
+    out = ()
+    for u in gl.static_range(TILES):
+        if ZERO_MODE == 0:
+            zu = gl.full([T, 4], 8 if BITS == 4 else 128, gl.int32, FRAG)
+        else:
+            zu = z[u].to(gl.int32)
+        out += ((s[u].to(gl.float32), zu),)
+    return out
+
+
+@gluon.jit
+def _per_tile(v, TILES: gl.constexpr, T: gl.constexpr, FRAG: gl.constexpr):
+    """[WARPS, TILES, 8, 1, 4] (row g of each warp's tiles) -> tuple of TILES [T, 4] in FRAG, thread
+    32 w + 4 g + c holding row g."""
+    WARPS: gl.constexpr = v.shape[0]
+    v = gl.permute(v.broadcast_to([WARPS, TILES, 8, 4, 4]), [1, 0, 2, 3, 4])
+    v = gl.reshape(v, [TILES, T, 4])
+    if TILES == 1:
+        out = (gl.convert_layout(gl.reshape(v, [T, 4]), FRAG, assert_trivial=True),)
+    else:
+        out = _slices(v, FRAG, TILES)
+    return out
+
+
+@gluon.jit
 def _block_scales(s_ptr, z_ptr, blk, last_grp, ns, N, stride_sg, BITS: gl.constexpr, ZERO_MODE: gl.constexpr,
                   GROUP_BLOCKS: gl.constexpr, TILES: gl.constexpr, FRAG: gl.constexpr):
     """Per tile, block blk's scales and zero points (a block past K reads the last group's)."""
-    grp = 0 if GROUP_BLOCKS == 0 else gl.minimum(blk // GROUP_BLOCKS, last_grp)
+    grp = _group(blk, last_grp, GROUP_BLOCKS)
     out = ()
     for u in gl.static_range(TILES):
         out += (_scales(s_ptr, z_ptr, grp, ns[u], ns[u] < N, stride_sg, BITS, ZERO_MODE, FRAG),)
     return out
+
+
+@gluon.jit
+def _group(blk, last_grp, GROUP_BLOCKS: gl.constexpr):
+    """The group of block blk's scales (a block past K takes the last group's)."""
+    return 0 if GROUP_BLOCKS == 0 else gl.minimum(blk // GROUP_BLOCKS, last_grp)
 
 
 @gluon.jit
@@ -260,10 +331,11 @@ def _following(tile, blk, BK, STREAM: gl.constexpr):
 
 @gluon.jit
 def _tma_frag_gemm_kernel(
-    x_desc, w_desc, s_ptr, z_ptr, out_ptr, M, N, K, stride_sg, stride_om,
+    x_desc, w_desc, s_desc, z_desc, s_ptr, z_ptr, out_ptr, M, N, K, stride_sg, stride_om,
     BITS: gl.constexpr, ZERO_MODE: gl.constexpr, PDL: gl.constexpr, WARPS: gl.constexpr,
     TILES: gl.constexpr, K_SLICE: gl.constexpr, STAGES: gl.constexpr, GROUP_BLOCKS: gl.constexpr,
     M_BLOCKS: gl.constexpr, WORDS_VIEW: gl.constexpr, X_VIEW: gl.constexpr, STREAM: gl.constexpr,
+    SCALES_TMA: gl.constexpr, SCALES_VIEW: gl.constexpr,
 ):
     """out [M, N] += x [M, K] @ W.T for M <= 16. Work units: (column tile of TILES tiles of 32
     columns a warp, block of 128 columns of K), numbered along K tile after tile. A program walks a
@@ -294,15 +366,26 @@ def _tma_frag_gemm_kernel(
         count = NB  # blocks past K (a partial last slice) read zeros and the last group's scales
     wbuf = gl.allocate_shared_memory(gl.int32, [STAGES, WARPS * TILES, R, 32], w_desc.layout)
     xbuf = gl.allocate_shared_memory(gl.float16, [STAGES] + x_desc.block_type.shape, x_desc.layout)
+    if SCALES_TMA:
+        sbuf = gl.allocate_shared_memory(gl.float16, [STAGES] + s_desc.block_type.shape, s_desc.layout)
+        if ZERO_MODE != 0:
+            zbuf = gl.allocate_shared_memory(gl.uint8, [STAGES] + z_desc.block_type.shape, z_desc.layout)
+        else:
+            zbuf = sbuf
+    else:  # unused: the scales come from s_ptr / z_ptr
+        sbuf = xbuf
+        zbuf = xbuf
     bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(STAGES):
         mbarrier.init(bars.index(i), count=1)
     fence_async_shared()
+    last_grp = 0 if GROUP_BLOCKS == 0 else (BK - 1) // GROUP_BLOCKS
     # the weights are no kernel's output: the first blocks are requested before the PDL wait
     for i in gl.static_range(STAGES):
         if i < count:
             tile, blk = _unit_at(lo, i, BK, STREAM)
-            _request(w_desc, x_desc, wbuf, xbuf, bars, i, blk * R, tile * (T * TILES), EPW, True, False)
+            _request(w_desc, x_desc, s_desc, z_desc, wbuf, xbuf, sbuf, zbuf, bars, i, blk * R, tile * (T * TILES),
+                     _group(blk, last_grp, GROUP_BLOCKS), EPW, True, False, SCALES_TMA, ZERO_MODE)
 
     t = gl.arange(0, T, layout=gl.SliceLayout(1, FRAG))
     lane = t % 32
@@ -311,27 +394,31 @@ def _tma_frag_gemm_kernel(
     base = ((t // 32) * (32 * TILES) + 4 * (lane // 4))[:, None] + e  # the lane's columns in a tile
     zero = gl.zeros([T, 4], gl.float32, FRAG)
     totals = _cleared(zero, TILES)  # per tile: sums of x rows 2c, 2c + 1, 8 + 2c, 9 + 2c over the run so far
-    last_grp = 0 if GROUP_BLOCKS == 0 else (BK - 1) // GROUP_BLOCKS
     if PDL:
         gdc_wait()  # x is the previous kernel's output
     for i in gl.static_range(STAGES):
         if i < count:
             tile, blk = _unit_at(lo, i, BK, STREAM)
-            _request(w_desc, x_desc, wbuf, xbuf, bars, i, blk * R, tile * (T * TILES), EPW, False, True)
+            _request(w_desc, x_desc, s_desc, z_desc, wbuf, xbuf, sbuf, zbuf, bars, i, blk * R, tile * (T * TILES),
+                     0, EPW, False, True, SCALES_TMA, ZERO_MODE)
     # units carried along instead of divided out per block: this block's, the next one's (its
     # scales are requested a block ahead) and the refill's, STAGES ahead
     tile, blk = _unit(lo, BK)
     tile_r, blk_r = _unit_at(lo, STAGES, BK, STREAM)
     ns = _columns(base, tile, TILES, T)
-    nxt = _block_scales(s_ptr, z_ptr, blk, last_grp, ns, N, stride_sg, BITS, ZERO_MODE, GROUP_BLOCKS, TILES, FRAG)
+    if not SCALES_TMA:
+        nxt = _block_scales(s_ptr, z_ptr, blk, last_grp, ns, N, stride_sg, BITS, ZERO_MODE, GROUP_BLOCKS, TILES, FRAG)
     for b in range(count):
         stage = b % STAGES
-        scales = nxt  # the next block's scales are requested before this block's MMAs
         tile_n, blk_n = _following(tile, blk, BK, STREAM)
-        ns_n = _columns(base, tile_n, TILES, T) if STREAM else ns
-        nxt = _block_scales(s_ptr, z_ptr, blk_n, last_grp, ns_n, N, stride_sg, BITS, ZERO_MODE, GROUP_BLOCKS, TILES,
-                            FRAG)
+        if not SCALES_TMA:
+            scales = nxt  # the next block's scales are requested before this block's MMAs
+            ns_n = _columns(base, tile_n, TILES, T) if STREAM else ns
+            nxt = _block_scales(s_ptr, z_ptr, blk_n, last_grp, ns_n, N, stride_sg, BITS, ZERO_MODE, GROUP_BLOCKS,
+                                TILES, FRAG)
         mbarrier.wait(bars.index(stage), (b // STAGES) & 1)
+        if SCALES_TMA:  # in the stage since the wait
+            scales = _staged_scales(sbuf, zbuf, stage, BITS, ZERO_MODE, TILES, WARPS, SCALES_VIEW, FRAG)
         words = _slices(wbuf.index(stage)._reinterpret(gl.int32, [CHUNKS * TILES, T, 4], WORDS_VIEW).load(WORDS_L),
                         FRAG, CHUNKS * TILES)
         xv = xbuf.index(stage)._reinterpret(X_UNIT, [CHUNKS, 1, 32, 4], X_VIEW).load(X_LOAD_L)
@@ -352,7 +439,9 @@ def _tma_frag_gemm_kernel(
         # barrier, 24-48 more a thread and one program fewer an SM; refill_ab.log.)
         if b + STAGES < count:
             gl.thread_barrier()
-            _request(w_desc, x_desc, wbuf, xbuf, bars, stage, blk_r * R, tile_r * (T * TILES), EPW, True, True)
+            _request(w_desc, x_desc, s_desc, z_desc, wbuf, xbuf, sbuf, zbuf, bars, stage, blk_r * R,
+                     tile_r * (T * TILES), _group(blk_r, last_grp, GROUP_BLOCKS), EPW, True, True, SCALES_TMA,
+                     ZERO_MODE)
         tile_r, blk_r = _following(tile_r, blk_r, BK, STREAM)
         if STREAM:
             if (tile_n != tile) & (b < count - 1):  # the run leaves this tile for the next: its sums go out
@@ -401,6 +490,36 @@ def _words_descriptor(lin, warps: int, tiles: int) -> TensorDescriptor:
     return desc
 
 
+def _scales_descriptors(lin, block_n: int) -> tuple:
+    """TMA descriptors of the scales [G, N] fp16 and the integer zero points [G, N] uint8 (None when
+    symmetric) for boxes of one group's block_n columns, kept on the linear. A box is at least 128
+    bytes wide (64 zero points: 128, the rest unread), as TMA wants each stage's buffer 128-byte aligned."""
+    key = ("scales", block_n, lin.scales.data_ptr())
+    descs = lin.tma_descriptors.get(key)
+    if descs is None:
+        descs = tuple(None if t is None else TensorDescriptor(
+            t, list(t.shape), [t.stride(0) if t.shape[0] > 1 else t.shape[1], 1],  # one group: any row stride
+            [1, max(block_n, 128 // t.element_size())],
+            gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=8 * t.element_size(), rank=2))
+            for t in (lin.scales, lin.zeros_or_offsets if lin.zero_mode_id != 0 else None))
+        lin.tma_descriptors[key] = descs
+    return descs
+
+
+@functools.lru_cache(maxsize=None)
+def _scales_view_bases(warps: int, tiles: int) -> tuple:
+    def offset(idx):  # (warp, tile, g, 0, element) -> element of the stage's [1, BLOCK_N] box
+        warp, tile, g, _, e = idx
+        return (warp * tiles + tile) * 32 + 4 * g + e
+    return tuple(map(tuple, _linear_bases(offset, (warps, tiles, 8, 1, 4))))
+
+
+def scales_view_bases(warps: int, tiles: int) -> list[list[int]]:
+    """Offset bases of one stage's scale (or zero point) box [1, BLOCK_N] viewed as [WARPS, TILES, 8,
+    1, 4] (warp w, tile u, lane row g, -, column e: column 32 (w TILES + u) + 4 g + e)."""
+    return [list(b) for b in _scales_view_bases(warps, tiles)]
+
+
 def _x_descriptor(x2: torch.Tensor) -> TensorDescriptor:
     m, k = x2.shape
     layout = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=3)
@@ -432,6 +551,12 @@ def tma_frag_serves(lin, m: int, device: torch.device) -> bool:
             and (group >= k or group % 128 == 0) and n % 32 == 0 and lin.words.stride() == (n, 1))
 
 
+def tma_grid(path) -> str | None:
+    """The grid of a config's path (TMA_FRAG_PATH or TMA_STREAM_PATH, whichever way its scales go),
+    or None when the path is not this kernel's."""
+    return path.removesuffix(STAGED_SCALES) if path in TMA_PATHS else None
+
+
 def try_tma_frag_gemm(x2: torch.Tensor, lin, out2: torch.Tensor, config: tuple) -> bool:
     """Runs out2 [M, N] += x2 @ W.T with this kernel when `config` (BLOCK_N, K slice or programs an
     SM, STAGES, num_warps, path) selects it and tma_frag_serves; returns whether it ran. Path
@@ -443,9 +568,10 @@ def try_tma_frag_gemm(x2: torch.Tensor, lin, out2: torch.Tensor, config: tuple) 
     bn, k_field, stages, nw, path = config
     m, k = x2.shape
     tiles = bn // (32 * nw)
-    stream = path == TMA_STREAM_PATH
-    if path not in (TMA_FRAG_PATH, TMA_STREAM_PATH) or tiles not in (1, 2) or bn != 32 * nw * tiles or stages < 1 \
-            or k_field < 1 or (not stream and k_field % 128):
+    stream = tma_grid(path) == TMA_STREAM_PATH
+    staged = path in TMA_PATHS and path.endswith(STAGED_SCALES)
+    if path not in TMA_PATHS or tiles not in (1, 2) or bn != 32 * nw * tiles or (staged and bn > 256) \
+            or stages < 1 or k_field < 1 or (not stream and k_field % 128):  # 256: a TMA box's widest
         return False
     if not tma_frag_serves(lin, m, x2.device):
         return False
@@ -460,12 +586,14 @@ def try_tma_frag_gemm(x2: torch.Tensor, lin, out2: torch.Tensor, config: tuple) 
         grid = (min(units, k_field * _multiprocessors(x2.device.index)),)
     else:
         grid = (triton.cdiv(n, bn), triton.cdiv(k, k_field))
+    s_desc, z_desc = _scales_descriptors(lin, bn) if staged else (None, None)
     _tma_frag_gemm_kernel[grid](
-        _x_descriptor(x2), _words_descriptor(lin, nw, tiles), lin.scales, lin.zeros_or_offsets, out2,
+        _x_descriptor(x2), _words_descriptor(lin, nw, tiles), s_desc, z_desc, lin.scales, lin.zeros_or_offsets, out2,
         m, n, k, lin.scales.stride(0), out2.stride(0),
         BITS=lin.bits, ZERO_MODE=lin.zero_mode_id, WARPS=nw, TILES=tiles,
         K_SLICE=128 if stream else k_field, STAGES=stages, GROUP_BLOCKS=0 if group >= k else group // 128,
         M_BLOCKS=1 if m <= 8 else 2, WORDS_VIEW=gl.SharedLinearLayout(words_view_bases(lin.bits, nw, tiles)),
-        X_VIEW=gl.SharedLinearLayout(x_view_bases(lin.bits)), STREAM=stream, num_warps=nw, **pdl_launch(x2),
+        X_VIEW=gl.SharedLinearLayout(x_view_bases(lin.bits)), STREAM=stream, SCALES_TMA=staged,
+        SCALES_VIEW=gl.SharedLinearLayout(scales_view_bases(nw, tiles)), num_warps=nw, **pdl_launch(x2),
     )
     return True

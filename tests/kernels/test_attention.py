@@ -4,6 +4,7 @@ over fp32 and int8 caches, with GQA."""
 import pytest
 import torch
 
+from qruntime.kernels import flash_decode as fd_module
 from qruntime.kernels import reference as R
 from qruntime.kernels.flash_decode import RopeInput, flash_decode
 from qruntime.kernels.prefill_attention import prefill_attention
@@ -37,6 +38,15 @@ def test_flash_decode(int8, heads, kv, length, heads_last):
 def test_flash_decode_with_seven_heads_a_group(int8, heads_last):
     """Qwen2.5-7B's grouping (28 query heads over 4 KV heads): 7 heads padded to 8 columns or 16 rows."""
     _check_flash_decode(int8, 14, 2, 77, heads_last, cache_seed=3, q_seed=3)
+
+
+@pytest.mark.parametrize("int8", [False, True], ids=["fp32-cache", "int8-cache"])
+def test_flash_decode_combines_a_head_in_pieces(int8, monkeypatch):
+    """The combine's programs each merge PIECE dims of a head (4 programs a head here); with rope,
+    the decode step's `clear` is zeroed across all of them."""
+    monkeypatch.setattr(fd_module, "COMBINE_PIECE", HD // 4)
+    _check_flash_decode(int8, 8, 2, 77, True, cache_seed=5, q_seed=5)
+    _check_rope_in_flash_decode(int8, False, 8, 2, 95, deferred=False)
 
 
 def _check_flash_decode(int8, heads, kv, length, heads_last, cache_seed, q_seed):

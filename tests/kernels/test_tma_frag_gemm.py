@@ -15,7 +15,7 @@ from qruntime.kernels import tma_frag_gemm
 from qruntime.kernels.frag_gemm import try_frag_gemm
 from qruntime.kernels.layout import prepare
 from qruntime.kernels.qmatmul import STREAM_FALLBACK_SLICE, qmatmul_accumulate
-from qruntime.kernels.tma_frag_gemm import lane_word_row, words_view_bases, x_view_bases
+from qruntime.kernels.tma_frag_gemm import lane_word_row, scales_view_bases, tma_grid, words_view_bases, x_view_bases
 from packed_linears import assert_accumulates_product, make_linear
 
 
@@ -100,6 +100,8 @@ CASES = {
     "two-tiles-m16-n70-k384-g128": ((128, 256, 2, 2, "tma-frags"), (16, 70, 384, 128)),
     "one-tile-m5-n100-k512-per-channel": ((64, 512, 3, 2, "tma-frags"), (5, 100, 512, -1)),
     "stream-two-tiles-m3-n96-k640-g128": ((128, 6, 2, 2, "tma-stream"), (3, 96, 640, 128)),
+    "staged-scales-m16-n70-k384-g128": ((64, 256, 3, 2, "tma-frags+scales"), (16, 70, 384, 128)),
+    "stream-staged-scales-m7-n96-k512-per-channel": ((128, 4, 2, 4, "tma-stream+scales"), (7, 96, 512, -1)),
 }
 
 
@@ -112,13 +114,46 @@ def test_tma_config_runs_fragment_kernel_without_tma(bits, zero_mode, config, ca
     ran = []
 
     def through_dispatch(x, lin, out, cfg):
-        frag_cfg = (cfg[0], cfg[1] if cfg[4] == "tma-frags" else STREAM_FALLBACK_SLICE, 1, cfg[3], "frags")
+        frag_cfg = (cfg[0], cfg[1] if tma_grid(cfg[4]) == "tma-frags" else STREAM_FALLBACK_SLICE, 1, cfg[3], "frags")
         ran.append(try_frag_gemm(x, lin, out.clone(), frag_cfg))  # the fragment kernel serves it
         qmatmul_accumulate(x, lin, out, config=cfg)
         return True
 
     assert_accumulates_product(through_dispatch, config, bits, zero_mode, case)
     assert ran == [True]
+
+
+@pytest.mark.parametrize("warps,tiles", list(itertools.product((1, 2, 4, 8), (1, 2))))
+def test_scales_view_reads_each_lanes_columns(warps, tiles):
+    """The staged scales' view [WARPS, TILES, 8, 1, 4] of a stage's box (one group's BLOCK_N
+    columns, row-major, unswizzled): warp w, tile u, lane row g, element e reads column
+    32 (w TILES + u) + 4 g + e, the column kernels.frag_gemm's lanes (g, c) scale in that tile."""
+    bases = scales_view_bases(warps, tiles)
+    columns = 32 * warps * tiles
+    assert 1 << len(bases) == columns
+    read = set()
+    for slot in range(columns):
+        w, u, g, zero, e = view_index(bases, slot)
+        assert zero == 0 and slot == 32 * (w * tiles + u) + 4 * g + e, (slot, (w, u, g, e))
+        read.add((w, u, g, e))
+    assert len(read) == columns
+
+
+@pytest.mark.parametrize("zero_mode", ["symmetric", "int"])
+@pytest.mark.parametrize("group", [128, -1], ids=["g128", "one-group"])
+def test_scales_descriptors(zero_mode, group):
+    """The scales' and zero points' TMA boxes: one group's BLOCK_N columns, at least 128 bytes wide
+    (a stage's buffer must be 128-byte aligned: 64 uint8 zero points take a box of 128), with a
+    16-byte aligned row stride even for one group (a [1, N] tensor's stride(0) may be 1)."""
+    lin = prepare(make_linear(96, 256, 4, group, zero_mode), torch.device("cpu"), torch.float16)
+    s_desc, z_desc = tma_frag_gemm._scales_descriptors(lin, 64)
+    assert list(s_desc.block_shape) == [1, 64] and list(s_desc.shape) == list(lin.scales.shape)
+    assert list(s_desc.strides) == [96, 1]
+    if zero_mode == "symmetric":
+        assert z_desc is None
+    else:
+        assert list(z_desc.block_shape) == [1, 128] and list(z_desc.strides) == [96, 1]
+    assert tma_frag_gemm._scales_descriptors(lin, 64) is lin.tma_descriptors[("scales", 64, lin.scales.data_ptr())]
 
 
 def test_serves_only_what_the_kernel_handles(monkeypatch):
@@ -160,6 +195,8 @@ def test_refuses_malformed_configs(monkeypatch):
                 (64, 192, 2, 2, "tma-frags"),      # a K slice of 1.5 blocks
                 (64, 512, 0, 2, "tma-frags"),      # no stage
                 (64, 0, 2, 2, "tma-stream"),       # no program an SM
-                (64, 4, 0, 2, "tma-stream")]:
+                (64, 4, 0, 2, "tma-stream"),
+                (64, 512, 2, 2, "tma-frags+zeros"),  # no such way to the scales
+                (512, 512, 2, 8, "tma-frags+scales")]:  # 512 columns: wider than a TMA box of scales can be
         assert not tma_frag_gemm.try_tma_frag_gemm(x, lin, out, cfg), cfg
     assert torch.count_nonzero(out) == 0

@@ -29,16 +29,17 @@ def test_every_table_is_well_formed():
             assert len(cfg) == 5 and all(isinstance(v, int) and v > 0 for v in cfg[:4]), (path, key)
             if kind in ("splitk", "step"):
                 assert cfg[4] in (False, True, "packed", "slots", "slots-unrolled", "frags", "tma-frags",
-                                  "tma-stream"), (path, key)
+                                  "tma-stream", "tma-frags+scales", "tma-stream+scales"), (path, key)
             if cfg[4] == "frags":  # kernels.frag_gemm: one or two 32-column tiles a warp, K slices of whole
                 # blocks (g128: 128 columns of K), walked 1 or 2 blocks at a time
                 assert cfg[0] in (32 * cfg[3], 64 * cfg[3]) and cfg[1] % 128 == 0 and m != "m1", (path, key)
                 assert cfg[2] in (1, 2) and (cfg[1] // 128) % cfg[2] == 0, (path, key)
-            if cfg[4] == "tma-frags":  # kernels.tma_frag_gemm: the same tiles, K slices of whole blocks of 128,
+            grid = cfg[4].removesuffix("+scales") if isinstance(cfg[4], str) else cfg[4]
+            if grid == "tma-frags":  # kernels.tma_frag_gemm: the same tiles, K slices of whole blocks of 128,
                 # rings of 1-3 stages
                 assert cfg[0] in (32 * cfg[3], 64 * cfg[3]) and cfg[1] % 128 == 0 and m != "m1", (path, key)
                 assert 1 <= cfg[2] <= 3, (path, key)
-            if cfg[4] == "tma-stream":  # the same tiles and rings, 1-32 programs an SM
+            if grid == "tma-stream":  # the same tiles and rings, 1-32 programs an SM
                 assert cfg[0] in (32 * cfg[3], 64 * cfg[3]) and 1 <= cfg[1] <= 32 and m != "m1", (path, key)
                 assert 1 <= cfg[2] <= 3, (path, key)
 
