@@ -58,11 +58,12 @@ a row g reading the same 4 columns). Nsight Compute had the int4 kernel's warps 
 scale loads for 35% of their stall cycles (ncu_tma_4096_14336_4_16.txt), and an L2 prefetch of
 them 2-4 blocks ahead changed nothing (ab_scales_l2_prefetch.log): the wait is L2's latency. Staged,
 a block's scales cost no register in flight (int4, two tiles a warp: 144 -> 134 registers) but two
-more copies a block, and in the sm_90 code every TMA copy is followed by a CTA barrier (5 instead
-of 3 a block), which four-warp programs pay for: ab_staged_scales.log, the same tiles both ways, int8
-4096 x 4096 63.2 -> 70.3%, 14336 x 4096 81.0 -> 85.7%, int4 four-warp tiles down to -10 points. So
-both stay, and the tuned table chooses per shape (gemv_sweep_m16_scales.log: 17 of the 22 M = 16
-shapes take "+scales").
+more copies a block, and they are read after the stage's wait instead of a block before it.
+ab_staged_scales.log, the same tiles both ways: int8 4096 x 4096 63.2 -> 70.3%, 14336 x 4096 81.0 ->
+85.7%, two-warp int4 tiles up to +5 points, four-warp int4 tiles down to -10. (Not for the CTA
+barrier the compiler puts before each copy into a stage's mbarrier: one mbarrier per operand, one or
+two fewer barriers a block, was no faster; ab_split_barriers.log.) So both stay, and the tuned table
+chooses per shape (gemv_sweep_m16_scales.log: 17 of the 22 M = 16 shapes take "+scales").
 
 No interpreter runs Gluon: tests/kernels/test_tma_frag_gemm.py checks the two views against a
 model of TMA's swizzle on the CPU (the PTX itself is kernels.frag_gemm's, checked by a
