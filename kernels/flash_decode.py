@@ -317,8 +317,8 @@ def flash_decode(q: torch.Tensor | None, k_cache: torch.Tensor, v_cache: torch.T
     h, hd = lse.shape[1], o.shape[2]
     clear_n = 0 if clear is None else clear.numel()
     piece = min(hd, COMBINE_PIECE)
-    programs = h * (hd // piece)
-    _combine_kernel[(h, hd // piece)](o, lse, out, clear, clear_n, H=h, HD=hd, PIECE=piece, NUM_SPLITS=num_splits,
-                                      CLEAR_CHUNK=triton.next_power_of_2(triton.cdiv(clear_n, programs)) if clear_n else 0,
-                                      **pdl_launch(lse))
+    pieces = hd // piece
+    _combine_kernel[(h, pieces)](o, lse, out, clear, clear_n, H=h, HD=hd, PIECE=piece, NUM_SPLITS=num_splits,
+                                 CLEAR_CHUNK=triton.next_power_of_2(triton.cdiv(clear_n, h * pieces)) if clear_n else 0,
+                                 **pdl_launch(lse))
     return out

@@ -65,9 +65,10 @@ barrier the compiler puts before each copy into a stage's mbarrier: one mbarrier
 two fewer barriers a block, was no faster; ab_split_barriers.log.) So both stay, and the tuned table
 chooses per shape (gemv_sweep_m16_scales.log: 17 of the 22 M = 16 shapes take "+scales").
 
-No interpreter runs Gluon: tests/kernels/test_tma_frag_gemm.py checks the two views against a
-model of TMA's swizzle on the CPU (the PTX itself is kernels.frag_gemm's, checked by a
-model of a warp there), and benchmarks/bench_gemv.py checks the kernel's products on the GPU.
+No interpreter runs Gluon: tests/kernels/test_tma_frag_gemm.py checks the three views (words, x,
+scales) against a model of how TMA lays its boxes out on the CPU (the PTX itself is
+kernels.frag_gemm's, checked by a model of a warp there), and benchmarks/bench_gemv.py checks the
+kernel's products on the GPU.
 """
 
 from __future__ import annotations
@@ -211,19 +212,15 @@ def _request(w_desc, x_desc, s_desc, z_desc, wbuf, xbuf, sbuf, zbuf, bars, stage
     after the producer of x has finished)."""
     bar = bars.index(stage)
     if WORDS:
-        if not SCALES_TMA:
-            mbarrier.expect(bar, w_desc.block_type.nbytes + _X_BOX_BYTES)
-            tma.async_copy_global_to_shared(w_desc, [n0 // 32, row, 0], bar, wbuf.index(stage))
-        elif ZERO_MODE == 0:
-            mbarrier.expect(bar, w_desc.block_type.nbytes + _X_BOX_BYTES + s_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(w_desc, [n0 // 32, row, 0], bar, wbuf.index(stage))
+        # (without SCALES_TMA the scales' descriptors are None: only the branch taken is compiled)
+        S_BYTES: gl.constexpr = s_desc.block_type.nbytes if SCALES_TMA else 0
+        Z_BYTES: gl.constexpr = z_desc.block_type.nbytes if SCALES_TMA and ZERO_MODE != 0 else 0
+        mbarrier.expect(bar, w_desc.block_type.nbytes + _X_BOX_BYTES + S_BYTES + Z_BYTES)
+        tma.async_copy_global_to_shared(w_desc, [n0 // 32, row, 0], bar, wbuf.index(stage))
+        if SCALES_TMA:
             tma.async_copy_global_to_shared(s_desc, [grp, n0], bar, sbuf.index(stage))
-        else:
-            mbarrier.expect(bar, w_desc.block_type.nbytes + _X_BOX_BYTES + s_desc.block_type.nbytes
-                            + z_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(w_desc, [n0 // 32, row, 0], bar, wbuf.index(stage))
-            tma.async_copy_global_to_shared(s_desc, [grp, n0], bar, sbuf.index(stage))
-            tma.async_copy_global_to_shared(z_desc, [grp, n0], bar, zbuf.index(stage))
+            if ZERO_MODE != 0:
+                tma.async_copy_global_to_shared(z_desc, [grp, n0], bar, zbuf.index(stage))
     if X:
         tma.async_copy_global_to_shared(x_desc, [row * EPW // 64, 0, 0], bar, xbuf.index(stage))
 
@@ -235,10 +232,16 @@ def _scales(s_ptr, z_ptr, grp, n, n_ok, stride_sg, BITS: gl.constexpr, ZERO_MODE
     _scales, with the symmetric zero point's tensor given a layout, which Gluon needs.)"""
     s = gl.load(s_ptr + grp * stride_sg + n, mask=n_ok, other=0.0).to(gl.float32)
     if ZERO_MODE == 0:
-        z = gl.full(n.shape, 8 if BITS == 4 else 128, gl.int32, FRAG)
+        z = _symmetric_zeros(BITS, n.shape[0], FRAG)
     else:
         z = gl.load(z_ptr + grp * stride_sg + n, mask=n_ok, other=0).to(gl.int32)
     return s, z
+
+
+@gluon.jit
+def _symmetric_zeros(BITS: gl.constexpr, T: gl.constexpr, FRAG: gl.constexpr):
+    """The symmetric zero point (8 for int4, 128 for int8) as a [T, 4] int32 tensor in FRAG."""
+    return gl.full([T, 4], 8 if BITS == 4 else 128, gl.int32, FRAG)
 
 
 @gluon.jit
@@ -258,7 +261,7 @@ def _staged_scales(sbuf, zbuf, stage, BITS: gl.constexpr, ZERO_MODE: gl.constexp
     out = ()
     for u in gl.static_range(TILES):
         if ZERO_MODE == 0:
-            zu = gl.full([T, 4], 8 if BITS == 4 else 128, gl.int32, FRAG)
+            zu = _symmetric_zeros(BITS, T, FRAG)
         else:
             zu = z[u].to(gl.int32)
         out += ((s[u].to(gl.float32), zu),)
