@@ -8,6 +8,7 @@ import torch
 
 from qruntime.kernels import tuning
 from qruntime.kernels.layout import prepare
+from qruntime.kernels.tma_frag_gemm import tma_grid
 from qruntime.quantizers.rtn import quantize_rtn
 
 
@@ -34,7 +35,7 @@ def test_every_table_is_well_formed():
                 # blocks (g128: 128 columns of K), walked 1 or 2 blocks at a time
                 assert cfg[0] in (32 * cfg[3], 64 * cfg[3]) and cfg[1] % 128 == 0 and m != "m1", (path, key)
                 assert cfg[2] in (1, 2) and (cfg[1] // 128) % cfg[2] == 0, (path, key)
-            grid = cfg[4].removesuffix("+scales") if isinstance(cfg[4], str) else cfg[4]
+            grid = tma_grid(cfg[4])  # the TMA kernel's grid, whichever way its scales go
             if grid == "tma-frags":  # kernels.tma_frag_gemm: the same tiles, K slices of whole blocks of 128,
                 # rings of 1-3 stages
                 assert cfg[0] in (32 * cfg[3], 64 * cfg[3]) and cfg[1] % 128 == 0 and m != "m1", (path, key)
