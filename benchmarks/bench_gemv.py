@@ -23,7 +23,8 @@ from qruntime.kernels.qmatmul import qmatmul, qmatmul_accumulate
 from qruntime.kernels.tuning import splitk_config
 from qruntime.kernels.reference import linear as ref_linear
 from qruntime.kernels.frag_gemm import FRAG_PATH
-from qruntime.kernels.tma_frag_gemm import STAGED_SCALES, TMA_FRAG_PATH, TMA_STREAM_PATH, tma_frag_serves
+from qruntime.kernels.tma_frag_gemm import (STAGED_SCALES, TMA_FRAG_PATH, TMA_STREAM_PATH, WARP_SPECIALIZED,
+                                           loader_register_cap, tma_frag_serves)
 from qruntime.kernels.slot_gemm import SLOT_PATHS
 from qruntime.quantizers.rtn import quantize_rtn
 
@@ -56,8 +57,8 @@ def configs(m: int, bits: int, quick: bool = False, narrow: bool = False, slots:
         found += slot_configs(bits) if slots else []
         return found if quick else found + [(64, 64, 1, 2, False)]
     if quick:
-        return frag_configs() + tma_frag_configs() + tma_stream_configs()
-    return frag_configs() + tma_frag_configs() + tma_stream_configs() + slot_configs(bits) + [(64, 128, 1, 4, True), (128, 128, 1, 4, True), (64, 128, 2, 4, True),
+        return frag_configs() + tma_frag_configs() + tma_stream_configs() + tma_ws_configs()
+    return frag_configs() + tma_frag_configs() + tma_stream_configs() + tma_ws_configs() + slot_configs(bits) + [(64, 128, 1, 4, True), (128, 128, 1, 4, True), (64, 128, 2, 4, True),
                                                   (64, 64, 2, 4, True)]
 
 
@@ -89,14 +90,34 @@ def tma_stream_configs():
             for nw in (2, 4) for tiles in (1, 2) for per_sm in (4, 6, 8, 12) for stages in (2, 3)]
 
 
+def tma_ws_configs():
+    """The TMA kernel warp-specialized ("ws-": a loader warp issues the copies): 4 or 8 multiplying
+    warps of one or two tiles, both grids (1-4 programs an SM where the register cap lets them fit,
+    loader_register_cap; K slices of 256-2048), rings of 2 or 3 stages, both ways to the scales (a
+    box of scales is at most 256 wide)."""
+    out = []
+    for staged, nw, tiles, stages in itertools.product(("", STAGED_SCALES), (4, 8), (1, 2), (2, 3)):
+        bn = 32 * nw * tiles
+        if staged and bn > 256:
+            continue
+        out += [(bn, per_sm, stages, nw, WARP_SPECIALIZED + TMA_STREAM_PATH + staged) for per_sm in (1, 2, 3, 4)
+                if loader_register_cap(nw, tiles, per_sm) and (nw, per_sm) != (4, 1)]
+        if loader_register_cap(nw, tiles, None) <= 80:  # more leaves too few programs an SM
+            out += [(bn, ks, stages, nw, WARP_SPECIALIZED + TMA_FRAG_PATH + staged) for ks in (256, 512, 1024, 2048)
+                    if ks >= 512 or nw == 4]
+    return out
+
+
 def check_tma_frag(bits: int) -> None:
     """The TMA kernel's products against the reference where it serves (K a multiple of 128; N a
     multiple of 32 but not of the tile; 3 and 16 rows; one and two tiles a warp; g128 and
     per-channel, integer and symmetric zero points), on both grids: split-K with a partial last K
     slice, and the stream grid with runs that cross from tile to tile (units >> programs); the
-    scales loaded a block ahead and staged by TMA."""
+    scales loaded a block ahead and staged by TMA; warp-specialized or not."""
     grids = [(TMA_FRAG_PATH, (800, 1152), [(64, 512, 2, 2), (128, 256, 3, 2), (256, 1024, 2, 4), (64, 128, 1, 1)]),
-             (TMA_STREAM_PATH, (4000, 2304), [(64, 1, 2, 2), (128, 2, 3, 2), (256, 1, 2, 4), (128, 12, 2, 4)])]
+             (TMA_STREAM_PATH, (4000, 2304), [(64, 1, 2, 2), (128, 2, 3, 2), (256, 1, 2, 4), (128, 12, 2, 4)]),
+             (WARP_SPECIALIZED + TMA_FRAG_PATH, (800, 1152), [(128, 512, 2, 4), (256, 256, 3, 4), (128, 128, 1, 4)]),
+             (WARP_SPECIALIZED + TMA_STREAM_PATH, (4000, 2304), [(128, 2, 2, 4), (256, 3, 3, 4), (128, 4, 2, 4)])]
     for (grid, (n, k), cfgs), staged in itertools.product(grids, ("", STAGED_SCALES)):
         path = grid + staged
         for group, sym, m, cfg in itertools.product((128, -1), (True, False), (3, 16), cfgs):
@@ -144,6 +165,8 @@ def main() -> None:
     ap.add_argument("--narrow", action="store_true",
                     help="M = 1: only one-warp tiles of at most 64 columns, against the card's current table entry")
     ap.add_argument("--slots", action="store_true", help="M = 1: also the slot kernel's tiles")
+    ap.add_argument("--only", default="", metavar="PREFIX",
+                    help="time only the configs whose path starts with PREFIX, against the card's current table entry")
     args = ap.parse_args()
     env = environment()
     bw = measure_read_bandwidth()
@@ -171,13 +194,15 @@ def main() -> None:
         if any(m > 1 for m in args.m):
             check_tma_frag(bits)
         shapes = SHAPES if args.shapes == "all" else SHAPES[:4]
-        compile_ahead(bits, args.m, shapes, args.quick, args.narrow, args.slots, args.jobs)
+        compile_ahead(bits, args.m, shapes, args.quick, args.narrow, args.slots, args.jobs, args.only)
         for (k, n), m in itertools.product(shapes, args.m):
             lins, xs, outs, need = gemv_workload(k, n, m, bits)
             count = len(lins)
             timed = []
             candidates = configs(m, bits, args.quick, args.narrow, args.slots)
-            if args.narrow:
+            if args.only:
+                candidates = [c for c in candidates if isinstance(c[4], str) and c[4].startswith(args.only)]
+            if args.narrow or args.only:
                 candidates = list(dict.fromkeys(candidates + [splitk_config(bits, n, k, m, torch.device("cuda"))]))
             for cfg in candidates:
                 try:
@@ -207,10 +232,13 @@ def main() -> None:
     dump(f"{args.out}/gemv_sweep.json", dict(env=env, read_bw=bw, results=rows, tuned=tuned))
 
 
-def compile_ahead(bits: int, ms: list[int], shapes, quick: bool, narrow: bool, slots: bool, jobs: int) -> None:
+def compile_ahead(bits: int, ms: list[int], shapes, quick: bool, narrow: bool, slots: bool, jobs: int,
+                  only: str = "") -> None:
     """Compiles every (config, shape) kernel variant in `jobs` processes first, into Triton's disk
     cache: one after another, the compiles would take most of a sweep's time on the device."""
-    work = [(bits, m, shapes, configs(m, bits, quick, narrow, slots)[j::jobs]) for m in ms for j in range(jobs)]
+    def chosen(m):
+        return [c for c in configs(m, bits, quick, narrow, slots) if not only or (isinstance(c[4], str) and c[4].startswith(only))]
+    work = [(bits, m, shapes, chosen(m)[j::jobs]) for m in ms for j in range(jobs)]
     with multiprocessing.get_context("spawn").Pool(jobs) as pool:
         pool.map(_compile_configs, work)
     print(f"# compiled w{bits} variants in {jobs} processes", flush=True)

@@ -65,6 +65,20 @@ barrier the compiler puts before each copy into a stage's mbarrier: one mbarrier
 two fewer barriers a block, was no faster; ab_split_barriers.log.) So both stay, and the tuned table
 chooses per shape (gemv_sweep_m16_scales.log: 17 of the 22 M = 16 shapes take "+scales").
 
+Warp-specialized ("ws-" paths, LOADER): the same kernel with one more warp, the loader, issuing
+every copy (`_load_run`: the first blocks' words before the PDL wait, their x after it, then each
+refill once the multiplying warps have released the stage on its `empty` mbarrier), so the
+multiplying warps (`_multiply_run`, 4 or 8: Gluon partitions come in groups of 4) wait, read,
+multiply and release, and run none of the CTA barriers, proxy fence and copy code a refill costs
+every warp otherwise (their block loop, int4, one tile a warp: 396 -> 352 sm_90 instructions in the
+code). No fence before the release: every value a warp read went into its MMAs before it arrives,
+so its reads are done. A register cap (loader_register_cap) lets setmaxnreg move the loader group's
+registers to the multiplying warps and fits the stream grid's programs on an SM. H200, M = 16,
+against the table's entries in one process (benchmarks/results/h200/ab_tma_ws.log): int4 4096 x
+14336 64.7 -> 68.6% of the read bandwidth, 14336 x 4096 66.4 -> 70.0%, 4096 x 128256 84.9 -> 89.0%;
+int8 within 1.5%, but 4096 x 4096 3 points slower; with 8 multiplying warps the widest shapes gain
+more (gemv_sweep_m16_ws8.log). The table chooses per shape (16 of the 22 M = 16 entries).
+
 No interpreter runs Gluon: tests/kernels/test_tma_frag_gemm.py checks the three views (words, x,
 scales) against a model of how TMA lays its boxes out on the CPU (the PTX itself is
 kernels.frag_gemm's, checked by a model of a warp there), and benchmarks/bench_gemv.py checks the
@@ -92,7 +106,14 @@ from .pdl import pdl_launch
 TMA_FRAG_PATH = "tma-frags"  # the tuned configs' names of this kernel: split-K grid,
 TMA_STREAM_PATH = "tma-stream"  # and equal runs of units, a tuned number of programs an SM
 STAGED_SCALES = "+scales"  # either, with the scales and zero points staged by TMA beside the words
-TMA_PATHS = (TMA_FRAG_PATH, TMA_STREAM_PATH, TMA_FRAG_PATH + STAGED_SCALES, TMA_STREAM_PATH + STAGED_SCALES)
+WARP_SPECIALIZED = "ws-"  # any of those with a loader warp issuing the copies (warp-specialized)
+TMA_PATHS = tuple(ws + grid + scales for ws in ("", WARP_SPECIALIZED) for grid in (TMA_FRAG_PATH, TMA_STREAM_PATH)
+                  for scales in ("", STAGED_SCALES))
+# The warp-specialized kernel: the loader warp's registers (the least setmaxnreg allows; it holds a
+# few indices), and a register file of 64K 32-bit registers an SM to share between the programs.
+_LOADER_THREAD_REGISTERS = 24
+LOADER_REGISTERS = gl.constexpr(_LOADER_THREAD_REGISTERS)
+_REGISTER_FILE = 65536
 BLOCK_K = gl.constexpr(128)  # columns of K a stage holds, and between two scale multiplies
 _X_BOX = [2, 16, 64]         # x's box: 128 columns of 16 rows, as two 128-byte-wide halves
 _X_BOX_BYTES = gl.constexpr(math.prod(_X_BOX) * 2)  # fp16
@@ -334,12 +355,151 @@ def _following(tile, blk, BK, STREAM: gl.constexpr):
 
 
 @gluon.jit
+def _fill_ring(w_desc, x_desc, s_desc, z_desc, wbuf, xbuf, sbuf, zbuf, full, lo, count, BK, last_grp,
+               BITS: gl.constexpr, TN: gl.constexpr, STAGES: gl.constexpr, STREAM: gl.constexpr,
+               SCALES_TMA: gl.constexpr, ZERO_MODE: gl.constexpr, GROUP_BLOCKS: gl.constexpr, PDL: gl.constexpr):
+    """Requests the run's first STAGES blocks: their words (and scales) at once, since the weights
+    are no kernel's output, and their x once the previous kernel has finished (the PDL wait). TN:
+    the columns of a column tile."""
+    EPW: gl.constexpr = 32 // BITS
+    R: gl.constexpr = BLOCK_K // EPW
+    for i in gl.static_range(STAGES):
+        if i < count:
+            tile, blk = _unit_at(lo, i, BK, STREAM)
+            _request(w_desc, x_desc, s_desc, z_desc, wbuf, xbuf, sbuf, zbuf, full, i, blk * R, tile * TN,
+                     _group(blk, last_grp, GROUP_BLOCKS), EPW, True, False, SCALES_TMA, ZERO_MODE)
+    if PDL:
+        gdc_wait()  # x is the previous kernel's output
+    for i in gl.static_range(STAGES):
+        if i < count:
+            tile, blk = _unit_at(lo, i, BK, STREAM)
+            _request(w_desc, x_desc, s_desc, z_desc, wbuf, xbuf, sbuf, zbuf, full, i, blk * R, tile * TN,
+                     0, EPW, False, True, SCALES_TMA, ZERO_MODE)
+
+
+@gluon.jit
+def _multiply_stage(totals, scales, wbuf, xbuf, stage, BITS: gl.constexpr, WARPS: gl.constexpr, TILES: gl.constexpr,
+                    M_BLOCKS: gl.constexpr, WORDS_VIEW: gl.constexpr, X_VIEW: gl.constexpr):
+    """totals (per tile) + the block in `stage` times its scales: the lanes read their word and x
+    fragments back from the stage (one LDS per chunk of words, x shared by every warp) and run
+    kernels.frag_gemm's MMAs on them."""
+    EPW: gl.constexpr = 32 // BITS
+    CHUNKS: gl.constexpr = BLOCK_K // EPW // 4
+    T: gl.constexpr = 32 * WARPS
+    FRAG: gl.constexpr = gl.BlockedLayout([1, 4], [32, 1], [WARPS, 1], [1, 0])  # thread t holds row t
+    WORDS_L: gl.constexpr = gl.BlockedLayout([CHUNKS * TILES, 1, 4], [1, 32, 1], [1, WARPS, 1], [2, 0, 1])
+    X_CHUNKS_L: gl.constexpr = gl.BlockedLayout([CHUNKS, 1, 4], [1, 32, 1], [1, WARPS, 1], [2, 0, 1])
+    X_LOAD_L: gl.constexpr = gl.BlockedLayout([CHUNKS, 1, 1, 4], [1, 1, 32, 1], [1, WARPS, 1, 1], [3, 0, 1, 2])
+    X_UNIT: gl.constexpr = gl.int64 if BITS == 4 else gl.int32
+    words = _slices(wbuf.index(stage)._reinterpret(gl.int32, [CHUNKS * TILES, T, 4], WORDS_VIEW).load(WORDS_L),
+                    FRAG, CHUNKS * TILES)
+    xv = xbuf.index(stage)._reinterpret(X_UNIT, [CHUNKS, 1, 32, 4], X_VIEW).load(X_LOAD_L)
+    xv = gl.reshape(xv.broadcast_to([CHUNKS, WARPS, 32, 4]), [CHUNKS, T, 4])  # every warp reads the same x
+    xfs = _slices(gl.convert_layout(xv, X_CHUNKS_L, assert_trivial=True), FRAG, CHUNKS)
+    new = ()
+    for u in gl.static_range(TILES):
+        s, z = scales[u]
+        clo, chi = zero_point_operands(z, BITS)
+        acc0 = gl.zeros([T, 4], gl.int64, FRAG)
+        acc1 = gl.zeros([T, 4], gl.int64, FRAG)
+        for h in gl.static_range(CHUNKS):
+            acc0, acc1 = _chunk_mma(acc0, acc1, words[u * CHUNKS + h], xfs[h], clo, chi, BITS, M_BLOCKS)
+        new += (add_scaled_block(totals[u], acc0, acc1, s, M_BLOCKS),)
+    return new
+
+
+@gluon.jit
+def _multiply_run(w_desc, x_desc, s_desc, z_desc, wbuf, xbuf, sbuf, zbuf, full, empty, s_ptr, z_ptr, out_ptr,
+                  M, N, stride_sg, stride_om, lo, count, BK, last_grp,
+                  BITS: gl.constexpr, ZERO_MODE: gl.constexpr, WARPS: gl.constexpr, TILES: gl.constexpr,
+                  STAGES: gl.constexpr, GROUP_BLOCKS: gl.constexpr, M_BLOCKS: gl.constexpr, WORDS_VIEW: gl.constexpr,
+                  X_VIEW: gl.constexpr, STREAM: gl.constexpr, SCALES_TMA: gl.constexpr, SCALES_VIEW: gl.constexpr,
+                  LOADER: gl.constexpr):
+    """The program's run of `count` units from unit `lo`, block by block out of the ring (`full`:
+    each stage's barrier of arrived bytes), its sums added to out whenever the run leaves a column
+    tile. A stage read and multiplied is refilled STAGES blocks ahead: by these warps (a CTA barrier,
+    then the copies), or, with LOADER (the warp-specialized kernel), by the loader warp, told by the
+    stage's `empty` barrier."""
+    EPW: gl.constexpr = 32 // BITS
+    R: gl.constexpr = BLOCK_K // EPW            # word rows a block
+    T: gl.constexpr = 32 * WARPS
+    FRAG: gl.constexpr = gl.BlockedLayout([1, 4], [32, 1], [WARPS, 1], [1, 0])
+    t = gl.arange(0, T, layout=gl.SliceLayout(1, FRAG))
+    lane = t % 32
+    row = 2 * (lane % 4)  # the first x row of the lane's sums
+    e = gl.arange(0, 4, layout=gl.SliceLayout(0, FRAG))[None, :]
+    base = ((t // 32) * (32 * TILES) + 4 * (lane // 4))[:, None] + e  # the lane's columns in a tile
+    zero = gl.zeros([T, 4], gl.float32, FRAG)
+    totals = _cleared(zero, TILES)  # per tile: sums of x rows 2c, 2c + 1, 8 + 2c, 9 + 2c over the run so far
+    # units carried along instead of divided out per block: this block's, the next one's (its
+    # scales are requested a block ahead) and the refill's, STAGES ahead
+    tile, blk = _unit(lo, BK)
+    tile_r, blk_r = _unit_at(lo, STAGES, BK, STREAM)
+    ns = _columns(base, tile, TILES, T)
+    if not SCALES_TMA:
+        nxt = _block_scales(s_ptr, z_ptr, blk, last_grp, ns, N, stride_sg, BITS, ZERO_MODE, GROUP_BLOCKS, TILES, FRAG)
+    for b in range(count):
+        stage = b % STAGES
+        tile_n, blk_n = _following(tile, blk, BK, STREAM)
+        if not SCALES_TMA:
+            scales = nxt  # the next block's scales are requested before this block's MMAs
+            ns_n = _columns(base, tile_n, TILES, T) if STREAM else ns
+            nxt = _block_scales(s_ptr, z_ptr, blk_n, last_grp, ns_n, N, stride_sg, BITS, ZERO_MODE, GROUP_BLOCKS,
+                                TILES, FRAG)
+        mbarrier.wait(full.index(stage), (b // STAGES) & 1)
+        if SCALES_TMA:  # in the stage since the wait
+            scales = _staged_scales(sbuf, zbuf, stage, BITS, ZERO_MODE, TILES, WARPS, SCALES_VIEW, FRAG)
+        totals = _multiply_stage(totals, scales, wbuf, xbuf, stage, BITS, WARPS, TILES, M_BLOCKS, WORDS_VIEW, X_VIEW)
+        # every warp has read this stage: refill it. (After the MMAs, not before: a refill between
+        # the reads and the MMAs makes every word and x fragment a register held across the
+        # barrier, 24-48 more a thread and one program fewer an SM; refill_ab.log.)
+        if LOADER:
+            # one arrival for all these warps (the compiler puts their barrier before it). No proxy
+            # fence: every value read went into this block's MMAs, so the reads are done.
+            mbarrier.arrive(empty.index(stage), count=1)
+        elif b + STAGES < count:
+            gl.thread_barrier()
+            _request(w_desc, x_desc, s_desc, z_desc, wbuf, xbuf, sbuf, zbuf, full, stage, blk_r * R,
+                     tile_r * (T * TILES), _group(blk_r, last_grp, GROUP_BLOCKS), EPW, True, True, SCALES_TMA,
+                     ZERO_MODE)
+        tile_r, blk_r = _following(tile_r, blk_r, BK, STREAM)
+        if STREAM:
+            if (tile_n != tile) & (b < count - 1):  # the run leaves this tile for the next: its sums go out
+                _add_totals(out_ptr, totals, row, _columns(base, tile, TILES, T), N, M, stride_om, M_BLOCKS, TILES)
+                totals = _cleared(zero, TILES)
+        tile, blk = tile_n, blk_n
+    if STREAM:  # the loop has moved one unit past the run
+        tile, blk = _unit(lo + count - 1, BK)
+        ns = _columns(base, tile, TILES, T)
+    _add_totals(out_ptr, totals, row, ns, N, M, stride_om, M_BLOCKS, TILES)
+
+
+@gluon.jit
+def _load_run(w_desc, x_desc, s_desc, z_desc, wbuf, xbuf, sbuf, zbuf, full, empty, lo, count, BK, last_grp,
+              BITS: gl.constexpr, TN: gl.constexpr, STAGES: gl.constexpr, STREAM: gl.constexpr,
+              SCALES_TMA: gl.constexpr, ZERO_MODE: gl.constexpr, GROUP_BLOCKS: gl.constexpr, PDL: gl.constexpr):
+    """The loader warp of the warp-specialized kernel: fills the ring, then refills each stage once
+    the multiplying warps have released it (its `empty` barrier's phase for the previous round)."""
+    EPW: gl.constexpr = 32 // BITS
+    R: gl.constexpr = BLOCK_K // EPW
+    _fill_ring(w_desc, x_desc, s_desc, z_desc, wbuf, xbuf, sbuf, zbuf, full, lo, count, BK, last_grp, BITS, TN,
+               STAGES, STREAM, SCALES_TMA, ZERO_MODE, GROUP_BLOCKS, PDL)
+    tile_r, blk_r = _unit_at(lo, STAGES, BK, STREAM)
+    for b in range(STAGES, count):
+        stage = b % STAGES
+        mbarrier.wait(empty.index(stage), (b // STAGES - 1) & 1)
+        _request(w_desc, x_desc, s_desc, z_desc, wbuf, xbuf, sbuf, zbuf, full, stage, blk_r * R, tile_r * TN,
+                 _group(blk_r, last_grp, GROUP_BLOCKS), EPW, True, True, SCALES_TMA, ZERO_MODE)
+        tile_r, blk_r = _following(tile_r, blk_r, BK, STREAM)
+
+
+@gluon.jit
 def _tma_frag_gemm_kernel(
     x_desc, w_desc, s_desc, z_desc, s_ptr, z_ptr, out_ptr, M, N, K, stride_sg, stride_om,
     BITS: gl.constexpr, ZERO_MODE: gl.constexpr, PDL: gl.constexpr, WARPS: gl.constexpr,
     TILES: gl.constexpr, K_SLICE: gl.constexpr, STAGES: gl.constexpr, GROUP_BLOCKS: gl.constexpr,
     M_BLOCKS: gl.constexpr, WORDS_VIEW: gl.constexpr, X_VIEW: gl.constexpr, STREAM: gl.constexpr,
-    SCALES_TMA: gl.constexpr, SCALES_VIEW: gl.constexpr,
+    SCALES_TMA: gl.constexpr, SCALES_VIEW: gl.constexpr, LOADER: gl.constexpr,
 ):
     """out [M, N] += x [M, K] @ W.T for M <= 16. Work units: (column tile of TILES tiles of 32
     columns a warp, block of 128 columns of K), numbered along K tile after tile. A program walks a
@@ -347,16 +507,10 @@ def _tma_frag_gemm_kernel(
     tuned number of programs an SM; a run may cross from one tile into the next), else the
     K_SLICE / 128 units of column tile program_id(0) from slice program_id(1). Scale multiplies per
     block (GROUP_BLOCKS blocks a group; 0: one group, per-channel); fp32 atomics when a run leaves
-    a tile."""
+    a tile. LOADER: warp-specialized, one more warp issuing every copy (`_load_run`)."""
     EPW: gl.constexpr = 32 // BITS
     R: gl.constexpr = BLOCK_K // EPW            # word rows a block
-    CHUNKS: gl.constexpr = R // 4
     T: gl.constexpr = 32 * WARPS
-    FRAG: gl.constexpr = gl.BlockedLayout([1, 4], [32, 1], [WARPS, 1], [1, 0])  # thread t holds row t
-    WORDS_L: gl.constexpr = gl.BlockedLayout([CHUNKS * TILES, 1, 4], [1, 32, 1], [1, WARPS, 1], [2, 0, 1])
-    X_CHUNKS_L: gl.constexpr = gl.BlockedLayout([CHUNKS, 1, 4], [1, 32, 1], [1, WARPS, 1], [2, 0, 1])
-    X_LOAD_L: gl.constexpr = gl.BlockedLayout([CHUNKS, 1, 1, 4], [1, 1, 32, 1], [1, WARPS, 1, 1], [3, 0, 1, 2])
-    X_UNIT: gl.constexpr = gl.int64 if BITS == 4 else gl.int32
     if PDL:
         gdc_launch_dependents()
     BK = gl.cdiv(K, BLOCK_K)                    # units a column tile
@@ -379,83 +533,31 @@ def _tma_frag_gemm_kernel(
     else:  # unused: the scales come from s_ptr / z_ptr
         sbuf = xbuf
         zbuf = xbuf
-    bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(STAGES):
-        mbarrier.init(bars.index(i), count=1)
+        mbarrier.init(full.index(i), count=1)
+    if LOADER:
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(STAGES):
+            mbarrier.init(empty.index(i), count=1)
+    else:
+        empty = full  # unused
     fence_async_shared()
     last_grp = 0 if GROUP_BLOCKS == 0 else (BK - 1) // GROUP_BLOCKS
-    # the weights are no kernel's output: the first blocks are requested before the PDL wait
-    for i in gl.static_range(STAGES):
-        if i < count:
-            tile, blk = _unit_at(lo, i, BK, STREAM)
-            _request(w_desc, x_desc, s_desc, z_desc, wbuf, xbuf, sbuf, zbuf, bars, i, blk * R, tile * (T * TILES),
-                     _group(blk, last_grp, GROUP_BLOCKS), EPW, True, False, SCALES_TMA, ZERO_MODE)
-
-    t = gl.arange(0, T, layout=gl.SliceLayout(1, FRAG))
-    lane = t % 32
-    row = 2 * (lane % 4)  # the first x row of the lane's sums
-    e = gl.arange(0, 4, layout=gl.SliceLayout(0, FRAG))[None, :]
-    base = ((t // 32) * (32 * TILES) + 4 * (lane // 4))[:, None] + e  # the lane's columns in a tile
-    zero = gl.zeros([T, 4], gl.float32, FRAG)
-    totals = _cleared(zero, TILES)  # per tile: sums of x rows 2c, 2c + 1, 8 + 2c, 9 + 2c over the run so far
-    if PDL:
-        gdc_wait()  # x is the previous kernel's output
-    for i in gl.static_range(STAGES):
-        if i < count:
-            tile, blk = _unit_at(lo, i, BK, STREAM)
-            _request(w_desc, x_desc, s_desc, z_desc, wbuf, xbuf, sbuf, zbuf, bars, i, blk * R, tile * (T * TILES),
-                     0, EPW, False, True, SCALES_TMA, ZERO_MODE)
-    # units carried along instead of divided out per block: this block's, the next one's (its
-    # scales are requested a block ahead) and the refill's, STAGES ahead
-    tile, blk = _unit(lo, BK)
-    tile_r, blk_r = _unit_at(lo, STAGES, BK, STREAM)
-    ns = _columns(base, tile, TILES, T)
-    if not SCALES_TMA:
-        nxt = _block_scales(s_ptr, z_ptr, blk, last_grp, ns, N, stride_sg, BITS, ZERO_MODE, GROUP_BLOCKS, TILES, FRAG)
-    for b in range(count):
-        stage = b % STAGES
-        tile_n, blk_n = _following(tile, blk, BK, STREAM)
-        if not SCALES_TMA:
-            scales = nxt  # the next block's scales are requested before this block's MMAs
-            ns_n = _columns(base, tile_n, TILES, T) if STREAM else ns
-            nxt = _block_scales(s_ptr, z_ptr, blk_n, last_grp, ns_n, N, stride_sg, BITS, ZERO_MODE, GROUP_BLOCKS,
-                                TILES, FRAG)
-        mbarrier.wait(bars.index(stage), (b // STAGES) & 1)
-        if SCALES_TMA:  # in the stage since the wait
-            scales = _staged_scales(sbuf, zbuf, stage, BITS, ZERO_MODE, TILES, WARPS, SCALES_VIEW, FRAG)
-        words = _slices(wbuf.index(stage)._reinterpret(gl.int32, [CHUNKS * TILES, T, 4], WORDS_VIEW).load(WORDS_L),
-                        FRAG, CHUNKS * TILES)
-        xv = xbuf.index(stage)._reinterpret(X_UNIT, [CHUNKS, 1, 32, 4], X_VIEW).load(X_LOAD_L)
-        xv = gl.reshape(xv.broadcast_to([CHUNKS, WARPS, 32, 4]), [CHUNKS, T, 4])  # every warp reads the same x
-        xfs = _slices(gl.convert_layout(xv, X_CHUNKS_L, assert_trivial=True), FRAG, CHUNKS)
-        new = ()
-        for u in gl.static_range(TILES):
-            s, z = scales[u]
-            clo, chi = zero_point_operands(z, BITS)
-            acc0 = gl.zeros([T, 4], gl.int64, FRAG)
-            acc1 = gl.zeros([T, 4], gl.int64, FRAG)
-            for h in gl.static_range(CHUNKS):
-                acc0, acc1 = _chunk_mma(acc0, acc1, words[u * CHUNKS + h], xfs[h], clo, chi, BITS, M_BLOCKS)
-            new += (add_scaled_block(totals[u], acc0, acc1, s, M_BLOCKS),)
-        totals = new
-        # every warp has read this stage: refill it. (After the MMAs, not before: a refill between
-        # the reads and the MMAs makes every word and x fragment a register held across the
-        # barrier, 24-48 more a thread and one program fewer an SM; refill_ab.log.)
-        if b + STAGES < count:
-            gl.thread_barrier()
-            _request(w_desc, x_desc, s_desc, z_desc, wbuf, xbuf, sbuf, zbuf, bars, stage, blk_r * R,
-                     tile_r * (T * TILES), _group(blk_r, last_grp, GROUP_BLOCKS), EPW, True, True, SCALES_TMA,
-                     ZERO_MODE)
-        tile_r, blk_r = _following(tile_r, blk_r, BK, STREAM)
-        if STREAM:
-            if (tile_n != tile) & (b < count - 1):  # the run leaves this tile for the next: its sums go out
-                _add_totals(out_ptr, totals, row, _columns(base, tile, TILES, T), N, M, stride_om, M_BLOCKS, TILES)
-                totals = _cleared(zero, TILES)
-        tile, blk = tile_n, blk_n
-    if STREAM:  # the loop has moved one unit past the run
-        tile, blk = _unit(lo + count - 1, BK)
-        ns = _columns(base, tile, TILES, T)
-    _add_totals(out_ptr, totals, row, ns, N, M, stride_om, M_BLOCKS, TILES)
+    if LOADER:
+        gl.warp_specialize([
+            (_multiply_run, (w_desc, x_desc, s_desc, z_desc, wbuf, xbuf, sbuf, zbuf, full, empty, s_ptr, z_ptr, out_ptr,
+                             M, N, stride_sg, stride_om, lo, count, BK, last_grp, BITS, ZERO_MODE, WARPS, TILES, STAGES,
+                             GROUP_BLOCKS, M_BLOCKS, WORDS_VIEW, X_VIEW, STREAM, SCALES_TMA, SCALES_VIEW, True)),
+            (_load_run, (w_desc, x_desc, s_desc, z_desc, wbuf, xbuf, sbuf, zbuf, full, empty, lo, count, BK, last_grp,
+                         BITS, T * TILES, STAGES, STREAM, SCALES_TMA, ZERO_MODE, GROUP_BLOCKS, PDL)),
+        ], [1], [LOADER_REGISTERS])
+    else:
+        _fill_ring(w_desc, x_desc, s_desc, z_desc, wbuf, xbuf, sbuf, zbuf, full, lo, count, BK, last_grp, BITS,
+                   T * TILES, STAGES, STREAM, SCALES_TMA, ZERO_MODE, GROUP_BLOCKS, PDL)
+        _multiply_run(w_desc, x_desc, s_desc, z_desc, wbuf, xbuf, sbuf, zbuf, full, empty, s_ptr, z_ptr, out_ptr,
+                      M, N, stride_sg, stride_om, lo, count, BK, last_grp, BITS, ZERO_MODE, WARPS, TILES, STAGES,
+                      GROUP_BLOCKS, M_BLOCKS, WORDS_VIEW, X_VIEW, STREAM, SCALES_TMA, SCALES_VIEW, False)
 
 
 @gluon.jit
@@ -556,9 +658,26 @@ def tma_frag_serves(lin, m: int, device: torch.device) -> bool:
 
 
 def tma_grid(path) -> str | None:
-    """The grid of a config's path (TMA_FRAG_PATH or TMA_STREAM_PATH, whichever way its scales go),
-    or None when the path is not this kernel's."""
-    return path.removesuffix(STAGED_SCALES) if path in TMA_PATHS else None
+    """The grid of a config's path (TMA_FRAG_PATH or TMA_STREAM_PATH, whichever way its scales go,
+    warp-specialized or not), or None when the path is not this kernel's."""
+    return path.removeprefix(WARP_SPECIALIZED).removesuffix(STAGED_SCALES) if path in TMA_PATHS else None
+
+
+def loader_register_cap(warps: int, tiles: int, per_sm: int | None) -> int | None:
+    """maxnreg for the warp-specialized kernel, or None when no cap fits. Registers are given out by
+    groups of 4 warps: a program is its WARPS (a multiple of 4) multiplying warps plus a group for
+    the loader, and ptxas moves the loader group's registers (all but LOADER_REGISTERS) to the others
+    (setmaxnreg). The multiplying warps need about 104 registers a thread for one tile a warp, 136
+    for two (fewer spill; sm_90 code of triton 3.6), which sets the least cap; the stream grid's
+    `per_sm` programs must also fit an SM at once (None: the split-K grid, which takes the least)."""
+    if warps % 4:
+        return None
+    need = 104 if tiles == 1 else 136
+    least = -(-(need * warps + _LOADER_THREAD_REGISTERS * 4) // (warps + 4) // 8) * 8  # rounded up to 8
+    if per_sm is None:
+        return least
+    cap = min(128, _REGISTER_FILE // (per_sm * 32 * (warps + 4)) // 8 * 8)
+    return cap if cap >= least else None
 
 
 def try_tma_frag_gemm(x2: torch.Tensor, lin, out2: torch.Tensor, config: tuple) -> bool:
@@ -566,16 +685,21 @@ def try_tma_frag_gemm(x2: torch.Tensor, lin, out2: torch.Tensor, config: tuple) 
     SM, STAGES, num_warps, path) selects it and tma_frag_serves; returns whether it ran. Path
     "tma-frags": a grid of column tiles x K slices (a multiple of 128); "tma-stream": as many
     programs as fit the card at once (the second field an SM, times its multiprocessors), each an
-    equal run of the units. BLOCK_N = 32 num_warps (one tile a warp) or 64 num_warps (two). x is
-    read as fp16 (bf16 is converted first, as the fragment kernel does) from 16-byte aligned rows
-    (copied when they are not)."""
+    equal run of the units. BLOCK_N = 32 num_warps (one tile a warp) or 64 num_warps (two). The
+    prefix "ws-": warp-specialized, num_warps a multiple of 4 and a register cap that fits
+    (loader_register_cap). x is read as fp16 (bf16 is converted first, as the fragment kernel does)
+    from 16-byte aligned rows (copied when they are not)."""
     bn, k_field, stages, nw, path = config
     m, k = x2.shape
     tiles = bn // (32 * nw)
     stream = tma_grid(path) == TMA_STREAM_PATH
     staged = path in TMA_PATHS and path.endswith(STAGED_SCALES)
+    loader = path in TMA_PATHS and path.startswith(WARP_SPECIALIZED)
     if path not in TMA_PATHS or tiles not in (1, 2) or bn != 32 * nw * tiles or (staged and bn > 256) \
             or stages < 1 or k_field < 1 or (not stream and k_field % 128):  # 256: a TMA box's widest
+        return False
+    cap = loader_register_cap(nw, tiles, k_field if stream else None) if loader else None
+    if loader and cap is None:
         return False
     if not tma_frag_serves(lin, m, x2.device):
         return False
@@ -598,6 +722,7 @@ def try_tma_frag_gemm(x2: torch.Tensor, lin, out2: torch.Tensor, config: tuple) 
         K_SLICE=128 if stream else k_field, STAGES=stages, GROUP_BLOCKS=0 if group >= k else group // 128,
         M_BLOCKS=1 if m <= 8 else 2, WORDS_VIEW=gl.SharedLinearLayout(words_view_bases(lin.bits, nw, tiles)),
         X_VIEW=gl.SharedLinearLayout(x_view_bases(lin.bits)), STREAM=stream, SCALES_TMA=staged,
-        SCALES_VIEW=gl.SharedLinearLayout(scales_view_bases(nw, tiles)), num_warps=nw, **pdl_launch(x2),
+        SCALES_VIEW=gl.SharedLinearLayout(scales_view_bases(nw, tiles)), LOADER=loader, num_warps=nw,
+        **({"maxnreg": cap} if loader else {}), **pdl_launch(x2),
     )
     return True

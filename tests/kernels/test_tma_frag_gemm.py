@@ -102,6 +102,8 @@ CASES = {
     "stream-two-tiles-m3-n96-k640-g128": ((128, 6, 2, 2, "tma-stream"), (3, 96, 640, 128)),
     "staged-scales-m16-n70-k384-g128": ((64, 256, 3, 2, "tma-frags+scales"), (16, 70, 384, 128)),
     "stream-staged-scales-m7-n96-k512-per-channel": ((128, 4, 2, 4, "tma-stream+scales"), (7, 96, 512, -1)),
+    "warp-specialized-two-tiles-m16-n70-k384-g128": ((256, 256, 3, 4, "ws-tma-frags"), (16, 70, 384, 128)),
+    "warp-specialized-stream-m3-n96-k512-per-channel": ((128, 4, 2, 4, "ws-tma-stream+scales"), (3, 96, 512, -1)),
 }
 
 
@@ -180,6 +182,28 @@ def test_serves_only_what_the_kernel_handles(monkeypatch):
                                                      torch.float16), 16, torch.device("cpu"))
 
 
+@pytest.mark.parametrize("warps,tiles", [(4, 1), (4, 2), (8, 1), (8, 2)])
+def test_loader_register_cap_fits_the_register_file(warps, tiles):
+    """The warp-specialized kernel's maxnreg: whole groups of 4 warps only; the cap moved from the
+    loader's group (all but its 24 registers a thread) leaves the multiplying warps at least what
+    their tiles need (104 a thread for one tile, 136 for two); for the stream grid its programs an
+    SM (multiplying warps plus the loader's group of 4, at the cap each) also fit the 64K registers
+    of an SM at once, else no cap; the split-K grid takes the least cap."""
+    need = 104 if tiles == 1 else 136
+
+    def enough(cap):
+        return (cap * (warps + 4) - 24 * 4) // warps >= need
+
+    least = min(c for c in range(8, 257, 8) if enough(c))
+    assert tma_frag_gemm.loader_register_cap(warps, tiles, None) == least
+    assert tma_frag_gemm.loader_register_cap(2, tiles, None) is None
+    for per_sm in range(1, 9):
+        cap = tma_frag_gemm.loader_register_cap(warps, tiles, per_sm)
+        fits = [c for c in range(least, 129, 8) if per_sm * c * 32 * (warps + 4) <= 65536]
+        assert cap == (max(fits) if fits else None), (per_sm, cap)
+    assert tma_frag_gemm.loader_register_cap(4, 1, 4) == 64 and tma_frag_gemm.loader_register_cap(4, 2, 3) == 80
+
+
 def test_refuses_malformed_configs(monkeypatch):
     """try_tma_frag_gemm returns False, before any launch, for configs that name another kernel or
     that the kernel has no shape for (the linear itself served: the device check stubbed), so that
@@ -197,6 +221,10 @@ def test_refuses_malformed_configs(monkeypatch):
                 (64, 0, 2, 2, "tma-stream"),       # no program an SM
                 (64, 4, 0, 2, "tma-stream"),
                 (64, 512, 2, 2, "tma-frags+zeros"),  # no such way to the scales
-                (512, 512, 2, 8, "tma-frags+scales")]:  # 512 columns: wider than a TMA box of scales can be
+                (512, 512, 2, 8, "tma-frags+scales"),  # 512 columns: wider than a TMA box of scales can be
+                (64, 512, 2, 2, "ws-tma-frags"),    # warp-specialized: 2 warps, not a group of 4
+                (256, 4, 2, 4, "ws-tma-stream"),   # two tiles a warp: 4 programs an SM leave too few registers
+                (128, 5, 2, 4, "ws-tma-stream"),   # 5 programs of 8 warps: no register cap fits
+                (64, 512, 2, 2, "tma-frags-ws")]:  # no such path
         assert not tma_frag_gemm.try_tma_frag_gemm(x, lin, out, cfg), cfg
     assert torch.count_nonzero(out) == 0

@@ -8,7 +8,7 @@ import torch
 
 from qruntime.kernels import tuning
 from qruntime.kernels.layout import prepare
-from qruntime.kernels.tma_frag_gemm import tma_grid
+from qruntime.kernels.tma_frag_gemm import TMA_PATHS, WARP_SPECIALIZED, loader_register_cap, tma_grid
 from qruntime.quantizers.rtn import quantize_rtn
 
 
@@ -29,8 +29,7 @@ def test_every_table_is_well_formed():
             assert kind in ("splitk", "step", "gemm") and bits in ("w4", "w8") and m[0] == "m" and n[0] == "n" and k[0] == "k"
             assert len(cfg) == 5 and all(isinstance(v, int) and v > 0 for v in cfg[:4]), (path, key)
             if kind in ("splitk", "step"):
-                assert cfg[4] in (False, True, "packed", "slots", "slots-unrolled", "frags", "tma-frags",
-                                  "tma-stream", "tma-frags+scales", "tma-stream+scales"), (path, key)
+                assert cfg[4] in (False, True, "packed", "slots", "slots-unrolled", "frags") + TMA_PATHS, (path, key)
             if cfg[4] == "frags":  # kernels.frag_gemm: one or two 32-column tiles a warp, K slices of whole
                 # blocks (g128: 128 columns of K), walked 1 or 2 blocks at a time
                 assert cfg[0] in (32 * cfg[3], 64 * cfg[3]) and cfg[1] % 128 == 0 and m != "m1", (path, key)
@@ -43,6 +42,9 @@ def test_every_table_is_well_formed():
             if grid == "tma-stream":  # the same tiles and rings, 1-32 programs an SM
                 assert cfg[0] in (32 * cfg[3], 64 * cfg[3]) and 1 <= cfg[1] <= 32 and m != "m1", (path, key)
                 assert 1 <= cfg[2] <= 3, (path, key)
+            if grid and cfg[4].startswith(WARP_SPECIALIZED):  # groups of 4 warps, a register cap that fits
+                tiles = cfg[0] // (32 * cfg[3])
+                assert loader_register_cap(cfg[3], tiles, cfg[1] if grid == "tma-stream" else None), (path, key)
 
 
 def test_each_card_reads_its_own_table(monkeypatch):
