@@ -200,8 +200,7 @@ def main() -> None:
             count = len(lins)
             timed = []
             candidates = configs(m, bits, args.quick, args.narrow, args.slots)
-            if args.only:
-                candidates = [c for c in candidates if isinstance(c[4], str) and c[4].startswith(args.only)]
+            candidates = [c for c in candidates if path_starts(c, args.only)]
             if args.narrow or args.only:
                 candidates = list(dict.fromkeys(candidates + [splitk_config(bits, n, k, m, torch.device("cuda"))]))
             for cfg in candidates:
@@ -232,13 +231,17 @@ def main() -> None:
     dump(f"{args.out}/gemv_sweep.json", dict(env=env, read_bw=bw, results=rows, tuned=tuned))
 
 
+def path_starts(cfg: tuple, prefix: str) -> bool:
+    """Whether config cfg's path (its last field, a name or a bool) starts with prefix (--only; "": every config)."""
+    return not prefix or (isinstance(cfg[4], str) and cfg[4].startswith(prefix))
+
+
 def compile_ahead(bits: int, ms: list[int], shapes, quick: bool, narrow: bool, slots: bool, jobs: int,
                   only: str = "") -> None:
     """Compiles every (config, shape) kernel variant in `jobs` processes first, into Triton's disk
     cache: one after another, the compiles would take most of a sweep's time on the device."""
-    def chosen(m):
-        return [c for c in configs(m, bits, quick, narrow, slots) if not only or (isinstance(c[4], str) and c[4].startswith(only))]
-    work = [(bits, m, shapes, chosen(m)[j::jobs]) for m in ms for j in range(jobs)]
+    chosen = {m: [c for c in configs(m, bits, quick, narrow, slots) if path_starts(c, only)] for m in ms}
+    work = [(bits, m, shapes, chosen[m][j::jobs]) for m in ms for j in range(jobs)]
     with multiprocessing.get_context("spawn").Pool(jobs) as pool:
         pool.map(_compile_configs, work)
     print(f"# compiled w{bits} variants in {jobs} processes", flush=True)
