@@ -20,8 +20,8 @@ import time
 
 import torch
 
-from gpu_common import (dump, environment, gemv_workload, measure_read_bandwidth, prefill_and_capture, time_graph,
-                        time_replays)
+from gpu_common import (dump, environment, gemv_workload, kv_caches, measure_read_bandwidth, prefill_and_capture,
+                        time_graph, time_replays)
 import qruntime
 from qruntime.kernels import reference as R
 from qruntime.kernels.flash_decode import flash_decode
@@ -74,15 +74,7 @@ def bench_flash_decode(bw: float, context: int = 32768, configs=None) -> list[di
     h, kv, hd = 32, 8, 128
     for int8 in (False, True):
         copies = 3  # rotate layers so the 134+ MB caches are not served from L2
-        caches = []
-        for _ in range(copies):
-            k = torch.randn(kv, context, hd, device="cuda", dtype=torch.float16)
-            v = torch.randn(kv, context, hd, device="cuda", dtype=torch.float16)
-            if int8:
-                (kc, ks), (vc, vs) = R.quantize_kv_int8(k), R.quantize_kv_int8(v)
-                caches.append(dict(k_cache=kc, v_cache=vc, k_scale=ks, v_scale=vs))
-            else:
-                caches.append(dict(k_cache=k, v_cache=v))
+        caches = kv_caches(kv, context, hd, int8, copies)
         q = torch.randn(h, hd, device="cuda", dtype=torch.float16)
         seq = torch.tensor([context], device="cuda", dtype=torch.int32)
         outs = [torch.empty(h * hd, device="cuda", dtype=torch.float16) for _ in range(copies)]

@@ -17,6 +17,7 @@ import qruntime
 import qruntime.engine.triton_runner as runner_mod
 from qruntime.bench.measure import measure_read_bandwidth as bench_read_bandwidth
 from qruntime.bench.report import environment as bench_environment
+from qruntime.kernels import reference as R
 from qruntime.kernels.layout import prepare
 from qruntime.quantizers.rtn import quantize_rtn
 from qruntime.synthetic import synthetic_checkpoint
@@ -69,6 +70,22 @@ def time_graph(fns, repeats: int = 10) -> float:
         end.synchronize()
         times.append(start.elapsed_time(end) / 1e3 / len(fns))
     return statistics.median(times)
+
+
+def kv_caches(kv: int, context: int, hd: int, int8: bool, copies: int) -> list[dict]:
+    """`copies` random [kv, context, hd] K/V caches as flash_decode's keyword arguments: fp16
+    (k_cache, v_cache), or int8 codes with their per-position scales (k_scale, v_scale). Rotated
+    by the flash-decoding benchmarks so that no launch reads a cache from L2."""
+    caches = []
+    for _ in range(copies):
+        k = torch.randn(kv, context, hd, device="cuda", dtype=torch.float16)
+        v = torch.randn(kv, context, hd, device="cuda", dtype=torch.float16)
+        if int8:
+            (kc, ks), (vc, vs) = R.quantize_kv_int8(k), R.quantize_kv_int8(v)
+            caches.append(dict(k_cache=kc, v_cache=vc, k_scale=ks, v_scale=vs))
+        else:
+            caches.append(dict(k_cache=k, v_cache=v))
+    return caches
 
 
 def synthetic_model(spec: str, bits: int, max_seq_len: int = 512, kv_cache: str = "auto") -> "qruntime.Model":

@@ -18,8 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from gpu_common import dump, environment, measure_read_bandwidth, time_graph
-from qruntime.kernels import reference as R
+from gpu_common import dump, environment, kv_caches, measure_read_bandwidth, time_graph
 from qruntime.kernels.flash_decode import flash_decode, flash_decode_splits
 
 H, KV, HD = 32, 8, 128
@@ -33,7 +32,7 @@ CONFIGS = [(128, 32, 1, 3), (128, 32, 1, 2), (128, 32, 1, 4), (256, 32, 1, 2), (
 def _read_cache(k_ptr, v_ptr, ks_ptr, vs_ptr, seqlen_ptr, out_ptr, stride_ckv, stride_cs, stride_skv,
                 HD: tl.constexpr, BLOCK_S: tl.constexpr, NUM_SPLITS: tl.constexpr):
     """The split kernel's chunking and loads (K, V blocks and both scales); the int8 dots against
-    ones keep Triton's pipeline (it stages a dot's operands through shared memory) at ~220 sm_90
+    ones keep Triton's pipeline (it stages a dot's operands through shared memory) at ~210 sm_90
     instructions a 32-position block instead of ~750."""
     kvh = tl.program_id(0)
     split = tl.program_id(1)
@@ -59,16 +58,6 @@ def _read_cache(k_ptr, v_ptr, ks_ptr, vs_ptr, seqlen_ptr, out_ptr, stride_ckv, s
     tl.store(out_ptr + kvh * NUM_SPLITS + split, total)
 
 
-def int8_caches(context: int) -> list[dict]:
-    caches = []
-    for _ in range(COPIES):
-        k = torch.randn(KV, context, HD, device="cuda", dtype=torch.float16)
-        v = torch.randn(KV, context, HD, device="cuda", dtype=torch.float16)
-        (kc, ks), (vc, vs) = R.quantize_kv_int8(k), R.quantize_kv_int8(v)
-        caches.append(dict(k_cache=kc, v_cache=vc, k_scale=ks, v_scale=vs))
-    return caches
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=".")
@@ -78,7 +67,7 @@ def main() -> None:
     env = environment()
     bw = measure_read_bandwidth()
     print(env, f"read bandwidth {bw / 1e12:.3f} TB/s", flush=True)
-    caches = int8_caches(args.context)
+    caches = kv_caches(KV, args.context, HD, int8=True, copies=COPIES)
     nbytes = sum(t.numel() * t.element_size() for t in caches[0].values())
     seq = torch.tensor([args.context], device="cuda", dtype=torch.int32)
     q = torch.randn(H, HD, device="cuda", dtype=torch.float16)
@@ -92,13 +81,11 @@ def main() -> None:
         print(f"round {rnd}", flush=True)
         for sp, bs, w, st in CONFIGS:
             out = torch.empty(KV * sp, device="cuda")
-            c = caches
             record("load-only probe", (sp, bs, w, st), time_graph([
-                lambda i=i: _read_cache[(KV, sp)](c[i]["k_cache"], c[i]["v_cache"], c[i]["k_scale"], c[i]["v_scale"],
-                                                  seq, out, c[i]["k_cache"].stride(0), c[i]["k_cache"].stride(1),
-                                                  c[i]["k_scale"].stride(0), HD=HD, BLOCK_S=bs, NUM_SPLITS=sp,
-                                                  num_warps=w, num_stages=st)
-                for i in range(COPIES)] * 4))
+                lambda c=c: _read_cache[(KV, sp)](c["k_cache"], c["v_cache"], c["k_scale"], c["v_scale"], seq, out,
+                                                  c["k_cache"].stride(0), c["k_cache"].stride(1), c["k_scale"].stride(0),
+                                                  HD=HD, BLOCK_S=bs, NUM_SPLITS=sp, num_warps=w, num_stages=st)
+                for c in caches] * 4))
             ws = [(torch.empty(sp, H, HD, device="cuda"), torch.empty(sp, H, device="cuda")) for _ in range(COPIES)]
             kw = dict(seq_len=seq, num_splits=sp, block_s=bs, num_warps=w, num_stages=st)
             record("split kernel (flash_decode_splits)", (sp, bs, w, st), time_graph([
@@ -106,7 +93,8 @@ def main() -> None:
             outs = [torch.empty(H * HD, device="cuda", dtype=torch.float16) for _ in range(COPIES)]
             record("flash_decode (+ combine)", (sp, bs, w, st), time_graph([
                 lambda i=i: flash_decode(q, out=outs[i], workspace=ws[i], **kw, **caches[i]) for i in range(COPIES)] * 4))
-        for size in (nbytes, 2 * (nbytes - 2 * caches[0]["k_scale"].numel() * 4)):  # the int8 and the fp16 cache's bytes
+        codes = caches[0]["k_cache"].numel() + caches[0]["v_cache"].numel()
+        for size in (nbytes, 2 * codes):  # the int8 cache's bytes, and an fp16 cache's (2 bytes a code, no scales)
             xs = [torch.randn(size // 4, device="cuda") for _ in range(COPIES)]
             sums = [torch.empty((), device="cuda") for _ in range(COPIES)]
             record(f"torch.sum of {size / 1e6:.1f} MB", "-", time_graph([
