@@ -290,24 +290,24 @@ def time_hf(spec: str, prompt_len=128, new_tokens=256) -> float:
     return (t_full - t_one) / (new_tokens - 1) * 1e3
 
 
-def bench_e2e(bw: float, specs, peer: bool) -> list[dict]:
+def bench_e2e(bw: float, specs, peer: bool, bits=(16, 8, 4), prompt_len: int = 128) -> list[dict]:
     rows = []
     for spec in specs:
-        for bits in (16, 8, 4):
-            ckpt = synthetic_checkpoint(spec, bits=bits, dtype=torch.bfloat16)
+        for b in bits:
+            ckpt = synthetic_checkpoint(spec, bits=b, dtype=torch.bfloat16)
             pw = linear_bytes(ckpt)
-            model = qruntime.Model(ckpt, device="cuda", backend="triton", max_seq_len=512)
+            model = qruntime.Model(ckpt, device="cuda", backend="triton", max_seq_len=max(512, prompt_len + 257))
             del ckpt
             with pdl(False):
-                ms_plain = time_decode(model)
+                ms_plain = time_decode(model, prompt_len)
             model.runner.graph = None  # recaptured with PDL launches
             with pdl(True):
-                ms = time_decode(model)
+                ms = time_decode(model, prompt_len)
             floor = pw / bw * 1e3
-            rows.append(dict(model=spec, weights=f"w{bits}", group=128 if bits < 16 else None, kv="kv16",
+            rows.append(dict(model=spec, weights=f"w{b}", group=128 if b < 16 else None, kv="kv16", prompt=prompt_len,
                              ms_per_token=ms, tok_per_s=1e3 / ms, weight_bytes=pw, floor_ms=floor,
                              ratio_to_floor=ms / floor, efficiency=floor / ms, ms_per_token_no_pdl=ms_plain))
-            print(f"{spec} w{bits}: {ms:7.3f} ms/token ({1e3 / ms:6.1f} tok/s); floor B {floor:6.3f} ms; "
+            print(f"{spec} w{b}: {ms:7.3f} ms/token ({1e3 / ms:6.1f} tok/s); floor B {floor:6.3f} ms; "
                   f"{ms / floor:4.2f}x floor ({100 * floor / ms:4.1f}%); without PDL {ms_plain:7.3f} ms", flush=True)
             del model
             gc.collect()

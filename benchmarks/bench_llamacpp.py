@@ -4,10 +4,11 @@ For each model shape (random weights, the exact shapes of bench_decode's end to 
 F16 weights is written with the `gguf` package, llama.cpp's own llama-quantize makes its Q8_0,
 Q4_K_M and Q4_0 files, and llama-bench (CUDA build, every layer on the GPU, FlashAttention on,
 CUDA graphs as llama.cpp uses them by default) times 256 generated tokens after a 128-token
-context, the same protocol as qruntime's figure (bench_decode.bench_e2e, timed here too). Each
-side is also set against its own floor: the bytes of weights it reads per token / the read
-bandwidth measured in the same run (llama.cpp keeps token_embd in host memory and reads one row of
-it, so that tensor is left out of its bytes unless it doubles as the output matrix).
+context (--context: longer), the same protocol as qruntime's figure (bench_decode.bench_e2e,
+timed here too). Each side is also set against its own floor: the bytes of weights and of fp16 KV
+cache it reads per token / the read bandwidth measured in the same run (llama.cpp keeps token_embd
+in host memory and reads one row of it, so that tensor is left out of its bytes unless it doubles
+as the output matrix).
 
     bash benchmarks/build_llamacpp.sh                       # on the GPU machine: prints BIN
     PYTHONPATH=zz_pkg:. python3 bench_llamacpp.py --bin BIN --spec synthetic:llama3.2-1b --out DIR
@@ -33,7 +34,7 @@ from qruntime.synthetic import synthetic_config
 
 # llama.cpp file types timed, and the qruntime weights each is set beside in the table
 QUANT_TYPES = ("Q8_0", "Q4_K_M", "Q4_0")
-CONTEXT, NEW_TOKENS = 128, 256
+CONTEXT, NEW_TOKENS = 128, 256  # bench_decode.bench_e2e's protocol (--context changes the first)
 
 
 def write_f16_gguf(path: str, cfg, device: str = "cuda") -> None:
@@ -43,18 +44,13 @@ def write_f16_gguf(path: str, cfg, device: str = "cuda") -> None:
     import gguf
 
     w = gguf.GGUFWriter(path, "llama")
-    w.add_context_length(cfg.max_position_embeddings)
-    w.add_embedding_length(cfg.hidden_size)
-    w.add_block_count(cfg.num_layers)
-    w.add_feed_forward_length(cfg.intermediate_size)
-    w.add_head_count(cfg.num_heads)
-    w.add_head_count_kv(cfg.num_kv_heads)
-    w.add_rope_dimension_count(cfg.head_dim)
-    w.add_key_length(cfg.head_dim)
-    w.add_value_length(cfg.head_dim)
-    w.add_rope_freq_base(cfg.rope_theta)
-    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    w.add_vocab_size(cfg.vocab_size)
+    hyperparameters = dict(  # each through its GGUFWriter.add_<name> (the llama.* keys llama.cpp reads)
+        context_length=cfg.max_position_embeddings, embedding_length=cfg.hidden_size, block_count=cfg.num_layers,
+        feed_forward_length=cfg.intermediate_size, head_count=cfg.num_heads, head_count_kv=cfg.num_kv_heads,
+        rope_dimension_count=cfg.head_dim, key_length=cfg.head_dim, value_length=cfg.head_dim,
+        rope_freq_base=cfg.rope_theta, layer_norm_rms_eps=cfg.rms_norm_eps, vocab_size=cfg.vocab_size)
+    for name, value in hyperparameters.items():
+        getattr(w, f"add_{name}")(value)
     w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
     specials = ["<unk>", "<s>", "</s>"]
     tokens = specials + [f"<0x{b:02X}>" for b in range(256)]
@@ -107,10 +103,26 @@ def weight_bytes_read(path: str) -> int:
     return sum(sizes.values()) + (0 if "output.weight" in sizes else embd)
 
 
-def llama_bench(bin_dir: str, path: str, repeats: int) -> dict:
-    """llama-bench's record of NEW_TOKENS generated after a CONTEXT-token context (-d), JSON."""
+def kv_bytes_read(spec: str, context: int) -> float:
+    """KV cache bytes read per timed token: P_kv (THEORY.md; fp16 K and V of every layer, both
+    runtimes' default cache) times the cached positions, averaged over the NEW_TOKENS timed."""
+    cfg = synthetic_config(spec)
+    return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 2 * (context + (NEW_TOKENS - 1) / 2)
+
+
+def set_floor(row: dict, kv_bytes: float, bw: float) -> dict:
+    """The row's floor (THEORY.md's B + (n - 1) / W at the mean context): its weights' and the KV
+    cache's bytes read per token over the read bandwidth, and its time against that."""
+    floor = (row["weight_bytes"] + kv_bytes) / bw * 1e3
+    row.update(kv_bytes=kv_bytes, floor_ms=floor, ratio_to_floor=row["ms_per_token"] / floor,
+               efficiency=floor / row["ms_per_token"])
+    return row
+
+
+def llama_bench(bin_dir: str, path: str, repeats: int, context: int) -> dict:
+    """llama-bench's record of NEW_TOKENS generated after a `context`-token context (-d), JSON."""
     out = run_llama(bin_dir, "llama-bench", "-m", path, "-ngl", "99", "-fa", "1", "-p", "0", "-n", str(NEW_TOKENS),
-                    "-d", str(CONTEXT), "-r", str(repeats), "-o", "json")
+                    "-d", str(context), "-r", str(repeats), "-o", "json")
     records = json.loads(out.stdout)
     if len(records) != 1:
         raise RuntimeError(f"llama-bench gave {len(records)} records: {out.stdout[:500]}")
@@ -130,7 +142,8 @@ def run_llama(bin_dir: str, *args: str) -> subprocess.CompletedProcess:
                           env={**os.environ, "LD_LIBRARY_PATH": bin_dir})
 
 
-def time_llamacpp(bin_dir: str, spec: str, ftypes: list[str], work: str, repeats: int, bw: float, done: list) -> None:
+def time_llamacpp(bin_dir: str, spec: str, ftypes: list[str], work: str, repeats: int, context: int, bw: float,
+                  done: list) -> None:
     """Appends to `done` a row per llama.cpp file type of `spec` (as qruntime's e2e rows, plus
     llama-bench's spread and samples), each file made, timed and deleted in turn."""
     f16 = f"{work}/{spec.split(':')[-1]}-F16.gguf"
@@ -144,18 +157,19 @@ def time_llamacpp(bin_dir: str, spec: str, ftypes: list[str], work: str, repeats
             t = time.perf_counter()
             run_llama(bin_dir, "llama-quantize", f16, path, ftype, str(os.cpu_count()))
             print(f"  {ftype} quantized in {time.perf_counter() - t:.0f} s", flush=True)
-        rec = llama_bench(bin_dir, path, repeats)
+        rec = llama_bench(bin_dir, path, repeats, context)
         nbytes = weight_bytes_read(path)
         ms = 1e3 / rec["avg_ts"]
-        floor = nbytes / bw * 1e3
-        done.append(dict(model=spec, weights=f"llama.cpp {ftype}", ms_per_token=ms, tok_per_s=rec["avg_ts"],
-                         tok_per_s_stddev=rec["stddev_ts"], samples_tok_per_s=rec.get("samples_ts"),
-                         weight_bytes=nbytes, floor_ms=floor, ratio_to_floor=ms / floor, efficiency=floor / ms,
-                         llama_cpp=dict(version=version, backends=rec.get("backends"), gpu_info=rec.get("gpu_info"),
-                                        n_depth=rec.get("n_depth"), n_gen=rec.get("n_gen"),
-                                        flash_attn=rec.get("flash_attn"))))
+        row = set_floor(dict(model=spec, weights=f"llama.cpp {ftype}", ms_per_token=ms, tok_per_s=rec["avg_ts"],
+                             tok_per_s_stddev=rec["stddev_ts"], samples_tok_per_s=rec.get("samples_ts"),
+                             weight_bytes=nbytes,
+                             llama_cpp=dict(version=version, backends=rec.get("backends"),
+                                            gpu_info=rec.get("gpu_info"), n_depth=rec.get("n_depth"),
+                                            n_gen=rec.get("n_gen"), flash_attn=rec.get("flash_attn"))),
+                        kv_bytes_read(spec, context), bw)
+        done.append(row)
         print(f"{spec} llama.cpp {ftype}: {ms:7.3f} ms/token ({rec['avg_ts']:6.1f} +- {rec['stddev_ts']:.1f} tok/s); "
-              f"floor {floor:6.3f} ms; {ms / floor:4.2f}x floor", flush=True)
+              f"floor {row['floor_ms']:6.3f} ms; {row['ratio_to_floor']:4.2f}x floor", flush=True)
         if path != f16:
             os.remove(path)
     os.remove(f16)
@@ -168,38 +182,46 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/llamacpp_peer", help="where the GGUF files go (deleted after use)")
     ap.add_argument("--repeats", type=int, default=5, help="llama-bench repetitions (it reports their mean)")
     ap.add_argument("--types", default="F16," + ",".join(QUANT_TYPES), help="llama.cpp file types to time")
+    ap.add_argument("--bits", default="16,8,4", help="qruntime weights to time (w16, w8, w4 g128)")
+    ap.add_argument("--context", type=int, default=CONTEXT, help="tokens in the cache before the timed ones")
     ap.add_argument("--out", default=".")
     args = ap.parse_args()
     os.makedirs(args.work, exist_ok=True)
     env = environment()
     bw = measure_read_bandwidth()
     print(f"# {env}\n# read bandwidth {bw / 1e12:.3f} TB/s", flush=True)
-    ours = bench_e2e(bw, args.spec, peer=False)
+    ours = [set_floor(r, kv_bytes_read(r["model"], args.context), bw)
+            for r in bench_e2e(bw, args.spec, peer=False, bits=[int(b) for b in args.bits.split(",")],
+                               prompt_len=args.context)]
     torch.cuda.empty_cache()
     peer = []
     try:
         for spec in args.spec:
-            time_llamacpp(args.bin, spec, args.types.split(","), args.work, args.repeats, bw, peer)
+            time_llamacpp(args.bin, spec, args.types.split(","), args.work, args.repeats, args.context, bw, peer)
     finally:  # what was timed is kept when a later file fails or the run is cut short
-        dump(f"{args.out}/llamacpp_peer.json", dict(env=env, read_bw=bw, qruntime=ours, llama_cpp=peer))
-    md = markdown(env, bw, ours, peer)
+        dump(f"{args.out}/llamacpp_peer.json", dict(env=env, read_bw=bw, context=args.context, qruntime=ours,
+                                                     llama_cpp=peer))
+    md = markdown(env, bw, ours, peer, args.context)
     with open(f"{args.out}/llamacpp_peer.md", "w") as f:
         f.write(md)
     print(md)
 
 
-def markdown(env, bw, ours, peer) -> str:
+def markdown(env, bw, ours, peer, context: int = CONTEXT) -> str:
     lines = [f"# qruntime against llama.cpp, batch-1 decode ({env.get('gpu')}, driver {env.get('driver')}, "
              f"torch {env['torch']}, triton {env['triton']}, CUDA {env.get('cuda')})", "",
-             f"Read bandwidth {bw / 1e12:.3f} TB/s (2 GiB x.sum(), median of 20). {CONTEXT}-token context, "
+             f"Read bandwidth {bw / 1e12:.3f} TB/s (2 GiB x.sum(), median of 20). {context}-token context, "
              f"{NEW_TOKENS} new tokens; random weights of the exact shapes. "
              f"{peer[0]['llama_cpp']['version'] if peer else 'llama.cpp not run'}, built with CUDA for sm_90: llama-bench, all "
              f"layers on the GPU, FlashAttention on, mean of its repetitions; qruntime: median of 3 "
-             f"(bench_decode.bench_e2e). Floor: weight bytes read per token / read bandwidth.", "",
-             "| model | weights | ms/token | tok/s | weight bytes read | floor (ms) | x floor |", "|---|---|---|---|---|---|---|"]
+             f"(bench_decode.bench_e2e). Floor: the bytes of weights and of fp16 KV cache read per token (the "
+             f"cache at its mean length over the timed tokens) / the read bandwidth.", "",
+             "| model | weights | ms/token | tok/s | weight bytes read | KV bytes read | floor (ms) | x floor |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in sorted(ours + peer, key=lambda r: (r["model"], r["weight_bytes"])):
         lines.append(f"| {r['model']} | {r['weights']} | {r['ms_per_token']:.3f} | {r['tok_per_s']:.1f} | "
-                     f"{r['weight_bytes'] / 1e9:.3f} GB | {r['floor_ms']:.3f} | {r['ratio_to_floor']:.2f} |")
+                     f"{r['weight_bytes'] / 1e9:.3f} GB | {r['kv_bytes'] / 1e9:.3f} GB | {r['floor_ms']:.3f} | "
+                     f"{r['ratio_to_floor']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
