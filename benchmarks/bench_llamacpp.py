@@ -40,7 +40,8 @@ CONTEXT, NEW_TOKENS = 128, 256  # bench_decode.bench_e2e's protocol (--context c
 def write_f16_gguf(path: str, cfg, device: str = "cuda") -> None:
     """A llama-architecture GGUF with random weights of `cfg`'s shapes: linears and the embedding
     F16 (std 0.02), norms F32 ones, and a placeholder SentencePiece vocabulary of the model's size
-    (byte tokens included, which llama.cpp's SPM vocabulary looks up)."""
+    (byte tokens included, which llama.cpp's SPM vocabulary looks up). Written for timing only: no
+    rope_freqs tensor (llama3's RoPE scaling changes no work) and no Q/K row permutation."""
     import gguf
 
     w = gguf.GGUFWriter(path, "llama")
