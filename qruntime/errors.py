@@ -51,3 +51,7 @@ class InvalidOptionError(QRuntimeError, ValueError):
 
 class OutputExistsError(QRuntimeError):
     """The output path exists and --force was not given."""
+
+
+class MissingDependencyError(QRuntimeError, ImportError):
+    """A library the operation needs is missing or older than the version it needs."""

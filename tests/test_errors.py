@@ -184,5 +184,5 @@ def test_error_hierarchy():
     for cls in (errors.ModelNotFoundError, errors.NotAModelError, errors.CorruptFileError, errors.ChecksumMismatchError,
                 errors.UnsupportedArchitectureError, errors.ShapeMismatchError, errors.MissingTensorError,
                 errors.InvalidOptionError, errors.UnsafeCheckpointError, errors.OutputExistsError,
-                errors.UnsupportedFormatError):
+                errors.UnsupportedFormatError, errors.MissingDependencyError):
         assert issubclass(cls, qruntime.QRuntimeError)

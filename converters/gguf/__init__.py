@@ -150,6 +150,8 @@ def convert(
     unless `requantize`, which dequantizes them and re-quantizes with RTN (policy, else int4 g32)."""
     file = local_file(Path(path), quant_type)
     f = read_gguf(file)
+    if f.get("tokenizer.ggml.model") is not None:
+        tokenizer.transformers_gguf_tokenizer()  # a transformers too old to rebuild it: fail before the tensors
     ckpt = read_checkpoint(f, policy, requantize, progress)
     ckpt.tokenizer_files = tokenizer.build_tokenizer_files(f, ckpt.config.family)
     if hash_sources:

@@ -2,7 +2,7 @@
 
 GGUF keeps the vocabulary in metadata (`tokenizer.ggml.{model, pre, tokens, token_type, merges,
 scores, bos_token_id, eos_token_id, ...}`, `tokenizer.chat_template`). transformers already turns
-those into a `tokenizers` backend (`transformers.integrations.gguf.convert_gguf_tokenizer`); we
+those into a `tokenizers` backend (`transformers_gguf_tokenizer`, transformers >= 5.18); we
 add what llama.cpp decides outside the vocabulary: whether BOS/EOS are added (llama.cpp
 `src/llama-vocab.cpp`: the `add_bos_token` key, else its per-model default), BPE's
 `ignore_merges` for the llama3 pre-tokenizer, and the end-of-generation ids.
@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from qruntime.errors import CorruptFileError, UnsupportedFormatError
+from qruntime.errors import CorruptFileError, MissingDependencyError, UnsupportedFormatError
 
 from .reader import GGUFFile
 
@@ -93,6 +93,29 @@ def _tokenizer_dict(f: GGUFFile, model: str) -> dict[str, Any]:
     return d
 
 
+# transformers' GGUF tokenizer builder as this module uses it: in transformers.integrations.gguf from
+# 5.18. Before (transformers.integrations.ggml, 4.45-5.17) it builds byte-level BPE tokenizers that
+# split some texts differently from llama.cpp (tests/converters/test_gguf_logits.py
+# test_tokenizer_matches_llama_cpp fails under 5.17, passes under 5.18 and 5.24).
+MIN_TRANSFORMERS = "5.18"
+
+
+def transformers_gguf_tokenizer():
+    """transformers' builder of a `tokenizers` backend from GGUF vocabulary fields: (architecture,
+    fields) -> (Tokenizer, extra kwargs). An older transformers is refused, not worked around
+    (converters.gguf.convert asks before converting any tensor)."""
+    try:
+        from transformers.integrations.gguf import convert_gguf_tokenizer
+    except ImportError:
+        import transformers
+
+        raise MissingDependencyError(
+            f"rebuilding a GGUF file's tokenizer needs transformers >= {MIN_TRANSFORMERS} (installed: "
+            f"{transformers.__version__}, whose tokenizers disagree with llama.cpp's); "
+            f"pip install 'transformers>={MIN_TRANSFORMERS}'") from None
+    return convert_gguf_tokenizer
+
+
 def build_tokenizer_files(f: GGUFFile, arch: str) -> dict[str, bytes]:
     """tokenizer.json + tokenizer_config.json (+ chat template) files, or {} when the GGUF has no
     vocabulary."""
@@ -103,8 +126,8 @@ def build_tokenizer_files(f: GGUFFile, arch: str) -> dict[str, bytes]:
         raise CorruptFileError(f"{f.source}: tokenizer.ggml.model is {model!r} but tokenizer.ggml.tokens is missing")
     from tokenizers import processors
     from transformers import PreTrainedTokenizerFast
-    from transformers.integrations.gguf import convert_gguf_tokenizer
 
+    convert_gguf_tokenizer = transformers_gguf_tokenizer()
     tokens = f.get("tokenizer.ggml.tokens")
     bos, eos = special_ids(f)
     try:

@@ -64,3 +64,20 @@ def test_packed_round_trip_keeps_codes_and_rope_factors(gguf_zoo, tmp_path):
             assert torch.equal(getattr(loaded.linears[name], "qweight" if key == "weight" else key), t), (name, key)
     ids = list(range(5, 21))
     torch.testing.assert_close(Model(loaded, device="cpu").logits(ids), Model(ckpt, device="cpu").logits(ids))
+
+
+
+def test_tokenizer_builder_refuses_transformers_before_5_18(monkeypatch):
+    """transformers up to 5.17 keeps its GGUF tokenizer builder in integrations.ggml, and the
+    tokenizers it builds split some texts differently from llama.cpp: the GPU machine's 5.17 failed
+    GGUF conversion with a bare ImportError. Now a typed error names the version needed."""
+    import sys
+    import types
+
+    from qruntime.converters.gguf import tokenizer
+    from qruntime.errors import MissingDependencyError
+
+    monkeypatch.setitem(sys.modules, "transformers.integrations.gguf",
+                        types.ModuleType("transformers.integrations.gguf"))  # 5.17: no convert_gguf_tokenizer
+    with pytest.raises(MissingDependencyError, match=r"transformers >= 5\.18"):
+        tokenizer.transformers_gguf_tokenizer()
