@@ -14,6 +14,9 @@ as the output matrix).
     PYTHONPATH=zz_pkg:. python3 bench_llamacpp.py --bin BIN --spec synthetic:llama3.2-1b --out DIR
 
 Files go to --work (a local disk with room for an 8B F16 file and one quantized file at a time).
+--convert (qruntime on llama.cpp's own files) converts GGUF, which needs transformers >= 5.18 for the
+tokenizer: the GPU image's is 5.17, so carry a newer one there (its one run stopped on that:
+results/h200/llamacpp_peer_convert_attempt.log).
 """
 
 from __future__ import annotations
@@ -28,8 +31,11 @@ import time
 import numpy as np
 import torch
 
-from bench_decode import bench_e2e
+import qruntime
+from bench_decode import bench_e2e, linear_bytes, time_decode
 from gpu_common import dump, environment, measure_read_bandwidth
+from qruntime import format as packed_format
+from qruntime.convert import convert_checkpoint
 from qruntime.synthetic import synthetic_config
 
 # llama.cpp file types timed, and the qruntime weights each is set beside in the table
@@ -120,6 +126,28 @@ def set_floor(row: dict, kv_bytes: float, bw: float) -> dict:
     return row
 
 
+def time_converted(path: str, spec: str, ftype: str, context: int, bw: float) -> dict:
+    """qruntime on the same GGUF file: converted by `qruntime convert` (converters.gguf keeps
+    llama.cpp's codes and scales), then timed as bench_e2e times its own models (PDL on)."""
+    out = path.removesuffix(".gguf") + "-qruntime"
+    t = time.perf_counter()
+    convert_checkpoint(path, out, progress=False, force=True)
+    print(f"  {ftype} converted by qruntime in {time.perf_counter() - t:.0f} s", flush=True)
+    ckpt = packed_format.load(out)
+    nbytes = linear_bytes(ckpt)
+    model = qruntime.Model(ckpt, device="cuda", backend="triton", max_seq_len=max(512, context + 257))
+    del ckpt
+    ms = time_decode(model, context)
+    del model
+    torch.cuda.empty_cache()
+    subprocess.run(["rm", "-rf", out], check=True)
+    row = set_floor(dict(model=spec, weights=f"qruntime from {ftype}", ms_per_token=ms, tok_per_s=1e3 / ms,
+                         weight_bytes=nbytes), kv_bytes_read(spec, context), bw)
+    print(f"{spec} qruntime from {ftype}: {ms:7.3f} ms/token; floor {row['floor_ms']:6.3f} ms; "
+          f"{row['ratio_to_floor']:4.2f}x floor", flush=True)
+    return row
+
+
 def llama_bench(bin_dir: str, path: str, repeats: int, context: int) -> dict:
     """llama-bench's record of NEW_TOKENS generated after a `context`-token context (-d), JSON."""
     out = run_llama(bin_dir, "llama-bench", "-m", path, "-ngl", "99", "-fa", "1", "-p", "0", "-n", str(NEW_TOKENS),
@@ -144,9 +172,10 @@ def run_llama(bin_dir: str, *args: str) -> subprocess.CompletedProcess:
 
 
 def time_llamacpp(bin_dir: str, spec: str, ftypes: list[str], work: str, repeats: int, context: int, bw: float,
-                  done: list) -> None:
+                  done: list, converted: bool = False) -> None:
     """Appends to `done` a row per llama.cpp file type of `spec` (as qruntime's e2e rows, plus
-    llama-bench's spread and samples), each file made, timed and deleted in turn."""
+    llama-bench's spread and samples), each file made, timed and deleted in turn; `converted`:
+    and a row of qruntime running each quantized file (time_converted)."""
     f16 = f"{work}/{spec.split(':')[-1]}-F16.gguf"
     t = time.perf_counter()
     write_f16_gguf(f16, synthetic_config(spec))
@@ -171,6 +200,8 @@ def time_llamacpp(bin_dir: str, spec: str, ftypes: list[str], work: str, repeats
         done.append(row)
         print(f"{spec} llama.cpp {ftype}: {ms:7.3f} ms/token ({rec['avg_ts']:6.1f} +- {rec['stddev_ts']:.1f} tok/s); "
               f"floor {row['floor_ms']:6.3f} ms; {row['ratio_to_floor']:4.2f}x floor", flush=True)
+        if converted and ftype != "F16":
+            done.append(time_converted(path, spec, ftype, context, bw))
         if path != f16:
             os.remove(path)
     os.remove(f16)
@@ -185,6 +216,8 @@ def main() -> None:
     ap.add_argument("--types", default="F16," + ",".join(QUANT_TYPES), help="llama.cpp file types to time")
     ap.add_argument("--bits", default="16,8,4", help="qruntime weights to time (w16, w8, w4 g128)")
     ap.add_argument("--context", type=int, default=CONTEXT, help="tokens in the cache before the timed ones")
+    ap.add_argument("--convert", action="store_true",
+                    help="also time qruntime on each quantized GGUF file itself, converted by qruntime convert")
     ap.add_argument("--out", default=".")
     args = ap.parse_args()
     os.makedirs(args.work, exist_ok=True)
@@ -198,7 +231,8 @@ def main() -> None:
     peer = []
     try:
         for spec in args.spec:
-            time_llamacpp(args.bin, spec, args.types.split(","), args.work, args.repeats, args.context, bw, peer)
+            time_llamacpp(args.bin, spec, args.types.split(","), args.work, args.repeats, args.context, bw, peer,
+                          args.convert)
     finally:  # what was timed is kept when a later file fails or the run is cut short
         dump(f"{args.out}/llamacpp_peer.json", dict(env=env, read_bw=bw, context=args.context, qruntime=ours,
                                                      llama_cpp=peer))
