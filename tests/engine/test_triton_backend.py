@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import qruntime
+from qruntime.converters.gguf import convert as convert_gguf
 from qruntime.runtime import read_checkpoint
 
 pytestmark = pytest.mark.skipif(
@@ -15,10 +16,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-@pytest.mark.parametrize("variant,bits,kv", [("llama", 4, "auto"), ("qwen2", 8, "auto"), ("qwen3", 4, "int8"),
-                                             ("llama2", 16, "auto")])
-def test_triton_backend_matches_torch_backend(tiny_model_dir, variant, bits, kv):
-    ckpt = read_checkpoint(tiny_model_dir(variant), bits=None if bits == 16 else bits, group_size=32)
+def _check_logits_and_greedy(ckpt, kv="auto"):
     ref = qruntime.Model(ckpt, device="cpu", backend="torch")
     fast = qruntime.Model(ckpt, device="cpu", backend="triton", kv_cache=kv)
     ids = list(range(5, 25))
@@ -31,23 +29,17 @@ def test_triton_backend_matches_torch_backend(tiny_model_dir, variant, bits, kv)
     assert report["backend"] == "triton" and report["kv_cache_bytes"] > 0
 
 
-@pytest.mark.parametrize("variant,bits", [("llama", 4), ("qwen2", 8), ("qwen3", 4), ("qwen2", 16)])
-def test_fp16_decode_steps_match_torch_backend(tiny_model_dir, variant, bits):
-    """fp16 activations: the decode step takes the packed GEMVs, or for 16-bit weights the
-    dense ones (kernels.gemv_dense), which form their inputs the same way (the fp32 mode of the test
-    above does not). Three eager decode steps, each checked against the fp32 torch backend on the
-    same prefix: an accumulator (or a deferred norm's sum of squares) left non-zero would show from
-    the second step on. The layers' RMSNorms are deferred to the kernels after their GEMVs
-    (qwen2's q|k|v bias is then added by flash-decoding, after the norm's scale)."""
-    ckpt = read_checkpoint(tiny_model_dir(variant), bits=None if bits == 16 else bits, group_size=32)
+def _check_fp16_decode_steps(ckpt, qkv_bias: bool, fused: bool = True):
+    """fused: the checkpoint's linears allow every fusion of the decode step (asserted)."""
     ref = qruntime.Model(ckpt, device="cpu", backend="torch", dtype=torch.float32)
     fast = qruntime.Model(ckpt, device="cpu", backend="triton", dtype=torch.float16)
     r = fast.runner
     assert r.xn.dtype == torch.float16
-    assert r.fused_swiglu  # down_proj forms silu(gate) * up itself
-    assert r.fused_merge and r.attn is None  # o_proj merges the attention splits, zeroes q|k|v and gate|up
-    assert r.defer_mlp_norm and r.defer_attention_norm
-    assert (r.rope_inputs[0].qkv_bias is not None) == (variant == "qwen2")
+    if fused:
+        assert r.fused_swiglu  # down_proj forms silu(gate) * up itself
+        assert r.fused_merge and r.attn is None  # o_proj merges the attention splits, zeroes q|k|v and gate|up
+        assert r.defer_mlp_norm and r.defer_attention_norm
+        assert (r.rope_inputs[0].qkv_bias is not None) == qkv_bias
     ids = list(range(5, 17))
     r.prefill(torch.tensor(ids[:-1]))
     r.token.fill_(ids[-1]); r.pos.fill_(len(ids) - 1); r.seq_len.fill_(len(ids))
@@ -57,3 +49,36 @@ def test_fp16_decode_steps_match_torch_backend(tiny_model_dir, variant, bits):
         assert (r.logits[0] - expected).abs().max() < 2e-2 * expected.abs().max()
         assert int(r.token) == int(torch.argmax(r.logits[0])) and int(r.pos) == len(ids)
         ids.append(int(r.token))
+
+
+@pytest.mark.parametrize("variant,bits,kv", [("llama", 4, "auto"), ("qwen2", 8, "auto"), ("qwen3", 4, "int8"),
+                                             ("llama2", 16, "auto")])
+def test_triton_backend_matches_torch_backend(tiny_model_dir, variant, bits, kv):
+    _check_logits_and_greedy(read_checkpoint(tiny_model_dir(variant), bits=None if bits == 16 else bits,
+                                             group_size=32), kv)
+
+
+@pytest.mark.parametrize("variant,bits", [("llama", 4), ("qwen2", 8), ("qwen3", 4), ("qwen2", 16)])
+def test_fp16_decode_steps_match_torch_backend(tiny_model_dir, variant, bits):
+    """fp16 activations: the decode step takes the packed GEMVs, or for 16-bit weights the
+    dense ones (kernels.gemv_dense), which form their inputs the same way (the fp32 mode of the test
+    above does not). Three eager decode steps, each checked against the fp32 torch backend on the
+    same prefix: an accumulator (or a deferred norm's sum of squares) left non-zero would show from
+    the second step on. The layers' RMSNorms are deferred to the kernels after their GEMVs
+    (qwen2's q|k|v bias is then added by flash-decoding, after the norm's scale)."""
+    _check_fp16_decode_steps(read_checkpoint(tiny_model_dir(variant), bits=None if bits == 16 else bits,
+                                             group_size=32), qkv_bias=variant == "qwen2")
+
+
+@pytest.mark.parametrize("model,ftype", [("llama", "Q4_K_M"), ("qwen2", "Q5_1")])
+def test_triton_backend_runs_llama_cpp_files(gguf_zoo, model, ftype):
+    """GGUF files keep llama.cpp's codes, in layouts the RTN models above do not have: Q4_K_M's int4
+    codes in groups of 32 with float offsets (Q4_K's mins) beside Q6_K's int8 codes in groups of 16;
+    Q5_1's 5-bit codes as int8 with float offsets, on qwen2 (q|k|v bias). Both modes of the tests
+    above: logits and greedy tokens, and fp16 decode steps. Q4_K_M's v_proj (Q6_K) differs in layout
+    from q_proj and k_proj, so q|k|v stay three GEMVs and the attention norm is not deferred: the
+    decode step's other path, checked here too."""
+    ckpt = convert_gguf(gguf_zoo.file(model, ftype), progress=False)
+    assert any(lin.zero_mode == "float" for lin in ckpt.linears.values())
+    _check_logits_and_greedy(ckpt)
+    _check_fp16_decode_steps(ckpt, qkv_bias=model == "qwen2", fused=False)
