@@ -2,11 +2,14 @@
 converted, loaded and run; logits equal HF transformers running the dequantized weights (fp32
 tolerance), and generation works. Fixtures: model_fixtures.py (the libraries' own packers)."""
 
+import os
+
 import pytest
 import torch
 
 import model_fixtures as mf
 import qruntime
+from backend_checks import check_fp16_decode_steps, check_logits_and_greedy
 import tiny_models
 from qruntime.converters.base import detect_format
 from qruntime.errors import InvalidOptionError, QRuntimeError
@@ -142,3 +145,20 @@ def test_missing_scales_in_model_names_tensor(fp16_dir, tmp_path):
     save_file(state, str(path / "model.safetensors"))
     with pytest.raises(QRuntimeError, match="model.layers.1.mlp.down_proj.scales"):
         read_checkpoint(path)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="needs a GPU or Triton's interpreter")
+@pytest.mark.parametrize("case", ["gptq-w4-g32-sym-actorder-qwen2", "ct-w8a16-channel-asym-llama"])
+def test_converted_model_on_triton_backend(fp16_dir, tmp_path, case):
+    """Layouts only converted checkpoints bring to the decode step: GPTQ's act-order permutation of
+    the input columns (on qwen2, with its q|k|v bias), and one group per row (per-channel int8).
+    Both modes of tests/engine/test_triton_backend.py against the torch backend, in the interpreter.
+    A permuted linear cannot form its own input, so the act-order model's step runs unfused
+    (separate SwiGLU, combine and norm launches), the per-channel one fused."""
+    variant, build, _ = CASES[case]
+    ckpt = read_checkpoint(build(fp16_dir(variant), tmp_path / case))
+    assert (any(lin.perm is not None for lin in ckpt.linears.values()) if "actorder" in case
+            else all(lin.num_groups == 1 for name, lin in ckpt.linears.items() if name != "lm_head"))
+    check_logits_and_greedy(ckpt)
+    check_fp16_decode_steps(ckpt, qkv_bias=variant == "qwen2", fused="actorder" not in case)

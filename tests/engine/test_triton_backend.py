@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-import qruntime
+from backend_checks import check_fp16_decode_steps, check_logits_and_greedy
 from qruntime.converters.gguf import convert as convert_gguf
 from qruntime.runtime import read_checkpoint
 
@@ -16,45 +16,10 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _check_logits_and_greedy(ckpt, kv="auto"):
-    ref = qruntime.Model(ckpt, device="cpu", backend="torch")
-    fast = qruntime.Model(ckpt, device="cpu", backend="triton", kv_cache=kv)
-    ids = list(range(5, 25))
-    tol = 0.05 if kv == "int8" else 5e-3  # fp16 tensor-core inputs; int8 KV adds its quantization noise
-    a, b = ref.logits(ids), fast.logits(ids)
-    assert (a - b).abs().max() < tol * a.abs().max()
-    ref.eos_ids = fast.eos_ids = set()
-    assert list(fast.generate_ids(ids, 6)) == list(ref.generate_ids(ids, 6))
-    report = fast.memory_report()
-    assert report["backend"] == "triton" and report["kv_cache_bytes"] > 0
-
-
-def _check_fp16_decode_steps(ckpt, qkv_bias: bool, fused: bool = True):
-    """fused: the checkpoint's linears allow every fusion of the decode step (asserted)."""
-    ref = qruntime.Model(ckpt, device="cpu", backend="torch", dtype=torch.float32)
-    fast = qruntime.Model(ckpt, device="cpu", backend="triton", dtype=torch.float16)
-    r = fast.runner
-    assert r.xn.dtype == torch.float16
-    if fused:
-        assert r.fused_swiglu  # down_proj forms silu(gate) * up itself
-        assert r.fused_merge and r.attn is None  # o_proj merges the attention splits, zeroes q|k|v and gate|up
-        assert r.defer_mlp_norm and r.defer_attention_norm
-        assert (r.rope_inputs[0].qkv_bias is not None) == qkv_bias
-    ids = list(range(5, 17))
-    r.prefill(torch.tensor(ids[:-1]))
-    r.token.fill_(ids[-1]); r.pos.fill_(len(ids) - 1); r.seq_len.fill_(len(ids))
-    for _ in range(3):
-        r.step()  # decode + argmax + advance: logits are for `ids`, the argmax becomes the next token
-        expected = ref.logits(ids)[-1]
-        assert (r.logits[0] - expected).abs().max() < 2e-2 * expected.abs().max()
-        assert int(r.token) == int(torch.argmax(r.logits[0])) and int(r.pos) == len(ids)
-        ids.append(int(r.token))
-
-
 @pytest.mark.parametrize("variant,bits,kv", [("llama", 4, "auto"), ("qwen2", 8, "auto"), ("qwen3", 4, "int8"),
                                              ("llama2", 16, "auto")])
 def test_triton_backend_matches_torch_backend(tiny_model_dir, variant, bits, kv):
-    _check_logits_and_greedy(read_checkpoint(tiny_model_dir(variant), bits=None if bits == 16 else bits,
+    check_logits_and_greedy(read_checkpoint(tiny_model_dir(variant), bits=None if bits == 16 else bits,
                                              group_size=32), kv)
 
 
@@ -66,7 +31,7 @@ def test_fp16_decode_steps_match_torch_backend(tiny_model_dir, variant, bits):
     same prefix: an accumulator (or a deferred norm's sum of squares) left non-zero would show from
     the second step on. The layers' RMSNorms are deferred to the kernels after their GEMVs
     (qwen2's q|k|v bias is then added by flash-decoding, after the norm's scale)."""
-    _check_fp16_decode_steps(read_checkpoint(tiny_model_dir(variant), bits=None if bits == 16 else bits,
+    check_fp16_decode_steps(read_checkpoint(tiny_model_dir(variant), bits=None if bits == 16 else bits,
                                              group_size=32), qkv_bias=variant == "qwen2")
 
 
@@ -80,5 +45,5 @@ def test_triton_backend_runs_llama_cpp_files(gguf_zoo, model, ftype):
     decode step's other path, checked here too."""
     ckpt = convert_gguf(gguf_zoo.file(model, ftype), progress=False)
     assert any(lin.zero_mode == "float" for lin in ckpt.linears.values())
-    _check_logits_and_greedy(ckpt)
-    _check_fp16_decode_steps(ckpt, qkv_bias=model == "qwen2", fused=False)
+    check_logits_and_greedy(ckpt)
+    check_fp16_decode_steps(ckpt, qkv_bias=model == "qwen2", fused=False)
