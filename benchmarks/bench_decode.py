@@ -290,13 +290,18 @@ def time_hf(spec: str, prompt_len=128, new_tokens=256) -> float:
     return (t_full - t_one) / (new_tokens - 1) * 1e3
 
 
+def decode_model(ckpt, prompt_len: int) -> "qruntime.Model":
+    """`ckpt` on the triton backend with room for a `prompt_len` prompt and time_decode's tokens."""
+    return qruntime.Model(ckpt, device="cuda", backend="triton", max_seq_len=max(512, prompt_len + 257))
+
+
 def bench_e2e(bw: float, specs, peer: bool, bits=(16, 8, 4), prompt_len: int = 128) -> list[dict]:
     rows = []
     for spec in specs:
         for b in bits:
             ckpt = synthetic_checkpoint(spec, bits=b, dtype=torch.bfloat16)
             pw = linear_bytes(ckpt)
-            model = qruntime.Model(ckpt, device="cuda", backend="triton", max_seq_len=max(512, prompt_len + 257))
+            model = decode_model(ckpt, prompt_len)
             del ckpt
             with pdl(False):
                 ms_plain = time_decode(model, prompt_len)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -31,8 +32,7 @@ import time
 import numpy as np
 import torch
 
-import qruntime
-from bench_decode import bench_e2e, linear_bytes, time_decode
+from bench_decode import bench_e2e, decode_model, linear_bytes, time_decode
 from gpu_common import dump, environment, measure_read_bandwidth
 from qruntime import format as packed_format
 from qruntime.convert import convert_checkpoint
@@ -135,12 +135,12 @@ def time_converted(path: str, spec: str, ftype: str, context: int, bw: float) ->
     print(f"  {ftype} converted by qruntime in {time.perf_counter() - t:.0f} s", flush=True)
     ckpt = packed_format.load(out)
     nbytes = linear_bytes(ckpt)
-    model = qruntime.Model(ckpt, device="cuda", backend="triton", max_seq_len=max(512, context + 257))
+    model = decode_model(ckpt, context)
     del ckpt
     ms = time_decode(model, context)
     del model
     torch.cuda.empty_cache()
-    subprocess.run(["rm", "-rf", out], check=True)
+    shutil.rmtree(out)
     row = set_floor(dict(model=spec, weights=f"qruntime from {ftype}", ms_per_token=ms, tok_per_s=1e3 / ms,
                          weight_bytes=nbytes), kv_bytes_read(spec, context), bw)
     print(f"{spec} qruntime from {ftype}: {ms:7.3f} ms/token; floor {row['floor_ms']:6.3f} ms; "

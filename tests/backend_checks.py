@@ -22,11 +22,11 @@ def check_logits_and_greedy(ckpt, kv="auto"):
     assert report["backend"] == "triton" and report["kv_cache_bytes"] > 0
 
 
-def check_fp16_decode_steps(ckpt, qkv_bias: bool, fused: bool = True):
+def check_fp16_decode_steps(ckpt, fused: bool = True, qkv_bias: bool = False):
     """Three eager fp16 decode steps of the triton backend, each within 2e-2 of the fp32 torch
     backend on the same prefix, its argmax the next token. fused: the checkpoint's linears allow
     every fusion of the decode step (asserted: SwiGLU in down_proj, the splits merged in o_proj, both
-    RMSNorms deferred), and q|k|v has a bias iff qkv_bias."""
+    RMSNorms deferred, and flash-decoding adding q|k|v's bias iff qkv_bias)."""
     ref = qruntime.Model(ckpt, device="cpu", backend="torch", dtype=torch.float32)
     fast = qruntime.Model(ckpt, device="cpu", backend="triton", dtype=torch.float16)
     r = fast.runner

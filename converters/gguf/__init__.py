@@ -150,10 +150,11 @@ def convert(
     unless `requantize`, which dequantizes them and re-quantizes with RTN (policy, else int4 g32)."""
     file = local_file(Path(path), quant_type)
     f = read_gguf(file)
-    if f.get("tokenizer.ggml.model") is not None:
-        tokenizer.transformers_gguf_tokenizer()  # a transformers too old to rebuild it: fail before the tensors
+    # the tokenizer first: what stops it (a transformers too old, malformed vocabulary) stops the
+    # conversion before the tensors, not after them
+    tokenizer_files = tokenizer.build_tokenizer_files(f, metadata.architecture(f))
     ckpt = read_checkpoint(f, policy, requantize, progress)
-    ckpt.tokenizer_files = tokenizer.build_tokenizer_files(f, ckpt.config.family)
+    ckpt.tokenizer_files = tokenizer_files
     if hash_sources:
         ckpt.source["files"] = {file.name: sha256_file(file)}
     return ckpt

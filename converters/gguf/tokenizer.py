@@ -103,7 +103,7 @@ MIN_TRANSFORMERS = "5.18"
 def transformers_gguf_tokenizer():
     """transformers' builder of a `tokenizers` backend from GGUF vocabulary fields: (architecture,
     fields) -> (Tokenizer, extra kwargs). An older transformers is refused, not worked around
-    (converters.gguf.convert asks before converting any tensor)."""
+    (converters.gguf.convert builds the tokenizer before converting any tensor)."""
     try:
         from transformers.integrations.gguf import convert_gguf_tokenizer
     except ImportError:

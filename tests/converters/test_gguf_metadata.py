@@ -66,7 +66,6 @@ def test_packed_round_trip_keeps_codes_and_rope_factors(gguf_zoo, tmp_path):
     torch.testing.assert_close(Model(loaded, device="cpu").logits(ids), Model(ckpt, device="cpu").logits(ids))
 
 
-
 def test_tokenizer_builder_refuses_transformers_before_5_18(monkeypatch):
     """transformers up to 5.17 keeps its GGUF tokenizer builder in integrations.ggml, and the
     tokenizers it builds split some texts differently from llama.cpp: the GPU machine's 5.17 failed
