@@ -20,7 +20,7 @@ import torch
 from gpu_common import dump, environment, gemv_workload, measure_read_bandwidth, time_graph
 from qruntime.kernels.layout import prepare
 from qruntime.kernels.qmatmul import qmatmul, qmatmul_accumulate
-from qruntime.kernels.tuning import splitk_config
+from qruntime.kernels.tuning import weights_key
 from qruntime.kernels.reference import linear as ref_linear
 from qruntime.kernels.frag_gemm import FRAG_PATH
 from qruntime.kernels.tma_frag_gemm import (STAGED_SCALES, TMA_FRAG_PATH, TMA_STREAM_PATH, WARP_SPECIALIZED,
@@ -158,13 +158,16 @@ def main() -> None:
     ap.add_argument("--bits", type=int, nargs="+", default=[4, 8])
     ap.add_argument("--m", type=int, nargs="+", default=[1, 16])
     ap.add_argument("--prefill", type=int, default=0, help="also sweep the prefill GEMM at this M")
-    ap.add_argument("--shapes", default="all", help="'all' or 'issue' (the four shapes of the acceptance)")
+    ap.add_argument("--shapes", default="all", help="'all', 'issue' (the four shapes of the acceptance) or KxN,KxN,...")
     ap.add_argument("--quick", action="store_true",
                     help="M = 1: only the tiles that won the full sweeps; M = 16: only the fragment kernels' (with and without TMA)")
     ap.add_argument("--jobs", type=int, default=12, help="processes compiling the configs before the timing")
     ap.add_argument("--narrow", action="store_true",
                     help="M = 1: only one-warp tiles of at most 64 columns, against the card's current table entry")
     ap.add_argument("--slots", action="store_true", help="M = 1: also the slot kernel's tiles")
+    ap.add_argument("--group", type=int, default=128, help="group size of the timed weights (-1: per channel)")
+    ap.add_argument("--zeros", default="int", choices=("int", "symmetric", "float"),
+                    help="the timed weights' zero points: integer, none (GGUF's Q8_0, Q4_0) or float offsets (its K types)")
     ap.add_argument("--only", default="", metavar="PREFIX",
                     help="time only the configs whose path starts with PREFIX, against the card's current table entry")
     args = ap.parse_args()
@@ -193,16 +196,18 @@ def main() -> None:
                           f"w{bits} g{group} sym={sym} path={path} M={m} BLOCK_K={bk} K_ITERS={iters}")
         if any(m > 1 for m in args.m):
             check_tma_frag(bits)
-        shapes = SHAPES if args.shapes == "all" else SHAPES[:4]
+        shapes = {"all": SHAPES, "issue": SHAPES[:4]}.get(args.shapes) or [
+            tuple(int(d) for d in shape.split("x")) for shape in args.shapes.split(",")]
+        weights = f"g{args.group} {args.zeros}"
         compile_ahead(bits, args.m, shapes, args.quick, args.narrow, args.slots, args.jobs, args.only)
         for (k, n), m in itertools.product(shapes, args.m):
-            lins, xs, outs, need = gemv_workload(k, n, m, bits)
+            lins, xs, outs, need = gemv_workload(k, n, m, bits, group=args.group, zero_mode=args.zeros)
             count = len(lins)
             timed = []
             candidates = configs(m, bits, args.quick, args.narrow, args.slots)
             candidates = [c for c in candidates if path_starts(c, args.only)]
-            if args.narrow or args.only:
-                candidates = list(dict.fromkeys(candidates + [splitk_config(bits, n, k, m, torch.device("cuda"))]))
+            if args.narrow or args.only or weights != "g128 int":
+                candidates = list(dict.fromkeys(candidates + [lins[0].splitk_config(m)]))
             for cfg in candidates:
                 try:
                     t = time_graph([lambda i=i: qmatmul_accumulate(xs[i], lins[i], outs[i], config=cfg) for i in range(count)])
@@ -211,6 +216,9 @@ def main() -> None:
                     continue
                 timed.append((t, cfg))
             timed.sort(key=lambda tc: tc[0])
+            for s, c in timed:  # the lookup's own choice, where it was among the candidates
+                if c == tuple(lins[0].splitk_config(m)):
+                    print(f"  the table's {c} {s * 1e6:.2f} us {100 * need / s / bw:.1f}%", flush=True)
             t, cfg = timed[0]
             print("  runners-up: " + ", ".join(f"{c} {100 * need / s / bw:.1f}%" for s, c in timed[1:4]), flush=True)
             best_of = {}  # each kernel's best in this process, for the comparison between them
@@ -218,10 +226,10 @@ def main() -> None:
                 best_of.setdefault(str(c[4]), (s, c))
             print("  best per path: " + ", ".join(f"{p} {c} {s * 1e6:.2f} us {100 * need / s / bw:.1f}%"
                                                  for p, (s, c) in best_of.items()), flush=True)
-            rows.append(dict(bits=bits, k=k, n=n, m=m, us=t * 1e6, bytes=need, tbps=need / t / 1e12,
+            rows.append(dict(bits=bits, group=args.group, zeros=args.zeros, k=k, n=n, m=m, us=t * 1e6, bytes=need, tbps=need / t / 1e12,
                              frac_of_read_bw=need / t / bw, config=list(cfg)))
-            tuned[f"splitk/w{bits}/m{m}/n{n}/k{k}"] = list(cfg)
-            print(f"w{bits} g128 M={m:2d} K={k:6d} N={n:6d}: {t * 1e6:8.2f} us  {need / t / 1e12:.3f} TB/s  "
+            tuned[f"splitk/{weights_key(bits, args.group, args.zeros, k)}/m{m}/n{n}/k{k}"] = list(cfg)
+            print(f"w{bits} {weights} M={m:2d} K={k:6d} N={n:6d}: {t * 1e6:8.2f} us  {need / t / 1e12:.3f} TB/s  "
                   f"{100 * need / t / bw:5.1f}% of read BW  cfg={cfg}", flush=True)
             del lins, xs, outs
             torch.cuda.empty_cache()

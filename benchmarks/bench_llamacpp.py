@@ -14,9 +14,10 @@ as the output matrix).
     PYTHONPATH=zz_pkg:. python3 bench_llamacpp.py --bin BIN --spec synthetic:llama3.2-1b --out DIR
 
 Files go to --work (a local disk with room for an 8B F16 file and one quantized file at a time).
---convert (qruntime on llama.cpp's own files) converts GGUF, which needs transformers >= 5.18 for the
-tokenizer: the GPU image's is 5.17, so carry a newer one there (its one run stopped on that:
-results/h200/llamacpp_peer_convert_attempt.log).
+--convert (qruntime on llama.cpp's own files, results/h200/llamacpp_peer_convert_*.md) converts GGUF,
+which needs transformers >= 5.18 for the tokenizer: the GPU image's is 5.17, so carry a newer one there
+as a wheel (`pip download --no-deps transformers==5.24.0` into an ignored folder, installed there with
+`pip install --no-index --no-deps --target /tmp/site` and PYTHONPATH=/tmp/site first).
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import statistics
@@ -33,16 +34,21 @@ def measure_read_bandwidth(gib: float = 2.0, repeats: int = 20) -> float:
     return bench_read_bandwidth(torch.device("cuda"), gib=gib, repeats=repeats)
 
 
-def gemv_workload(k: int, n: int, m: int, bits: int, total_bytes: float = 300e6):
-    """Distinct copies of one random int4/int8 g128 linear (enough to exceed L2), their inputs and
-    fp32 outputs, and the bytes one GEMV must read (words + scales + zeros + x)."""
+def gemv_workload(k: int, n: int, m: int, bits: int, total_bytes: float = 300e6, group: int = 128,
+                  zero_mode: str = "int"):
+    """Distinct copies of one random int4/int8 linear (g128 with integer zero points unless told:
+    zero_mode "symmetric" as GGUF's Q8_0 and Q4_0, "float" offsets as its K types; enough copies to
+    exceed L2), their inputs and fp32 outputs, and the bytes one GEMV must read (words + scales +
+    zeros or offsets + x)."""
     count = max(2, math.ceil(total_bytes / (n * k * bits // 8)))
-    packed = quantize_rtn(torch.randn(n, k, device="cuda") * 0.02, bits, 128, False)
+    packed = quantize_rtn(torch.randn(n, k, device="cuda") * 0.02, bits, group, zero_mode == "symmetric")
+    if zero_mode == "float":  # the same weights as scales * q + offsets
+        packed = dataclasses.replace(packed, offsets=(-packed.scales.float() * packed.zeros.float()).half(), zeros=None)
     lins = [prepare(packed, torch.device("cuda"), torch.float16) for _ in range(count)]
     xs = [torch.randn(m, k, device="cuda", dtype=torch.float16) for _ in range(count)]
     outs = [torch.zeros(m, n, device="cuda") for _ in range(count)]
     t0 = lins[0]
-    need = t0.words.numel() * 4 + t0.scales.numel() * 2 + t0.zeros_or_offsets.numel() + m * k * 2
+    need = t0.nbytes() + m * k * 2
     return lins, xs, outs, need
 
 

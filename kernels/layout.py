@@ -21,6 +21,7 @@ from .tuning import gemm_config, splitk_config
 
 ZERO_SYMMETRIC, ZERO_INT, ZERO_FLOAT = 0, 1, 2
 _ZERO_MODE_IDS = {"symmetric": ZERO_SYMMETRIC, "int": ZERO_INT, "float": ZERO_FLOAT}
+_ZERO_MODE_NAMES = {i: name for name, i in _ZERO_MODE_IDS.items()}
 
 
 @dataclass
@@ -40,7 +41,8 @@ class TritonLinear:
     tma_descriptors: dict = field(default_factory=dict, repr=False, compare=False)
 
     def splitk_config(self, m: int = 1) -> tuple[int, int, int, int, bool]:
-        return splitk_config(self.bits, self.out_features, self.in_features, m, self.words.device, self.in_decode_step)
+        return splitk_config(self.bits, self.out_features, self.in_features, m, self.words.device, self.in_decode_step,
+                             self.group_size_eff, _ZERO_MODE_NAMES[self.zero_mode_id])
 
     def gemm_config(self, m: int) -> tuple[int, int, int, int, int]:
         return gemm_config(self.bits, self.out_features, self.in_features, m, self.words.device)

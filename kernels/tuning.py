@@ -10,7 +10,9 @@ Two kinds of decode entries: "splitk/..." (a GEMV on its own, measured in a chai
 launches by bench_gemv.py) and "step/..." (inside the decode step, chosen by end-to-end ms/token
 with e2e_tune.py), since the best tiles differ: in the step smaller column tiles over two K-slice
 tiles win, alone they lose (benchmarks/results/h200/e2e_tune.log, ab_gemv_early.log). The decode
-step's linears ask for the step entry first (TritonLinear.in_decode_step).
+step's linears ask for the step entry first (TritonLinear.in_decode_step). Keys name the weights
+as "w4" / "w8" (groups of 128 or more); weights of smaller groups, as GGUF files convert to, have
+M = 1 entries of their own where measured ("w8g32s/...", weights_key).
 """
 
 from __future__ import annotations
@@ -71,15 +73,41 @@ def gemm_config(bits: int, n: int, k: int, m: int, device: torch.device | None =
 FEW_ROWS_FALLBACK = (128, 128, 4, 4, "slots")
 
 
+_ZERO_TAGS = {"int": "", "symmetric": "s", "float": "f"}
+
+
+def weights_key(bits: int, group_size: int, zero_mode: str = "int", k: int | None = None) -> str:
+    """The tables' name for a linear's weights: "w4" / "w8" for groups of 128 or more, or one group
+    per row (group_size -1 or >= k), the tables' default: a K tile of up to 128 then lies inside
+    one group. Smaller groups add the group and the zero mode, e.g. "w8g32s" (GGUF's Q8_0),
+    "w4g32f" (Q4_K), "w8g16s" (Q6_K): several groups a tile want other tiles at M = 1 (int8 g32
+    symmetric ran at 56-75% of the read bandwidth on the g128 tiles of three 8B shapes and at
+    88-106% on its own; benchmarks/results/h200/gemv_groups.log)."""
+    if group_size <= 0 or group_size >= 128 or (k is not None and group_size >= k):
+        return f"w{bits}"
+    return f"w{bits}g{group_size}{_ZERO_TAGS[zero_mode]}"
+
+
 def splitk_config(bits: int, n: int, k: int, m: int = 1, device: torch.device | None = None,
-                  in_decode_step: bool = False) -> tuple[int, int, int, int, bool | str]:
+                  in_decode_step: bool = False, group_size: int = 128,
+                  zero_mode: str = "int") -> tuple[int, int, int, int, bool | str]:
     """(BLOCK_N, BLOCK_K, K_ITERS, num_warps, path) for the split-K decode kernels
-    (kernels.qmatmul.qmatmul_accumulate); in_decode_step: the step's entry when the table has one."""
+    (kernels.qmatmul.qmatmul_accumulate); in_decode_step: the step's entry when the table has one.
+    At M = 1, weights of groups smaller than 128 take their own entry (weights_key), else one of
+    the same group with another zero mode, else the default's; at M = 16 every group takes the
+    default's. (A fixed tile for small groups where none was measured lost to the default's on the
+    1B shapes: Q8_0 0.442 -> 0.478 ms/token, llamacpp_peer_convert_1b.md.)"""
     table = _table_for(device)
-    shape = f"w{bits}/m{1 if m == 1 else 16}/n{n}/k{k}"
-    hit = (in_decode_step and table.get(f"step/{shape}")) or table.get(f"splitk/{shape}")
-    if hit:
-        return tuple(hit)
+    rows = 1 if m == 1 else 16
+    keys = [f"w{bits}"]
+    own = weights_key(bits, group_size, zero_mode, k)
+    if m == 1 and own != keys[0]:
+        keys = list(dict.fromkeys([own] + [f"w{bits}g{group_size}{tag}" for tag in _ZERO_TAGS.values()] + keys))
+    for weights in keys:
+        shape = f"{weights}/m{rows}/n{n}/k{k}"
+        hit = (in_decode_step and table.get(f"step/{shape}")) or table.get(f"splitk/{shape}")
+        if hit:
+            return tuple(hit)
     if m > 1:  # the fragment kernel beat the slot kernel on every M = 16 shape measured (H200, gemv_sweep_m16_frags.json)
         return 64, 1024, 1, 2, "frags"
     # the packed path won every measured shape but the smallest int8 one

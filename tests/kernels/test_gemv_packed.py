@@ -4,10 +4,14 @@ kernel takes its plain-Triton EMULATE branch; the PTX it runs on the GPU is exec
 small model of its six instructions (test_int_dot_asm_computes_the_layouts_dot), and the kernel
 itself is checked on the GPU (benchmarks/bench_decode.py)."""
 
+import json
+import re
+
 import pytest
 import torch
 
 from qruntime.kernels import reference as R
+from qruntime.kernels import tuning
 from qruntime.kernels.flash_decode import flash_decode, flash_decode_splits
 from qruntime.kernels.gemv_packed import (_int_dot_asm, activation_levels, packed_gemv_serves, qmatmul_accumulate_attention,
                                           qmatmul_accumulate_deferred_norm, qmatmul_accumulate_swiglu)
@@ -154,6 +158,35 @@ def test_packed_gemv_several_tiles_per_program(bits, group, shape, tiles):
     start = torch.randn(1, n)
     out = start.clone()
     qmatmul_accumulate(x, t, out, config=(16, 64, tiles, 4, "packed"))
+    assert_close(out - start, ref_linear(x.float(), lin), "fp16_dot")
+
+
+def _small_group_entries():
+    """(bits, group, zero mode, config) of every small-group M = 1 entry of the tuned tables
+    (kernels.tuning.weights_key: "w8g32s", "w4g32f", ...), each once."""
+    modes = {"": "int", "s": "symmetric", "f": "float"}
+    found = set()
+    for path in tuning.TABLES.glob("*.json"):
+        for key, cfg in json.loads(path.read_text()).items():
+            bits, group, zeros = re.fullmatch(r"w([48])(?:g(\d+)([sf]?))?", key.split("/")[1]).groups()
+            if group:
+                found.add((int(bits), int(group), modes[zeros], tuple(cfg)))
+    return sorted(found, key=str)
+
+
+@pytest.mark.parametrize("bits, group, zero_mode, config", _small_group_entries(), ids=str)
+def test_packed_gemv_with_the_small_group_tiles(bits, group, zero_mode, config):
+    """Each tile the tables give weights of small groups (GGUF's), on those weights: a K slice of
+    several groups across 1-4 column tiles, N with a partial last tile, K with a partial last slice."""
+    bn, bk, tiles, _, path = config
+    assert path == "packed"
+    n, k = bn * tiles + bn // 2, 2 * bk + 4 * group
+    lin = make_linear(n, k, bits, group, zero_mode, seed=bk + tiles)
+    t = prepare(lin, torch.device("cpu"), torch.float16)
+    x = torch.randn(1, k, generator=torch.Generator().manual_seed(13)).half()
+    start = torch.randn(1, n)
+    out = start.clone()
+    qmatmul_accumulate(x, t, out, config=config)
     assert_close(out - start, ref_linear(x.float(), lin), "fp16_dot")
 
 

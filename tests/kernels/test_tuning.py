@@ -1,6 +1,8 @@
 """Per-card tuned tables (kernels/tuned/<card>.json): names, lookup, fallback and contents."""
 
+import dataclasses
 import json
+import re
 import warnings
 
 import pytest
@@ -10,6 +12,8 @@ from qruntime.kernels import tuning
 from qruntime.kernels.layout import prepare
 from qruntime.kernels.tma_frag_gemm import TMA_PATHS, WARP_SPECIALIZED, loader_register_cap, tma_grid
 from qruntime.quantizers.rtn import quantize_rtn
+
+ZERO_MODES = {"": "int", "s": "symmetric", "f": "float"}  # weights_key's tags
 
 
 @pytest.mark.parametrize("name, slug", [("NVIDIA H100 80GB HBM3", "nvidia-h100-80gb-hbm3"), ("NVIDIA H200", "nvidia-h200"),
@@ -25,8 +29,12 @@ def test_every_table_is_well_formed():
         table = json.loads(path.read_text())
         assert table, path
         for key, cfg in table.items():
-            kind, bits, m, n, k = key.split("/")
-            assert kind in ("splitk", "step", "gemm") and bits in ("w4", "w8") and m[0] == "m" and n[0] == "n" and k[0] == "k"
+            kind, weights, m, n, k = key.split("/")
+            assert kind in ("splitk", "step", "gemm") and m[0] == "m" and n[0] == "n" and k[0] == "k", (path, key)
+            bits, group, zeros = re.fullmatch(r"w([48])(?:g(\d+)([sf]?))?", weights).groups()
+            if group:  # groups under 128 (tuning.weights_key): decode GEMVs of one row only
+                assert kind == "splitk" and m == "m1" and int(group) < 128, (path, key)
+                assert key.replace(weights, tuning.weights_key(int(bits), int(group), ZERO_MODES[zeros])) == key
             assert len(cfg) == 5 and all(isinstance(v, int) and v > 0 for v in cfg[:4]), (path, key)
             if kind in ("splitk", "step"):
                 assert cfg[4] in (False, True, "packed", "slots", "slots-unrolled", "frags") + TMA_PATHS, (path, key)
@@ -91,9 +99,43 @@ def test_decode_step_linears_take_the_step_entries(monkeypatch):
     assert list(narrow.splitk_config(1)) == table["splitk/w4/m1/n32/k128"]
 
 
+@pytest.mark.parametrize("bits, group, zero_mode, k, key", [
+    (4, 128, "int", None, "w4"), (8, -1, "symmetric", None, "w8"), (4, 256, "float", None, "w4"),
+    (4, 64, "int", 64, "w4"),  # one group per row
+    (8, 32, "symmetric", None, "w8g32s"), (4, 32, "float", 4096, "w4g32f"), (4, 32, "int", None, "w4g32"),
+    (8, 16, "symmetric", 4096, "w8g16s")])
+def test_weights_key(bits, group, zero_mode, k, key):
+    assert tuning.weights_key(bits, group, zero_mode, k) == key
+
+
+def _linear(n: int, k: int, bits: int, group: int, zero_mode: str):
+    packed = quantize_rtn(torch.randn(n, k), bits, group, zero_mode == "symmetric")
+    if zero_mode == "float":
+        packed = dataclasses.replace(packed, offsets=-packed.scales * packed.zeros.to(packed.scales.dtype), zeros=None)
+    return prepare(packed, torch.device("cpu"), torch.float16)
+
+
+def test_small_groups_take_their_own_entries(monkeypatch):
+    """At M = 1 a linear of groups under 128 takes its own weights' entry (before the default's
+    step entry), else the same group's with another zero mode, else the default's; at M = 16 the
+    default's."""
+    table = {"splitk/w8/m1/n64/k256": [64, 128, 2, 2, "packed"], "step/w8/m1/n64/k256": [128, 128, 1, 1, "packed"],
+             "splitk/w8g32s/m1/n64/k256": [32, 128, 2, 1, "packed"], "splitk/w8/m16/n64/k256": [64, 256, 1, 2, "frags"],
+             "splitk/w4g32s/m1/n64/k256": [64, 64, 1, 1, "packed"], "splitk/w4/m1/n64/k256": [32, 256, 1, 1, "packed"]}
+    monkeypatch.setattr(tuning, "_table_for", lambda device: table)
+    q8_0 = _linear(64, 256, 8, 32, "symmetric")
+    q8_0.in_decode_step = True
+    assert q8_0.splitk_config(1) == tuple(table["splitk/w8g32s/m1/n64/k256"])
+    assert q8_0.splitk_config(16) == tuple(table["splitk/w8/m16/n64/k256"])
+    assert _linear(64, 256, 8, 128, "int").splitk_config(1) == tuple(table["splitk/w8/m1/n64/k256"])
+    assert _linear(64, 256, 8, 16, "symmetric").splitk_config(1) == tuple(table["splitk/w8/m1/n64/k256"])
+    assert _linear(64, 256, 4, 32, "float").splitk_config(1) == tuple(table["splitk/w4g32s/m1/n64/k256"])
+    assert _linear(64, 256, 4, 16, "float").splitk_config(1) == tuple(table["splitk/w4/m1/n64/k256"])
+
+
 def test_linear_asks_for_its_own_device():
     lin = prepare(quantize_rtn(torch.randn(64, 128), 4, 32, False), torch.device("cpu"), torch.float32)
-    assert lin.splitk_config(1) == tuning.splitk_config(4, 64, 128, 1)
+    assert lin.splitk_config(1) == tuning.splitk_config(4, 64, 128, 1, group_size=32, zero_mode="int")
     assert lin.gemm_config(128) == tuning.gemm_config(4, 64, 128, 128)
 
 
