@@ -88,6 +88,13 @@ def weights_key(bits: int, group_size: int, zero_mode: str = "int", k: int | Non
     return f"w{bits}g{group_size}{_ZERO_TAGS[zero_mode]}"
 
 
+def parse_weights_key(weights: str) -> tuple[int, int | None, str]:
+    """weights_key's inverse, for checking tables: "w8g32s" -> (8, 32, "symmetric"); "w4" -> (4, None, "int")."""
+    bits, group, tag = re.fullmatch(r"w([48])(?:g(\d+)([a-z]?))?", weights).groups()
+    modes = {t: mode for mode, t in _ZERO_TAGS.items()}
+    return int(bits), int(group) if group else None, modes[tag or ""]
+
+
 def splitk_config(bits: int, n: int, k: int, m: int = 1, device: torch.device | None = None,
                   in_decode_step: bool = False, group_size: int = 128,
                   zero_mode: str = "int") -> tuple[int, int, int, int, bool | str]:
@@ -102,7 +109,7 @@ def splitk_config(bits: int, n: int, k: int, m: int = 1, device: torch.device | 
     keys = [f"w{bits}"]
     own = weights_key(bits, group_size, zero_mode, k)
     if m == 1 and own != keys[0]:
-        keys = list(dict.fromkeys([own] + [f"w{bits}g{group_size}{tag}" for tag in _ZERO_TAGS.values()] + keys))
+        keys = list(dict.fromkeys([own] + [weights_key(bits, group_size, mode, k) for mode in _ZERO_TAGS] + keys))
     for weights in keys:
         shape = f"{weights}/m{rows}/n{n}/k{k}"
         hit = (in_decode_step and table.get(f"step/{shape}")) or table.get(f"splitk/{shape}")

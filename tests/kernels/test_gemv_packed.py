@@ -5,7 +5,6 @@ small model of its six instructions (test_int_dot_asm_computes_the_layouts_dot),
 itself is checked on the GPU (benchmarks/bench_decode.py)."""
 
 import json
-import re
 
 import pytest
 import torch
@@ -164,13 +163,12 @@ def test_packed_gemv_several_tiles_per_program(bits, group, shape, tiles):
 def _small_group_entries():
     """(bits, group, zero mode, config) of every small-group M = 1 entry of the tuned tables
     (kernels.tuning.weights_key: "w8g32s", "w4g32f", ...), each once."""
-    modes = {"": "int", "s": "symmetric", "f": "float"}
     found = set()
     for path in tuning.TABLES.glob("*.json"):
         for key, cfg in json.loads(path.read_text()).items():
-            bits, group, zeros = re.fullmatch(r"w([48])(?:g(\d+)([sf]?))?", key.split("/")[1]).groups()
+            bits, group, zero_mode = tuning.parse_weights_key(key.split("/")[1])
             if group:
-                found.add((int(bits), int(group), modes[zeros], tuple(cfg)))
+                found.add((bits, group, zero_mode, tuple(cfg)))
     return sorted(found, key=str)
 
 

@@ -1,8 +1,6 @@
 """Per-card tuned tables (kernels/tuned/<card>.json): names, lookup, fallback and contents."""
 
-import dataclasses
 import json
-import re
 import warnings
 
 import pytest
@@ -12,8 +10,7 @@ from qruntime.kernels import tuning
 from qruntime.kernels.layout import prepare
 from qruntime.kernels.tma_frag_gemm import TMA_PATHS, WARP_SPECIALIZED, loader_register_cap, tma_grid
 from qruntime.quantizers.rtn import quantize_rtn
-
-ZERO_MODES = {"": "int", "s": "symmetric", "f": "float"}  # weights_key's tags
+from packed_linears import make_linear
 
 
 @pytest.mark.parametrize("name, slug", [("NVIDIA H100 80GB HBM3", "nvidia-h100-80gb-hbm3"), ("NVIDIA H200", "nvidia-h200"),
@@ -31,10 +28,10 @@ def test_every_table_is_well_formed():
         for key, cfg in table.items():
             kind, weights, m, n, k = key.split("/")
             assert kind in ("splitk", "step", "gemm") and m[0] == "m" and n[0] == "n" and k[0] == "k", (path, key)
-            bits, group, zeros = re.fullmatch(r"w([48])(?:g(\d+)([sf]?))?", weights).groups()
+            bits, group, zero_mode = tuning.parse_weights_key(weights)
             if group:  # groups under 128 (tuning.weights_key): decode GEMVs of one row only
-                assert kind == "splitk" and m == "m1" and int(group) < 128, (path, key)
-                assert key.replace(weights, tuning.weights_key(int(bits), int(group), ZERO_MODES[zeros])) == key
+                assert kind == "splitk" and m == "m1" and group < 128, (path, key)
+            assert tuning.weights_key(bits, group or 128, zero_mode) == weights, (path, key)
             assert len(cfg) == 5 and all(isinstance(v, int) and v > 0 for v in cfg[:4]), (path, key)
             if kind in ("splitk", "step"):
                 assert cfg[4] in (False, True, "packed", "slots", "slots-unrolled", "frags") + TMA_PATHS, (path, key)
@@ -106,13 +103,12 @@ def test_decode_step_linears_take_the_step_entries(monkeypatch):
     (8, 16, "symmetric", 4096, "w8g16s")])
 def test_weights_key(bits, group, zero_mode, k, key):
     assert tuning.weights_key(bits, group, zero_mode, k) == key
+    if "g" in key:
+        assert tuning.parse_weights_key(key) == (bits, group, zero_mode)
 
 
 def _linear(n: int, k: int, bits: int, group: int, zero_mode: str):
-    packed = quantize_rtn(torch.randn(n, k), bits, group, zero_mode == "symmetric")
-    if zero_mode == "float":
-        packed = dataclasses.replace(packed, offsets=-packed.scales * packed.zeros.to(packed.scales.dtype), zeros=None)
-    return prepare(packed, torch.device("cpu"), torch.float16)
+    return prepare(make_linear(n, k, bits, group, zero_mode), torch.device("cpu"), torch.float16)
 
 
 def test_small_groups_take_their_own_entries(monkeypatch):
