@@ -178,17 +178,18 @@ def check_correctness() -> dict:
     return out
 
 
-def check_decode_steps(steps: int = 8) -> dict:
-    """The decode step itself (CUDA graph, PDL, packed GEMVs) on a
-    2-layer 8B-shaped model: each step's logits against the torch backend's on the same prefix."""
+def check_decode_steps(steps: int = 8, spec: str = "synthetic:llama3.1-8b") -> dict:
+    """The decode step itself (CUDA graph, PDL, packed GEMVs with the decode step's tiles) on a
+    2-layer model of `spec`'s shapes: each step's logits against the torch backend's on the same prefix."""
     out = {}
+    short = spec.split(":")[-1].split("-")[-1]  # "8b", "7b", "1b": the result keys' prefix
     for bits, kv in ((4, "auto"), (8, "auto"), (4, "int8"), (16, "auto")):
-        ckpt = synthetic_checkpoint("synthetic:llama3.1-8b", bits=bits, num_layers=2, dtype=torch.bfloat16)
+        ckpt = synthetic_checkpoint(spec, bits=bits, num_layers=2, dtype=torch.bfloat16)
         ref = qruntime.Model(ckpt, device="cuda", backend="torch", max_seq_len=128)
         fast = qruntime.Model(ckpt, device="cuda", backend="triton", max_seq_len=128, kv_cache=kv)
-        name = f"8b_2layer_w{bits}" + ("_kv8" if kv == "int8" else "")
+        name = f"{short}_2layer_w{bits}" + ("_kv8" if kv == "int8" else "")
         r = fast.runner
-        ids = torch.randint(0, 128256, (48,), generator=torch.Generator().manual_seed(1)).tolist()
+        ids = torch.randint(0, synthetic_config(spec).vocab_size, (48,), generator=torch.Generator().manual_seed(1)).tolist()
         r.prefill(torch.tensor(ids[:-1], device="cuda"))
         r.token.fill_(ids[-1]); r.pos.fill_(len(ids) - 1); r.seq_len.fill_(len(ids))
         # also the torch backend in fp32, to tell the bf16 reference's own rounding apart from ours
@@ -207,7 +208,7 @@ def check_decode_steps(steps: int = 8) -> dict:
             ids.append(int(r.token))
         out[f"{name}_decode_steps_max_rel_err"] = max(errs)
         out[f"{name}_decode_steps_top1_agree"] = agree / steps
-        print(f"8B-shaped 2-layer w{bits} KV {kv} decode steps (graph): max rel err {max(errs):.2e}, top-1 {agree}/{steps}",
+        print(f"{spec} 2-layer w{bits} KV {kv} decode steps (graph): max rel err {max(errs):.2e}, top-1 {agree}/{steps}",
               flush=True)
         out[f"{name}_decode_steps_triton_vs_fp32_max_rel_err"] = max(errs32)
         out[f"{name}_decode_steps_torch_bf16_vs_fp32_max_rel_err"] = max(ref_errs32)
@@ -258,20 +259,30 @@ def time_decode(model, prompt_len=128, new_tokens=256, repeats=3) -> float:
     return statistics.median(times)
 
 
-def time_hf(spec: str, prompt_len=128, new_tokens=256) -> float:
+def hf_config(spec: str):
+    """The transformers config of `spec`'s shapes: Llama's (llama3 RoPE scaling) or Qwen2's (q|k|v bias)."""
     import transformers
 
     cfg = synthetic_config(spec)
-    hf_cfg = transformers.LlamaConfig(
+    common = dict(
         vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
         num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
-        head_dim=cfg.head_dim, rms_norm_eps=cfg.rms_norm_eps, rope_theta=cfg.rope_theta,
-        max_position_embeddings=cfg.max_position_embeddings, tie_word_embeddings=cfg.tie_word_embeddings,
+        rms_norm_eps=cfg.rms_norm_eps, rope_theta=cfg.rope_theta, max_position_embeddings=cfg.max_position_embeddings,
+        tie_word_embeddings=cfg.tie_word_embeddings)
+    if cfg.family == "qwen2":
+        return transformers.Qwen2Config(**common), transformers.Qwen2ForCausalLM
+    return transformers.LlamaConfig(
+        **common, head_dim=cfg.head_dim,
         rope_scaling={"rope_type": "llama3", "factor": cfg.rope_scaling.factor, "low_freq_factor": 1.0,
                       "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
-    )
+    ), transformers.LlamaForCausalLM
+
+
+def time_hf(spec: str, prompt_len=128, new_tokens=256) -> float:
+    cfg = synthetic_config(spec)
+    hf_cfg, model_class = hf_config(spec)
     with torch.device("cuda"):
-        model = transformers.LlamaForCausalLM(hf_cfg).to(torch.bfloat16).eval()
+        model = model_class(hf_cfg).to(torch.bfloat16).eval()
     ids = torch.randint(0, cfg.vocab_size, (1, prompt_len), device="cuda")
 
     def run(n):
@@ -342,24 +353,29 @@ def markdown(env, bw, gemv, fd, corr, e2e) -> str:
         lines += ["", f"One kernel in the tables below read {fastest / 1e12:.3f} TB/s, more than x.sum() did: that figure",
                   "understates what the card can read, and ratios to it flatter; the end-to-end table also gives the",
                   "floor at the datasheet's bandwidth."]
-    lines += ["",
-             "## GEMV (int-quantized, group 128, asymmetric; graph of launches over rotating buffers)", "",
-             "Launched with programmatic dependent launch (PDL, as in the decode step: each GEMV requests its",
-             "weights while the previous one drains); the last two columns are the same launches without it.", "",
-             "| bits | M | K | N | us | TB/s | % of read BW | us, no PDL | % no PDL |", "|---|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['bits']} | {r['m']} | {r['k']} | {r['n']} | {r['us']:.2f} | {r['tbps']:.3f} | {100 * r['frac_of_read_bw']:.1f} | "
-              f"{r['us_no_pdl']:.2f} | {100 * r['frac_no_pdl']:.1f} |" for r in gemv]
-    lines += ["", "## Flash-decoding (32 q / 8 kv heads, head_dim 128)", "", "| cache | context | us | TB/s | % of read BW | rel err | best of sweep |", "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['cache']} | {r['context']} | {r['us']:.1f} | {r['tbps']:.3f} | {100 * r['frac_of_read_bw']:.1f} | {r['rel_err']:.1e} | "
-              f"{r['config']} |" for r in fd]
-    lines += ["", "## Correctness on the GPU", ""] + [f"- {k}: {v}" for k, v in corr.items()]
-    lines += ["", "## End to end (batch 1, 128-token prompt, 256 new tokens, random weights, exact shapes)", "",
-              "| model | weights | ms/token | tok/s | floor B (ms) | x floor | % of floor | x datasheet floor | ms/token, no PDL |",
-              "|---|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['model']} | {r['weights']} | {r['ms_per_token']:.3f} | {r['tok_per_s']:.1f} | {r['floor_ms']:.3f} | "
-              f"{r['ratio_to_floor']:.2f} | {100 * r['efficiency']:.1f} | "
-              f"{r['ms_per_token'] / (r['weight_bytes'] / sheet * 1e3) if sheet else float('nan'):.2f} | "
-              f"{r.get('ms_per_token_no_pdl', float('nan')):.3f} |" for r in e2e]
+    if gemv:  # each section only where the run made it (--skip)
+        lines += ["",
+                  "## GEMV (int-quantized, group 128, asymmetric; graph of launches over rotating buffers)", "",
+                  "Launched with programmatic dependent launch (PDL, as in the decode step: each GEMV requests its",
+                  "weights while the previous one drains); the last two columns are the same launches without it.", "",
+                  "| bits | M | K | N | us | TB/s | % of read BW | us, no PDL | % no PDL |", "|---|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['bits']} | {r['m']} | {r['k']} | {r['n']} | {r['us']:.2f} | {r['tbps']:.3f} | {100 * r['frac_of_read_bw']:.1f} | "
+                  f"{r['us_no_pdl']:.2f} | {100 * r['frac_no_pdl']:.1f} |" for r in gemv]
+    if fd:
+        lines += ["", "## Flash-decoding (32 q / 8 kv heads, head_dim 128)", "",
+                  "| cache | context | us | TB/s | % of read BW | rel err | best of sweep |", "|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['cache']} | {r['context']} | {r['us']:.1f} | {r['tbps']:.3f} | {100 * r['frac_of_read_bw']:.1f} | {r['rel_err']:.1e} | "
+                  f"{r['config']} |" for r in fd]
+    if corr:
+        lines += ["", "## Correctness on the GPU", ""] + [f"- {k}: {v}" for k, v in corr.items()]
+    if e2e:
+        lines += ["", "## End to end (batch 1, 128-token prompt, 256 new tokens, random weights, exact shapes)", "",
+                  "| model | weights | ms/token | tok/s | floor B (ms) | x floor | % of floor | x datasheet floor | ms/token, no PDL |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['model']} | {r['weights']} | {r['ms_per_token']:.3f} | {r['tok_per_s']:.1f} | {r['floor_ms']:.3f} | "
+                  f"{r['ratio_to_floor']:.2f} | {100 * r['efficiency']:.1f} | "
+                  f"{r['ms_per_token'] / (r['weight_bytes'] / sheet * 1e3) if sheet else float('nan'):.2f} | "
+                  f"{r.get('ms_per_token_no_pdl', float('nan')):.3f} |" for r in e2e]
     return "\n".join(lines) + "\n"
 
 
@@ -367,6 +383,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=".")
     ap.add_argument("--skip", default="", help="comma list of sections to skip: gemv,fd,corr,e2e,peer")
+    ap.add_argument("--spec", action="append", help="end-to-end models (repeatable; default: Llama-3.1-8B and Llama-3.2-1B)")
     ap.add_argument("--fd-sweep", choices=("default", "wide"), default="default",
                     help="flash-decoding configs: the default sweep, or wide (also 1-2 warps, 32 positions, 256 splits)")
     args = ap.parse_args()
@@ -377,7 +394,9 @@ def main() -> None:
     gemv = [] if "gemv" in skip else bench_gemv(bw)
     fd = [] if "fd" in skip else bench_flash_decode(bw, configs=FD_CONFIGS_WIDE if args.fd_sweep == "wide" else None)
     corr = {} if "corr" in skip else check_correctness()
-    e2e = [] if "e2e" in skip else bench_e2e(bw, ["synthetic:llama3.1-8b", "synthetic:llama3.2-1b"], peer="peer" not in skip)
+    for spec in [] if "corr" in skip else [other for other in args.spec or [] if other != "synthetic:llama3.1-8b"]:
+        corr.update(check_decode_steps(spec=spec))  # the other models' shapes take their own tiles
+    e2e = [] if "e2e" in skip else bench_e2e(bw, args.spec or ["synthetic:llama3.1-8b", "synthetic:llama3.2-1b"], peer="peer" not in skip)
     dump(f"{args.out}/decode.json", dict(env=env, read_bw=bw, gemv=gemv, flash_decode=fd, correctness=corr, e2e=e2e))
     md = markdown(env, bw, gemv, fd, corr, e2e)
     with open(f"{args.out}/decode.md", "w") as f:

@@ -45,13 +45,14 @@ CONTEXT, NEW_TOKENS = 128, 256  # bench_decode.bench_e2e's protocol (--context c
 
 
 def write_f16_gguf(path: str, cfg, device: str = "cuda") -> None:
-    """A llama-architecture GGUF with random weights of `cfg`'s shapes: linears and the embedding
-    F16 (std 0.02), norms F32 ones, and a placeholder SentencePiece vocabulary of the model's size
-    (byte tokens included, which llama.cpp's SPM vocabulary looks up). Written for timing only: no
-    rope_freqs tensor (llama3's RoPE scaling changes no work) and no Q/K row permutation."""
+    """A llama- or qwen2-architecture GGUF (as `cfg`'s family) with random weights of `cfg`'s
+    shapes: linears and the embedding F16 (std 0.02), norms F32 ones, q|k|v biases F32 zeros where
+    the family has them, and a placeholder SentencePiece vocabulary of the model's size (byte tokens
+    included, which llama.cpp's SPM vocabulary looks up). Written for timing only: no rope_freqs
+    tensor (llama3's RoPE scaling changes no work) and no Q/K row permutation."""
     import gguf
 
-    w = gguf.GGUFWriter(path, "llama")
+    w = gguf.GGUFWriter(path, "qwen2" if cfg.family == "qwen2" else "llama")  # the keys' prefix too
     hyperparameters = dict(  # each through its GGUFWriter.add_<name> (the llama.* keys llama.cpp reads)
         context_length=cfg.max_position_embeddings, embedding_length=cfg.hidden_size, block_count=cfg.num_layers,
         feed_forward_length=cfg.intermediate_size, head_count=cfg.num_heads, head_count_kv=cfg.num_kv_heads,
@@ -87,6 +88,9 @@ def write_f16_gguf(path: str, cfg, device: str = "cuda") -> None:
         w.add_tensor(p + "attn_q.weight", rand(h * hd, cfg.hidden_size))
         w.add_tensor(p + "attn_k.weight", rand(kv * hd, cfg.hidden_size))
         w.add_tensor(p + "attn_v.weight", rand(kv * hd, cfg.hidden_size))
+        if cfg.qkv_bias:
+            for proj, rows in (("q", h * hd), ("k", kv * hd), ("v", kv * hd)):
+                w.add_tensor(p + f"attn_{proj}.bias", np.zeros(rows, dtype=np.float32))
         w.add_tensor(p + "attn_output.weight", rand(cfg.hidden_size, h * hd))
         w.add_tensor(p + "ffn_norm.weight", ones)
         w.add_tensor(p + "ffn_gate.weight", rand(cfg.intermediate_size, cfg.hidden_size))
