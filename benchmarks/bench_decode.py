@@ -23,6 +23,7 @@ import torch
 from gpu_common import (dump, environment, gemv_workload, kv_caches, measure_read_bandwidth, prefill_and_capture,
                         time_graph, time_replays)
 import qruntime
+from qruntime.bench.run import hf_config
 from qruntime.kernels import reference as R
 from qruntime.kernels.flash_decode import flash_decode
 from qruntime.kernels.qmatmul import qmatmul_accumulate
@@ -259,30 +260,12 @@ def time_decode(model, prompt_len=128, new_tokens=256, repeats=3) -> float:
     return statistics.median(times)
 
 
-def hf_config(spec: str):
-    """The transformers config of `spec`'s shapes: Llama's (llama3 RoPE scaling) or Qwen2's (q|k|v bias)."""
+def time_hf(spec: str, prompt_len=128, new_tokens=256) -> float:
     import transformers
 
     cfg = synthetic_config(spec)
-    common = dict(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
-        rms_norm_eps=cfg.rms_norm_eps, rope_theta=cfg.rope_theta, max_position_embeddings=cfg.max_position_embeddings,
-        tie_word_embeddings=cfg.tie_word_embeddings)
-    if cfg.family == "qwen2":
-        return transformers.Qwen2Config(**common), transformers.Qwen2ForCausalLM
-    return transformers.LlamaConfig(
-        **common, head_dim=cfg.head_dim,
-        rope_scaling={"rope_type": "llama3", "factor": cfg.rope_scaling.factor, "low_freq_factor": 1.0,
-                      "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
-    ), transformers.LlamaForCausalLM
-
-
-def time_hf(spec: str, prompt_len=128, new_tokens=256) -> float:
-    cfg = synthetic_config(spec)
-    hf_cfg, model_class = hf_config(spec)
-    with torch.device("cuda"):
-        model = model_class(hf_cfg).to(torch.bfloat16).eval()
+    with torch.device("cuda"):  # Llama's or Qwen2's, as the spec's family
+        model = transformers.AutoModelForCausalLM.from_config(hf_config(cfg), dtype=torch.bfloat16).eval()
     ids = torch.randint(0, cfg.vocab_size, (1, prompt_len), device="cuda")
 
     def run(n):

@@ -10,11 +10,12 @@ import pytest
 
 from qruntime.bench.fit import fit_latency
 from qruntime.bench.measure import parse_context_range
-from qruntime.bench.run import BenchOptions, llama_cpp_peer, parse_size
+from qruntime.bench.run import BenchOptions, hf_config, llama_cpp_peer, parse_size
 from qruntime.bench.theory import DecodeTheory, bits_per_weight, kv_bytes_per_token, linear_params, max_context
 from qruntime.config import ModelConfig
 from qruntime.errors import InvalidOptionError
 from qruntime.runtime import read_checkpoint
+from qruntime.synthetic import synthetic_config
 from conftest import assert_clean_cli_error, run_cli
 
 SEED_BW = 1008 * 2**30  # THEORY.md: the seed reads "1008 GB/s" as 1008 * 2^30 bytes/s
@@ -104,6 +105,26 @@ def test_bench_end_to_end_on_cpu(tiny_model_dir, tmp_path):
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     width, height = struct.unpack(">II", data[16:24])
     assert width > 500 and height > 300
+
+
+@pytest.mark.parametrize("spec, arch, bias", [("synthetic:qwen2.5-7b", "Qwen2ForCausalLM", True),
+                                              ("synthetic:llama3.1-8b", "LlamaForCausalLM", False)])
+def test_hf_peer_has_the_spec_shapes(spec, arch, bias):
+    """The HF peer of a synthetic spec: its family's model (Qwen2's q|k|v bias included), with the
+    spec's heads and head size (built at a reduced width and depth to stay cheap)."""
+    import dataclasses
+
+    import transformers
+
+    cfg = dataclasses.replace(synthetic_config(spec), vocab_size=64, hidden_size=256, intermediate_size=96,
+                              num_layers=1)
+    model = transformers.AutoModelForCausalLM.from_config(hf_config(cfg))
+    attn = model.model.layers[0].self_attn
+    assert type(model).__name__ == arch
+    assert (attn.q_proj.bias is not None) == bias
+    assert attn.q_proj.out_features == cfg.num_heads * cfg.head_dim
+    assert attn.k_proj.out_features == cfg.num_kv_heads * cfg.head_dim
+    assert model.model.layers[0].mlp.down_proj.in_features == 96
 
 
 def test_plot_has_measured_fit_and_theory_series(tmp_path):

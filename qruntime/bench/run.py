@@ -14,6 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from qruntime.checkpoint import QuantizedCheckpoint
+from qruntime.config import ModelConfig
 from qruntime.errors import InvalidOptionError, ModelNotFoundError
 from qruntime.runtime import Model, read_checkpoint
 from qruntime.synthetic import synthetic_checkpoint
@@ -145,6 +146,19 @@ def bench_one(spec: str, weights: str | None, kv: str, opts: BenchOptions, bandw
     return result
 
 
+def hf_config(cfg: ModelConfig):
+    """The transformers config of `cfg`'s shapes (Llama's, or Qwen2's with its q|k|v bias), for
+    timing HF on random weights: RoPE scaling is left out, as it changes no work per token."""
+    import transformers
+
+    kwargs = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+                  num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+                  num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, rms_norm_eps=cfg.rms_norm_eps,
+                  rope_theta=cfg.rope_theta, max_position_embeddings=cfg.max_position_embeddings,
+                  tie_word_embeddings=cfg.tie_word_embeddings)
+    return (transformers.Qwen2Config if cfg.family == "qwen2" else transformers.LlamaConfig)(**kwargs)
+
+
 def hf_peer(spec: str, opts: BenchOptions, new_tokens: int = 64) -> dict:
     """HF transformers on the same shape (random weights for synthetic specs), ms per decoded token."""
     import time
@@ -155,15 +169,9 @@ def hf_peer(spec: str, opts: BenchOptions, new_tokens: int = 64) -> dict:
 
     if spec.startswith("synthetic:"):
         cfg = synthetic_config(spec)
-        kwargs = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-                      num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
-                      num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, rms_norm_eps=cfg.rms_norm_eps,
-                      rope_theta=cfg.rope_theta, max_position_embeddings=cfg.max_position_embeddings,
-                      tie_word_embeddings=cfg.tie_word_embeddings)
-        hf_cfg = (transformers.Qwen2Config if cfg.family == "qwen2" else transformers.LlamaConfig)(**kwargs)
         dtype = torch.bfloat16 if opts.device.type == "cuda" else torch.float32
         with opts.device:  # made directly in its dtype: an fp32 copy of 8B would not fit a 24 GB budget
-            model = transformers.AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype).eval()
+            model = transformers.AutoModelForCausalLM.from_config(hf_config(cfg), dtype=dtype).eval()
         vocab = cfg.vocab_size
     elif (Path(spec) / "config.json").is_file() and not (Path(spec) / "quantization.json").is_file():
         model = transformers.AutoModelForCausalLM.from_pretrained(spec).to(opts.device).eval()
