@@ -206,8 +206,9 @@ def main() -> None:
             timed = []
             candidates = configs(m, bits, args.quick, args.narrow, args.slots)
             candidates = [c for c in candidates if path_starts(c, args.only)]
-            if args.narrow or args.only or weights != "g128 int":
-                candidates = list(dict.fromkeys(candidates + [lins[0].splitk_config(m)]))
+            table_cfg = tuple(lins[0].splitk_config(m))  # what the lookup gives these weights now
+            if args.narrow or args.only or (args.group, args.zeros) != (128, "int"):
+                candidates = list(dict.fromkeys(candidates + [table_cfg]))
             for cfg in candidates:
                 try:
                     t = time_graph([lambda i=i: qmatmul_accumulate(xs[i], lins[i], outs[i], config=cfg) for i in range(count)])
@@ -217,7 +218,7 @@ def main() -> None:
                 timed.append((t, cfg))
             timed.sort(key=lambda tc: tc[0])
             for s, c in timed:  # the lookup's own choice, where it was among the candidates
-                if c == tuple(lins[0].splitk_config(m)):
+                if c == table_cfg:
                     print(f"  the table's {c} {s * 1e6:.2f} us {100 * need / s / bw:.1f}%", flush=True)
             t, cfg = timed[0]
             print("  runners-up: " + ", ".join(f"{c} {100 * need / s / bw:.1f}%" for s, c in timed[1:4]), flush=True)
