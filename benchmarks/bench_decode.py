@@ -16,13 +16,13 @@ import gc
 import os
 import statistics
 import sys
-import time
 
 import torch
 
 from gpu_common import (dump, environment, gemv_workload, kv_caches, measure_read_bandwidth, prefill_and_capture,
                         time_graph, time_replays)
 import qruntime
+from qruntime.bench.measure import generate_ms_per_token
 from qruntime.bench.run import hf_config
 from qruntime.kernels import reference as R
 from qruntime.kernels.flash_decode import flash_decode
@@ -261,27 +261,19 @@ def time_decode(model, prompt_len=128, new_tokens=256, repeats=3) -> float:
 
 
 def time_hf(spec: str, prompt_len=128, new_tokens=256) -> float:
+    """HF transformers bf16 on the spec's shapes (Llama's or Qwen2's model, random weights): ms per
+    decoded token, as `qruntime bench --peer hf` times it (medians of 3 runs)."""
     import transformers
 
     cfg = synthetic_config(spec)
-    with torch.device("cuda"):  # Llama's or Qwen2's, as the spec's family
+    with torch.device("cuda"):
         model = transformers.AutoModelForCausalLM.from_config(hf_config(cfg), dtype=torch.bfloat16).eval()
     ids = torch.randint(0, cfg.vocab_size, (1, prompt_len), device="cuda")
-
-    def run(n):
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
-        torch.cuda.synchronize()
-        return time.perf_counter() - t
-
-    run(8)
-    t_full = statistics.median(run(new_tokens) for _ in range(2))
-    t_one = statistics.median(run(1) for _ in range(3))
+    ms = generate_ms_per_token(model, ids, new_tokens, repeats=3)
     del model
     gc.collect()
     torch.cuda.empty_cache()
-    return (t_full - t_one) / (new_tokens - 1) * 1e3
+    return ms
 
 
 def decode_model(ckpt, prompt_len: int) -> "qruntime.Model":

@@ -127,6 +127,27 @@ def test_hf_peer_has_the_spec_shapes(spec, arch, bias):
     assert model.model.layers[0].mlp.down_proj.in_features == 96
 
 
+def test_hf_generate_timing_takes_medians(monkeypatch):
+    """The HF peer's ms/token: median of the full runs less median of the one-token runs, over the
+    other tokens (a clock advanced only by a stub model's generate; one full run is an outlier that
+    a minimum would pick)."""
+    import torch
+
+    from qruntime.bench import measure
+
+    clock = [0.0]
+    full_costs = iter([9.0, 0.9, 2.6, 2.5])  # seconds: the full warm-up run, then the three timed ones
+
+    class Stub:
+        def generate(self, ids, max_new_tokens, min_new_tokens, **kw):
+            assert max_new_tokens == min_new_tokens and kw["do_sample"] is False
+            clock[0] += 0.5 if max_new_tokens == 1 else next(full_costs)
+
+    monkeypatch.setattr(measure.time, "perf_counter", lambda: clock[0])
+    ms = measure.generate_ms_per_token(Stub(), torch.zeros((1, 4), dtype=torch.long), new_tokens=11, repeats=3)
+    assert ms == pytest.approx((2.5 - 0.5) / 10 * 1e3)  # the median 2.5 of 0.9, 2.6, 2.5; not the minimum 0.9
+
+
 def test_plot_has_measured_fit_and_theory_series(tmp_path):
     from qruntime.bench.report import plot
 

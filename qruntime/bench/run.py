@@ -20,7 +20,7 @@ from qruntime.runtime import Model, read_checkpoint
 from qruntime.synthetic import synthetic_checkpoint
 
 from .fit import fit_latency
-from .measure import decode_latency, measure_read_bandwidth, time_to_first_token
+from .measure import decode_latency, generate_ms_per_token, measure_read_bandwidth, time_to_first_token
 from .theory import DATASHEET_BANDWIDTH, DecodeTheory, bits_per_weight, kv_bytes_per_token, max_context, weight_bytes
 
 WEIGHT_BITS = {"w16": 16, "w8": 8, "w4": 4}
@@ -161,8 +161,6 @@ def hf_config(cfg: ModelConfig):
 
 def hf_peer(spec: str, opts: BenchOptions, new_tokens: int = 64) -> dict:
     """HF transformers on the same shape (random weights for synthetic specs), ms per decoded token."""
-    import time
-
     import transformers
 
     from qruntime.synthetic import synthetic_config
@@ -179,21 +177,7 @@ def hf_peer(spec: str, opts: BenchOptions, new_tokens: int = 64) -> dict:
     else:
         raise InvalidOptionError(f"--peer hf: {spec} is neither a synthetic spec nor a Hugging Face directory")
     ids = torch.randint(0, vocab, (1, opts.prompt or 128), device=opts.device)
-
-    def run(n: int) -> float:
-        if opts.device.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        with torch.no_grad():
-            model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
-        if opts.device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - t
-
-    run(2)
-    full = [run(new_tokens) for _ in range(max(1, opts.repeat // 2))]
-    one = [run(1) for _ in range(max(1, opts.repeat // 2))]
-    ms = (min(full) - min(one)) / (new_tokens - 1) * 1e3
+    ms = generate_ms_per_token(model, ids, new_tokens, repeats=max(1, opts.repeat // 2))
     del model
     _free()
     return {"peer": "hf", "model": spec, "ms_per_token": ms, "context": (opts.prompt or 128) + new_tokens // 2}
