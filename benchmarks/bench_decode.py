@@ -23,7 +23,7 @@ from gpu_common import (dump, environment, gemv_workload, kv_caches, measure_rea
                         time_graph, time_replays)
 import qruntime
 from qruntime.bench.measure import generate_ms_per_token
-from qruntime.bench.run import hf_config
+from qruntime.bench.run import hf_model
 from qruntime.kernels import reference as R
 from qruntime.kernels.flash_decode import flash_decode
 from qruntime.kernels.qmatmul import qmatmul_accumulate
@@ -263,12 +263,8 @@ def time_decode(model, prompt_len=128, new_tokens=256, repeats=3) -> float:
 def time_hf(spec: str, prompt_len=128, new_tokens=256) -> float:
     """HF transformers bf16 on the spec's shapes (Llama's or Qwen2's model, random weights): ms per
     decoded token, as `qruntime bench --peer hf` times it (medians of 3 runs)."""
-    import transformers
-
-    cfg = synthetic_config(spec)
-    with torch.device("cuda"):
-        model = transformers.AutoModelForCausalLM.from_config(hf_config(cfg), dtype=torch.bfloat16).eval()
-    ids = torch.randint(0, cfg.vocab_size, (1, prompt_len), device="cuda")
+    model = hf_model(spec, torch.device("cuda"))
+    ids = torch.randint(0, model.config.vocab_size, (1, prompt_len), device="cuda")
     ms = generate_ms_per_token(model, ids, new_tokens, repeats=3)
     del model
     gc.collect()

@@ -159,24 +159,26 @@ def hf_config(cfg: ModelConfig):
     return (transformers.Qwen2Config if cfg.family == "qwen2" else transformers.LlamaConfig)(**kwargs)
 
 
-def hf_peer(spec: str, opts: BenchOptions, new_tokens: int = 64) -> dict:
-    """HF transformers on the same shape (random weights for synthetic specs), ms per decoded token."""
+def hf_model(spec: str, device: torch.device):
+    """HF transformers' model of `spec`, the peer timed beside ours: random weights of a synthetic
+    spec's shapes (bf16 on a GPU, fp32 on a CPU), or a Hugging Face directory's own."""
     import transformers
 
     from qruntime.synthetic import synthetic_config
 
     if spec.startswith("synthetic:"):
-        cfg = synthetic_config(spec)
-        dtype = torch.bfloat16 if opts.device.type == "cuda" else torch.float32
-        with opts.device:  # made directly in its dtype: an fp32 copy of 8B would not fit a 24 GB budget
-            model = transformers.AutoModelForCausalLM.from_config(hf_config(cfg), dtype=dtype).eval()
-        vocab = cfg.vocab_size
-    elif (Path(spec) / "config.json").is_file() and not (Path(spec) / "quantization.json").is_file():
-        model = transformers.AutoModelForCausalLM.from_pretrained(spec).to(opts.device).eval()
-        vocab = model.config.vocab_size
-    else:
-        raise InvalidOptionError(f"--peer hf: {spec} is neither a synthetic spec nor a Hugging Face directory")
-    ids = torch.randint(0, vocab, (1, opts.prompt or 128), device=opts.device)
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        with device:  # made directly in its dtype: an fp32 copy of 8B would not fit a 24 GB budget
+            return transformers.AutoModelForCausalLM.from_config(hf_config(synthetic_config(spec)), dtype=dtype).eval()
+    if (Path(spec) / "config.json").is_file() and not (Path(spec) / "quantization.json").is_file():
+        return transformers.AutoModelForCausalLM.from_pretrained(spec).to(device).eval()
+    raise InvalidOptionError(f"--peer hf: {spec} is neither a synthetic spec nor a Hugging Face directory")
+
+
+def hf_peer(spec: str, opts: BenchOptions, new_tokens: int = 64) -> dict:
+    """HF transformers on the same shape (random weights for synthetic specs), ms per decoded token."""
+    model = hf_model(spec, opts.device)
+    ids = torch.randint(0, model.config.vocab_size, (1, opts.prompt or 128), device=opts.device)
     ms = generate_ms_per_token(model, ids, new_tokens, repeats=max(1, opts.repeat // 2))
     del model
     _free()
