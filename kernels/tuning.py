@@ -103,7 +103,10 @@ def splitk_config(bits: int, n: int, k: int, m: int = 1, device: torch.device | 
     At M = 1, weights of groups smaller than 128 take their own entry (weights_key), else one of
     the same group with another zero mode, else the default's; at M = 16 every group takes the
     default's. (A fixed tile for small groups where none was measured lost to the default's on the
-    1B shapes: Q8_0 0.442 -> 0.478 ms/token, llamacpp_peer_convert_1b.md.)"""
+    1B shapes: Q8_0 0.442 -> 0.478 ms/token, llamacpp_peer_convert_1b.md.) A small-group entry, measured
+    alone, also comes before the g128 step entry of its shape: keep one only where it wins end to end
+    (Qwen2.5-7B Q8_0's o, gate|up and down entries took the step's tiles' place and were dropped:
+    with them 1.997 -> 1.994 ms/token, without 1.997 -> 1.906; ab_converted_groups.log)."""
     table = _table_for(device)
     rows = 1 if m == 1 else 16
     keys = [f"w{bits}"]
