@@ -11,6 +11,7 @@ read bandwidth measured in the same run.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import multiprocessing
 import sys
@@ -206,9 +207,11 @@ def main() -> None:
             timed = []
             candidates = configs(m, bits, args.quick, args.narrow, args.slots)
             candidates = [c for c in candidates if path_starts(c, args.only)]
-            table_cfg = tuple(lins[0].splitk_config(m))  # what the lookup gives these weights now
+            # what the lookup gives these weights now, alone and in the decode step (its "step/" entries first)
+            looked_up = {"table's": tuple(lins[0].splitk_config(m)),
+                         "step's": tuple(dataclasses.replace(lins[0], in_decode_step=True).splitk_config(m))}
             if args.narrow or args.only or (args.group, args.zeros) != (128, "int"):
-                candidates = list(dict.fromkeys(candidates + [table_cfg]))
+                candidates = list(dict.fromkeys(candidates + list(looked_up.values())))
             for cfg in candidates:
                 try:
                     t = time_graph([lambda i=i: qmatmul_accumulate(xs[i], lins[i], outs[i], config=cfg) for i in range(count)])
@@ -217,9 +220,9 @@ def main() -> None:
                     continue
                 timed.append((t, cfg))
             timed.sort(key=lambda tc: tc[0])
-            for s, c in timed:  # the lookup's own choice, where it was among the candidates
-                if c == table_cfg:
-                    print(f"  the table's {c} {s * 1e6:.2f} us {100 * need / s / bw:.1f}%", flush=True)
+            for s, c in timed:  # the lookup's own choices, where they were among the candidates
+                for whose in [whose for whose, cfg in looked_up.items() if cfg == c]:
+                    print(f"  the {whose} {c} {s * 1e6:.2f} us {100 * need / s / bw:.1f}%", flush=True)
             t, cfg = timed[0]
             print("  runners-up: " + ", ".join(f"{c} {100 * need / s / bw:.1f}%" for s, c in timed[1:4]), flush=True)
             best_of = {}  # each kernel's best in this process, for the comparison between them

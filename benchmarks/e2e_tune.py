@@ -3,6 +3,12 @@ isolation: coordinate descent over a few candidate configs per shape of one mode
 their current best, in one process. Prints the "step/" entries to merge into kernels/tuned/<card>.json.
 
     PYTHONPATH=$(bash benchmarks/stage_package.sh):. python3 benchmarks/e2e_tune.py [--spec SPEC] [--bits 4]
+        [--checkpoint DIR --weights w8g32s --candidates JSON]
+
+--checkpoint tunes a packed checkpoint's step instead (e.g. one `qruntime convert` made from
+llama.cpp's Q8_0 file), and --weights names the tables' key of the weights whose entries to choose
+(kernels.tuning.weights_key: "w8g32s" for Q8_0's int8 g32 symmetric); the decode step asks for a
+"step/<weights>/..." entry before any other of its weights.
 """
 import argparse
 import json
@@ -12,6 +18,8 @@ import torch
 
 from bench_decode import time_decode
 from gpu_common import synthetic_model
+from qruntime import Model
+from qruntime import format as packed_format
 from qruntime.kernels import tuning
 
 # candidates per (N, K) of Llama-3.1-8B's decode GEMVs: the isolated sweep's winner first
@@ -28,9 +36,17 @@ ap.add_argument("--bits", type=int, default=4)
 ap.add_argument("--budget-s", type=float, default=400)
 ap.add_argument("--candidates", help='JSON {"N,K": [[BLOCK_N, BLOCK_K, K_ITERS, warps], ...]} instead of CANDIDATES')
 ap.add_argument("--set", help='JSON {table key: config} applied first (an earlier round\'s choice)')
+ap.add_argument("--checkpoint", help="a packed checkpoint to tune instead of SPEC's random weights")
+ap.add_argument("--weights", help='the weights key of the entries to choose (default "w<bits>")')
 args = ap.parse_args()
 t0 = time.time()
-model = synthetic_model(args.spec, args.bits)
+if args.checkpoint:
+    model = Model(packed_format.load(args.checkpoint, verify=False), device="cuda", backend="triton", max_seq_len=512)
+    what = args.checkpoint
+else:
+    model = synthetic_model(args.spec, args.bits)
+    what = f"{args.spec} w{args.bits}"
+weights = args.weights or f"w{args.bits}"
 table = tuning._table_for(torch.device("cuda"))
 table.update(json.loads(args.set) if args.set else {})
 candidates = ({tuple(map(int, key.split(","))): v for key, v in json.loads(args.candidates).items()}
@@ -42,12 +58,12 @@ def measure() -> float:
     return time_decode(model, repeats=3)
 
 
-best = measure()
-print(f"{args.spec} w{args.bits} current table: {best:.4f} ms/token", flush=True)
+before = best = measure()
+print(f"{what} current table: {best:.4f} ms/token", flush=True)
 chosen = {}
 for (n, k), alternatives in candidates.items():
-    key = f"step/w{args.bits}/m1/n{n}/k{k}"  # the decode step's entry (kernels.tuning)
-    current = table.get(key) or table.get(f"splitk/w{args.bits}/m1/n{n}/k{k}")
+    key = f"step/{weights}/m1/n{n}/k{k}"  # the decode step's entry (kernels.tuning)
+    current = table.get(key)  # None: the lookup's other entries stand
     for alt in alternatives:
         if time.time() - t0 > args.budget_s:
             break
@@ -56,7 +72,10 @@ for (n, k), alternatives in candidates.items():
         print(f"  {key} {alt}: {ms:.4f} ms/token (best so far {best:.4f} with {current})", flush=True)
         if ms < best * 0.997:  # a gain beyond run noise
             best, current = ms, table[key]
-    table[key] = current
-    chosen[key] = current
-print(f"{args.spec} w{args.bits} after: {measure():.4f} ms/token")
+    if current is None:
+        table.pop(key, None)
+    else:
+        table[key] = chosen[key] = current
+after = measure()
+print(f"{what} after: {after:.4f} ms/token ({100 * (after / before - 1):+.1f}%)")
 print(json.dumps(chosen))

@@ -94,11 +94,12 @@ def kv_caches(kv: int, context: int, hd: int, int8: bool, copies: int) -> list[d
     return caches
 
 
-def synthetic_model(spec: str, bits: int, max_seq_len: int = 512, kv_cache: str = "auto") -> "qruntime.Model":
-    """A random-weight model of `spec`'s exact shapes (bf16 dense parts) on the triton backend:
-    what the decode benchmarks time."""
-    ckpt = synthetic_checkpoint(spec, bits=bits, dtype=torch.bfloat16)
-    return qruntime.Model(ckpt, device="cuda", backend="triton", max_seq_len=max_seq_len, kv_cache=kv_cache)
+def synthetic_model(spec: str, bits: int, max_seq_len: int = 512, kv_cache: str = "auto", group_size: int = 128,
+                    dtype: torch.dtype = torch.bfloat16) -> "qruntime.Model":
+    """A random-weight model of `spec`'s exact shapes (dense parts and activations in `dtype`) on the
+    triton backend: what the decode benchmarks time."""
+    ckpt = synthetic_checkpoint(spec, bits=bits, group_size=group_size, dtype=dtype)
+    return qruntime.Model(ckpt, device="cuda", backend="triton", dtype=dtype, max_seq_len=max_seq_len, kv_cache=kv_cache)
 
 
 def use_combine_launch(runner, on: bool) -> None:

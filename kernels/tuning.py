@@ -106,7 +106,10 @@ def splitk_config(bits: int, n: int, k: int, m: int = 1, device: torch.device | 
     1B shapes: Q8_0 0.442 -> 0.478 ms/token, llamacpp_peer_convert_1b.md.) A small-group entry, measured
     alone, also comes before the g128 step entry of its shape: keep one only where it wins end to end
     (Qwen2.5-7B Q8_0's o, gate|up and down entries took the step's tiles' place and were dropped:
-    with them 1.997 -> 1.994 ms/token, without 1.997 -> 1.906; ab_converted_groups.log)."""
+    with them 1.997 -> 1.994 ms/token, without 1.997 -> 1.906; ab_converted_groups.log). The other
+    order, the g128 step entry first, lost on each file tried (1B Q8_0 / Q4_K_M / Q4_0 +3.7 / +2.3 /
+    +7.0%, 8B Q8_0 +23%). A "step/<own weights>" entry (e2e_tune.py --weights) comes first of all.
+    The step's GEMVs take fp16 rows whatever the model's 16-bit dtype, which is why the tables have no dtype."""
     table = _table_for(device)
     rows = 1 if m == 1 else 16
     keys = [f"w{bits}"]

@@ -30,7 +30,7 @@ def test_every_table_is_well_formed():
             assert kind in ("splitk", "step", "gemm") and m[0] == "m" and n[0] == "n" and k[0] == "k", (path, key)
             bits, group, zero_mode = tuning.parse_weights_key(weights)
             if group:  # groups under 128 (tuning.weights_key): decode GEMVs of one row only
-                assert kind == "splitk" and m == "m1" and group < 128, (path, key)
+                assert kind in ("splitk", "step") and m == "m1" and group < 128, (path, key)
             assert tuning.weights_key(bits, group or 128, zero_mode) == weights, (path, key)
             assert len(cfg) == 5 and all(isinstance(v, int) and v > 0 for v in cfg[:4]), (path, key)
             if kind in ("splitk", "step"):
@@ -127,6 +127,19 @@ def test_small_groups_take_their_own_entries(monkeypatch):
     assert _linear(64, 256, 8, 16, "symmetric").splitk_config(1) == tuple(table["splitk/w8/m1/n64/k256"])
     assert _linear(64, 256, 4, 32, "float").splitk_config(1) == tuple(table["splitk/w4g32s/m1/n64/k256"])
     assert _linear(64, 256, 4, 16, "float").splitk_config(1) == tuple(table["splitk/w4/m1/n64/k256"])
+
+
+def test_small_groups_step_entry_comes_first_in_the_step(monkeypatch):
+    """A "step/<own weights>" entry (e2e_tune.py --weights) is the decode step's choice for those
+    weights, ahead of their standalone entry and of the default's step entry; outside the step the
+    standalone entry stands."""
+    table = {"step/w8/m1/n64/k256": [128, 128, 1, 1, "packed"], "splitk/w8g32s/m1/n64/k256": [32, 128, 2, 1, "packed"],
+             "step/w8g32s/m1/n64/k256": [64, 64, 1, 1, "packed"]}
+    monkeypatch.setattr(tuning, "_table_for", lambda device: table)
+    q8_0 = _linear(64, 256, 8, 32, "symmetric")
+    assert q8_0.splitk_config(1) == tuple(table["splitk/w8g32s/m1/n64/k256"])
+    q8_0.in_decode_step = True
+    assert q8_0.splitk_config(1) == tuple(table["step/w8g32s/m1/n64/k256"])
 
 
 def test_linear_asks_for_its_own_device():
