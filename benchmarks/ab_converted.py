@@ -8,9 +8,10 @@ step can prefer other tiles: results/h200/ab_converted_groups.log).
 Run from the repository root on the GPU machine, with llama.cpp built there (build_llamacpp.sh) and
 `gguf` on the path (.device_deps). "new" is this checkout staged as the package; "old" is the same
 with each --old PATH=FILE's file put in place of PATH (relative to the staged package: e.g. an older
-table, or an older kernels/tuning.py at qruntime/kernels/tuning.py). Per type: bench_llamacpp's
-random F16 GGUF of the spec's shapes, llama-quantize to the type, `qruntime convert` (under "new"),
-then e2e_once.py --checkpoint in alternating processes, old first in each round.
+table, or an older kernels/tuning.py at qruntime/kernels/tuning.py). The files: bench_llamacpp's
+random F16 GGUF of the spec's shapes, written once, llama-quantize to each type and `qruntime
+convert` (under "new"); then, type by type, e2e_once.py --checkpoint in alternating processes, old
+first in each round.
 """
 from __future__ import annotations
 
@@ -44,22 +45,26 @@ def with_package(package: str) -> dict:
     return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package, HERE, os.environ.get("PYTHONPATH")]))}
 
 
-def make_converted(bin_dir: str, spec: str, ftype: str, work: str, package: str) -> str:
-    """The spec's random F16 GGUF, quantized by llama.cpp to `ftype` and converted by qruntime (in a
-    process of its own with `package` on the path); the GGUF files are deleted, the conversion kept."""
-    out = f"{work}/converted-{ftype}"
+def make_converted(bin_dir: str, spec: str, ftypes: list[str], work: str, package: str) -> dict[str, str]:
+    """The spec's random F16 GGUF (written once), quantized by llama.cpp to each of `ftypes` and
+    converted by qruntime, in a process of its own with `package` on the path; the GGUF files are
+    deleted, the conversions kept: {file type: converted folder}."""
+    out = {ftype: f"{work}/converted-{ftype}" for ftype in ftypes}
     script = f"""
 import os, time
 import bench_llamacpp as B
 from qruntime.convert import convert_checkpoint
 from qruntime.synthetic import synthetic_config
-f16, q = {work!r} + "/f16.gguf", {work!r} + "/{ftype}.gguf"
+f16 = {work!r} + "/f16.gguf"
 t = time.perf_counter(); B.write_f16_gguf(f16, synthetic_config({spec!r}))
-print(f"# F16 GGUF written in {{time.perf_counter() - t:.0f}} s", flush=True)
-t = time.perf_counter(); B.run_llama({bin_dir!r}, "llama-quantize", f16, q, {ftype!r}, str(os.cpu_count())); os.remove(f16)
-print(f"# {ftype} quantized in {{time.perf_counter() - t:.0f}} s", flush=True)
-t = time.perf_counter(); convert_checkpoint(q, {out!r}, progress=False, force=True); os.remove(q)
-print(f"# converted in {{time.perf_counter() - t:.0f}} s", flush=True)
+print(f"# {spec} F16 GGUF written in {{time.perf_counter() - t:.0f}} s", flush=True)
+for ftype, out in {out!r}.items():
+    q = {work!r} + f"/{{ftype}}.gguf"
+    t = time.perf_counter(); B.run_llama({bin_dir!r}, "llama-quantize", f16, q, ftype, str(os.cpu_count()))
+    print(f"# {{ftype}} quantized in {{time.perf_counter() - t:.0f}} s", flush=True)
+    t = time.perf_counter(); convert_checkpoint(q, out, progress=False, force=True); os.remove(q)
+    print(f"# {{ftype}} converted in {{time.perf_counter() - t:.0f}} s", flush=True)
+os.remove(f16)
 """
     subprocess.run([sys.executable, "-c", script], check=True, cwd=HERE, env=with_package(package))
     return out
@@ -96,10 +101,10 @@ def main() -> None:
     results = []
     with tempfile.TemporaryDirectory() as work:
         new_pkg, old_pkg = stage(f"{work}/new"), stage(f"{work}/old", args.old)
-        for ftype in args.types.split(","):
-            t = time.perf_counter()
-            checkpoint = make_converted(os.path.abspath(args.bin), args.spec, ftype, work, new_pkg)
-            print(f"# {args.spec} {ftype}: file made in {time.perf_counter() - t:.0f} s", flush=True)
+        t = time.perf_counter()
+        converted = make_converted(os.path.abspath(args.bin), args.spec, args.types.split(","), work, new_pkg)
+        print(f"# {args.spec}: {len(converted)} files made in {time.perf_counter() - t:.0f} s", flush=True)
+        for ftype, checkpoint in converted.items():
             times = {"old": [], "new": []}
             for r in range(args.rounds):
                 for tag, package in (("old", old_pkg), ("new", new_pkg)):

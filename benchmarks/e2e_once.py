@@ -9,10 +9,8 @@ import argparse
 
 import torch
 
-import qruntime
 from bench_decode import time_decode
-from gpu_common import synthetic_model
-from qruntime import format as packed_format
+from gpu_common import checkpoint_model, synthetic_model
 
 ap = argparse.ArgumentParser()
 ap.add_argument("tag")
@@ -26,8 +24,7 @@ ap.add_argument("--dtype", choices=["bfloat16", "float16"],
 ap.add_argument("--checkpoint", help="a packed checkpoint to time instead of SPEC's random weights")
 args = ap.parse_args()
 if args.checkpoint:
-    model = qruntime.Model(packed_format.load(args.checkpoint, verify=False), device="cuda", backend="triton",
-                           dtype=args.dtype, max_seq_len=args.prompt + 512, kv_cache=args.kv)
+    model = checkpoint_model(args.checkpoint, max_seq_len=args.prompt + 512, kv_cache=args.kv, dtype=args.dtype)
     what = args.checkpoint
 else:
     model = synthetic_model(args.spec, args.bits, max_seq_len=args.prompt + 512, kv_cache=args.kv,

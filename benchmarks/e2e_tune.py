@@ -17,9 +17,7 @@ import time
 import torch
 
 from bench_decode import time_decode
-from gpu_common import synthetic_model
-from qruntime import Model
-from qruntime import format as packed_format
+from gpu_common import checkpoint_model, synthetic_model
 from qruntime.kernels import tuning
 
 # candidates per (N, K) of Llama-3.1-8B's decode GEMVs: the isolated sweep's winner first
@@ -41,7 +39,7 @@ ap.add_argument("--weights", help='the weights key of the entries to choose (def
 args = ap.parse_args()
 t0 = time.time()
 if args.checkpoint:
-    model = Model(packed_format.load(args.checkpoint, verify=False), device="cuda", backend="triton", max_seq_len=512)
+    model = checkpoint_model(args.checkpoint)
     what = args.checkpoint
 else:
     model = synthetic_model(args.spec, args.bits)

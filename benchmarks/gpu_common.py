@@ -16,6 +16,7 @@ import torch
 
 import qruntime
 import qruntime.engine.triton_runner as runner_mod
+from qruntime import format as packed_format
 from qruntime.bench.measure import measure_read_bandwidth as bench_read_bandwidth
 from qruntime.bench.report import environment as bench_environment
 from qruntime.kernels import reference as R
@@ -100,6 +101,14 @@ def synthetic_model(spec: str, bits: int, max_seq_len: int = 512, kv_cache: str 
     triton backend: what the decode benchmarks time."""
     ckpt = synthetic_checkpoint(spec, bits=bits, group_size=group_size, dtype=dtype)
     return qruntime.Model(ckpt, device="cuda", backend="triton", dtype=dtype, max_seq_len=max_seq_len, kv_cache=kv_cache)
+
+
+def checkpoint_model(path: str, max_seq_len: int = 512, kv_cache: str = "auto",
+                     dtype: str | None = None) -> "qruntime.Model":
+    """A packed checkpoint (e.g. `qruntime convert`'s of one of llama.cpp's files) on the triton
+    backend, activations in `dtype` (None: its config's), as synthetic_model's are timed."""
+    return qruntime.Model(packed_format.load(path, verify=False), device="cuda", backend="triton", dtype=dtype,
+                          max_seq_len=max_seq_len, kv_cache=kv_cache)
 
 
 def use_combine_launch(runner, on: bool) -> None:
