@@ -170,21 +170,22 @@ def main() -> None:
     ap.add_argument("--zeros", default="int", choices=("int", "symmetric", "float"),
                     help="the timed weights' zero points: integer, none (GGUF's Q8_0, Q4_0) or float offsets (its K types)")
     ap.add_argument("--only", default="", metavar="PREFIX",
-                    help="time only the configs whose path starts with PREFIX, against the card's current table entry")
+                    help="check and time only the configs whose path starts with PREFIX, against the card's current table entry")
     args = ap.parse_args()
     env = environment()
     bw = measure_read_bandwidth()
     print(f"# {env}\n# read bandwidth {bw / 1e12:.3f} TB/s", flush=True)
     rows, tuned = [], {}
     for bits in args.bits:
-        # correctness of every path on awkward sizes first
+        # correctness of every path (of --only's) on awkward sizes first
         w = torch.randn(777, 1000, device="cuda")
         paths = [False, True, "packed", *SLOT_PATHS, FRAG_PATH]
         for group, sym, path, m, bk, iters in itertools.product((32, 128, -1), (True, False), paths,
                                                                 (1, 16), (64, 128, 512), (2, 8)):
             slot = path in SLOT_PATHS
             if m not in args.m or (m > 1 and path is not True and not slot and path != FRAG_PATH) \
-                    or (iters == 8 and path != "packed" and not slot):
+                    or (iters == 8 and path != "packed" and not slot) \
+                    or not path_starts((None,) * 4 + (path,), args.only):  # check what is timed
                 continue
             lin = quantize_rtn(w, bits, group, sym)
             x = torch.randn(m, 1000, device="cuda", dtype=torch.float16)

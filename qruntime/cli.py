@@ -55,7 +55,8 @@ def _load(args: argparse.Namespace):
     import qruntime
 
     return qruntime.load(args.model, bits=args.bits, group_size=args.group_size, device=args.device,
-                         dtype=args.dtype, max_seq_len=args.max_seq_len)
+                         dtype=args.dtype, max_seq_len=args.max_seq_len, kv_cache=args.kv_cache,
+                         memory_budget=args.memory_budget)
 
 
 def _sampling(args: argparse.Namespace) -> dict:
@@ -103,7 +104,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
     from qruntime.bench.measure import parse_context_range
     from qruntime.bench.report import markdown, plot, write_json
-    from qruntime.bench.run import BenchOptions, parse_size, run_bench, run_compare
+    from qruntime.bench.run import BenchOptions, run_bench, run_compare
+    from qruntime.memory import parse_size
 
     try:
         contexts = parse_context_range(args.context)
@@ -176,7 +178,12 @@ def _add_load_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--group-size", type=_group_size, default=128)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--dtype", default=None, choices=("float16", "bfloat16", "float32"))
-    p.add_argument("--max-seq-len", type=_positive_int, default=None, help="KV cache length (default: min(model max, 4096))")
+    p.add_argument("--max-seq-len", type=_positive_int, default=None,
+                   help="KV cache length (default: what --memory-budget allows, else min(model max, 4096))")
+    p.add_argument("--memory-budget", default=None, metavar="SIZE",
+                   help="device memory for weights and KV cache, e.g. 20GB: the cache gets the most positions that fit")
+    p.add_argument("--kv-cache", choices=("auto", "int8"), default="auto",
+                   help="KV cache: the compute dtype, or int8 with per-token scales (GPU: triton backend)")
     p.add_argument("-n", "--max-new-tokens", type=_positive_int, default=128)
     p.add_argument("--temperature", type=float, default=None, help="0 is greedy (default: generation_config.json)")
     p.add_argument("--top-p", type=float, default=None)

@@ -17,6 +17,7 @@ from qruntime.engine.generate import TextDeltas, generate_tokens
 from qruntime.engine.kv_cache import KVCache
 from qruntime.engine.sampler import Sampler, SamplingParams
 from qruntime.errors import InvalidOptionError, ModelNotFoundError, QRuntimeError
+from qruntime.memory import context_for_budget, format_size, parse_size
 from qruntime.model import build_model
 from qruntime.quantizers.base import QuantPolicy
 from qruntime.tokenizer import load_tokenizer
@@ -63,22 +64,25 @@ class Model:
 
     def __init__(self, ckpt: QuantizedCheckpoint, device: str | torch.device | None = None,
                  dtype: str | torch.dtype | None = None, backend: str | None = None,
-                 max_seq_len: int | None = None, kv_cache: str = "auto", consume: bool = False) -> None:
+                 max_seq_len: int | None = None, kv_cache: str = "auto", consume: bool = False,
+                 memory_budget: str | int | None = None) -> None:
         self.device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
         self.config = ckpt.config
         self.dtype = _resolve_dtype(dtype, self.device, ckpt.config)
         self.backend_name = backend or ("triton" if self.device.type == "cuda" and _triton_available() else "torch")
         if self.backend_name not in ("torch", "triton"):
             raise InvalidOptionError(f"backend={self.backend_name!r}; choose torch or triton")
-        self.max_seq_len = max_seq_len or min(ckpt.config.max_position_embeddings, DEFAULT_MAX_SEQ_LEN)
-        if self.max_seq_len <= 0:
-            raise InvalidOptionError(f"max_seq_len={self.max_seq_len} must be positive")
+        if max_seq_len is not None and max_seq_len <= 0:
+            raise InvalidOptionError(f"max_seq_len={max_seq_len} must be positive")
+        if kv_cache not in ("auto", "int8"):
+            raise InvalidOptionError(f"kv_cache={kv_cache!r}; choose auto (the compute dtype) or int8")
+        self.memory_budget = None if memory_budget is None else parse_size(memory_budget)
+        self.budget_max_seq_len: int | None = None  # the positions the budget has room for (not capped)
+        self.max_seq_len = self._cache_length(ckpt, max_seq_len, kv_cache == "int8")
         self.source = ckpt.source
         self.tokenizer = load_tokenizer(ckpt.tokenizer_files, source=str(ckpt.source.get("path", "checkpoint")),
                                         model_type=ckpt.config.family)
         self.generation_config = ckpt.generation_config or {}
-        if kv_cache not in ("auto", "int8"):
-            raise InvalidOptionError(f"kv_cache={kv_cache!r}; choose auto (the compute dtype) or int8")
         self.runner = self.module = self.cache = None
         if self.backend_name == "triton":
             if not _triton_available():
@@ -96,6 +100,23 @@ class Model:
             self.module = build_model(ckpt, self.backend, self.device, self.dtype, self.max_seq_len)
             self.cache = KVCache(ckpt.config, self.max_seq_len, 1, self.device, self.dtype)
         self.eos_ids = self._eos_ids()
+
+    def _cache_length(self, ckpt: QuantizedCheckpoint, requested: int | None, int8: bool) -> int:
+        """The static cache's positions: `requested`, else the longest that fits the memory budget
+        beside the weights (qruntime.memory), else min(model max, DEFAULT_MAX_SEQ_LEN)."""
+        limit = ckpt.config.max_position_embeddings
+        if self.memory_budget is None:
+            return requested or min(limit, DEFAULT_MAX_SEQ_LEN)
+        if self.device.type == "cuda":
+            total = torch.cuda.get_device_properties(self.device).total_memory
+            if self.memory_budget > total:
+                raise InvalidOptionError(f"memory budget {format_size(self.memory_budget)} exceeds the "
+                                         f"{format_size(total)} of {self.device}")
+        fits = self.budget_max_seq_len = context_for_budget(self.memory_budget, ckpt, self.dtype, int8)
+        if requested and requested > fits:
+            raise InvalidOptionError(f"max_seq_len={requested} does not fit the memory budget of "
+                                     f"{format_size(self.memory_budget)}: at most {fits} positions do")
+        return requested or min(fits, limit)
 
     # ------------------------------------------------------------------ scoring
     def logits(self, input_ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
@@ -178,7 +199,8 @@ class Model:
 
     # ------------------------------------------------------------------ reports
     def memory_report(self) -> dict[str, Any]:
-        """Bytes held by weights (by bit width), the KV cache, and in total."""
+        """Bytes held by weights (by bit width), the KV cache, and in total; the memory budget the
+        cache was sized from and the positions it had room for (None when it was not sized so)."""
         if self.runner is not None:
             r = self.runner
             weights = r.weight_nbytes() + sum(t.numel() * t.element_size() for t in (r.embed, r.final_norm))
@@ -186,6 +208,7 @@ class Model:
             return {"device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""), "backend": "triton",
                     "weights_bytes": weights, "linear_bytes": r.weight_nbytes(), "kv_cache_bytes": kv,
                     "kv_bytes_per_token": kv // self.max_seq_len, "max_seq_len": self.max_seq_len,
+                    "memory_budget": self.memory_budget, "budget_max_seq_len": self.budget_max_seq_len,
                     "total_bytes": weights + kv}
         seen: set[int] = set()
         by_bits: dict[str, int] = {}
@@ -213,6 +236,8 @@ class Model:
             "kv_cache_bytes": kv,
             "kv_bytes_per_token": KVCache.bytes_per_token(self.config, self.dtype),
             "max_seq_len": self.max_seq_len,
+            "memory_budget": self.memory_budget,
+            "budget_max_seq_len": self.budget_max_seq_len,
             "total_bytes": weights + kv,
         }
 
@@ -240,15 +265,21 @@ class Model:
 
 def load(path: str | Path, bits: int | None = None, group_size: int = 128, device: str | torch.device | None = None,
          dtype: str | torch.dtype | None = None, symmetric: bool = False, backend: str | None = None,
-         max_seq_len: int | None = None, kv_cache: str = "auto") -> Model:
+         max_seq_len: int | None = None, kv_cache: str = "auto", memory_budget: str | int | None = None) -> Model:
     """Loads a packed-format directory, or an HF model directory (quantized on the fly with RTN
     when `bits` is 4 or 8), and returns a ready Model.
 
     backend: "triton" (default on a CUDA device: fused kernels, decode in a CUDA graph) or
     "torch" (the plain PyTorch reference; the default on a CPU). kv_cache: "auto" (compute
-    dtype) or "int8" (triton backend; per-token, per-head scales)."""
+    dtype) or "int8" (triton backend; per-token, per-head scales).
+
+    The KV cache is static, allocated here: max_seq_len positions; else, given memory_budget
+    (bytes, or a size like "20GB"), the most positions that fit that much device memory beside the
+    weights and a 1 GiB workspace (qruntime.memory), at most the model's max_position_embeddings;
+    else min(model max, 4096)."""
     ckpt = read_checkpoint(path, bits=bits, group_size=group_size, symmetric=symmetric)
-    return Model(ckpt, device=device, dtype=dtype, backend=backend, max_seq_len=max_seq_len, kv_cache=kv_cache)
+    return Model(ckpt, device=device, dtype=dtype, backend=backend, max_seq_len=max_seq_len, kv_cache=kv_cache,
+                 memory_budget=memory_budget)
 
 
 def _triton_available() -> bool:

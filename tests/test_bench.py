@@ -10,8 +10,8 @@ import pytest
 
 from qruntime.bench.fit import fit_latency
 from qruntime.bench.measure import parse_context_range
-from qruntime.bench.run import BenchOptions, hf_config, llama_cpp_peer, parse_size
-from qruntime.bench.theory import DecodeTheory, bits_per_weight, kv_bytes_per_token, linear_params, max_context
+from qruntime.bench.run import BenchOptions, hf_config, llama_cpp_peer
+from qruntime.bench.theory import DecodeTheory, bits_per_weight, kv_bytes_per_token, linear_params
 from qruntime.config import ModelConfig
 from qruntime.errors import InvalidOptionError
 from qruntime.runtime import read_checkpoint
@@ -76,12 +76,7 @@ def test_fit_recovers_b_and_w():
         fit_latency([5, 5], [1.0, 1.1])
 
 
-def test_max_context_and_sizes():
-    assert max_context(24e9, 4.5e9, 1e9, 131072) == int((24e9 - 5.5e9) // 131072)
-    assert max_context(4e9, 4.5e9, 1e9, 131072) == 0
-    assert parse_size("24GB") == 24e9 and parse_size("20GiB") == 20 * 2**30
-    with pytest.raises(InvalidOptionError):
-        parse_size("lots")
+def test_context_ranges():
     assert parse_context_range("0:2048:512") == [1, 512, 1024, 1536, 2048]
     with pytest.raises(ValueError):
         parse_context_range("10:5:1")
@@ -181,3 +176,25 @@ def test_llama_cpp_peer_parses_llama_bench_json(tmp_path):
     assert out["prompt_tokens_per_s"] == 5000.0
     with pytest.raises(InvalidOptionError, match="gguf"):
         llama_cpp_peer(str(fake), str(tmp_path / "dir"), opts)
+
+
+def test_bench_sizes_the_cache_from_its_budget(tiny_model_dir):
+    """--memory-budget: the bench's model takes the engine's own sizing (qruntime.memory), and the
+    report gives the context the budget has room for beside the one allocated (capped by the model)."""
+    import torch
+
+    from qruntime.bench.run import _build_model
+    from qruntime.memory import WORKSPACE_BYTES, cache_bytes_per_token, weight_bytes_on_device
+
+    ckpt = read_checkpoint(tiny_model_dir("llama"), bits=4, group_size=32)
+    room = weight_bytes_on_device(ckpt, torch.float32) + WORKSPACE_BYTES
+    per_token = cache_bytes_per_token(ckpt.config, torch.float32, int8=False)
+    for positions, allocated in ((100, 100), (10_000, ckpt.config.max_position_embeddings)):
+        opts = BenchOptions(weights=None, kvs=["kv16"], contexts=[1], prompt=8, repeat=1,
+                            memory_budget=room + positions * per_token, device=torch.device("cpu"), dtype=None)
+        model, info = _build_model(ckpt, "kv16", opts, wanted_len=64)
+        assert (info["predicted_max_context"], info["allocated_max_context"], model.max_seq_len) == (positions, allocated, allocated)
+    opts = BenchOptions(weights=None, kvs=["kv16"], contexts=[1], prompt=8, repeat=1, memory_budget=None,
+                        device=torch.device("cpu"), dtype=None)
+    model, info = _build_model(ckpt, "kv16", opts, wanted_len=64)
+    assert model.max_seq_len == 64 and "predicted_max_context" not in info

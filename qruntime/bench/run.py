@@ -21,10 +21,9 @@ from qruntime.synthetic import synthetic_checkpoint
 
 from .fit import fit_latency
 from .measure import decode_latency, generate_ms_per_token, measure_read_bandwidth, time_to_first_token
-from .theory import DATASHEET_BANDWIDTH, DecodeTheory, bits_per_weight, kv_bytes_per_token, max_context, weight_bytes
+from .theory import DATASHEET_BANDWIDTH, DecodeTheory, bits_per_weight, weight_bytes
 
 WEIGHT_BITS = {"w16": 16, "w8": 8, "w4": 4}
-WORKSPACE_BYTES = 1 << 30  # activations, graph buffers, allocator slack: reserved before sizing the cache
 
 
 @dataclass(frozen=True)
@@ -39,19 +38,6 @@ class BenchOptions:
     dtype: torch.dtype | None
     group_size: int = 128
     burst: int = 8
-
-
-def parse_size(text: str) -> float:
-    """'24GB' -> 24e9 bytes, '24GiB' -> 24 * 2^30."""
-    units = {"gib": 2**30, "gb": 1e9, "mib": 2**20, "mb": 1e6}
-    t = text.strip().lower()
-    for suffix, mult in units.items():
-        if t.endswith(suffix):
-            try:
-                return float(t[: -len(suffix)]) * mult
-            except ValueError:
-                break
-    raise InvalidOptionError(f"--memory-budget {text!r}: expected a size like 24GB or 20GiB")
 
 
 def load_config_checkpoint(spec: str, weights: str, opts: BenchOptions) -> QuantizedCheckpoint:
@@ -84,34 +70,24 @@ def _free() -> None:
 
 
 def _build_model(ckpt: QuantizedCheckpoint, kv: str, opts: BenchOptions, wanted_len: int) -> tuple[Model, dict]:
-    """The model with the largest static cache that fits the budget (capped by what the model and
-    the run need), and the predicted vs actually allocated context."""
-    cfg = ckpt.config
-    kv_tok = kv_bytes_per_token(cfg, kv)
-    resident = sum(l.nbytes() for l in ckpt.linears.values()) + sum(t.numel() * t.element_size() for t in ckpt.dense.values())
-    info: dict[str, Any] = {"kv_bytes_per_token": kv_tok}
-    if opts.memory_budget:
-        predicted = max_context(opts.memory_budget, resident, WORKSPACE_BYTES, kv_tok)
-        info["predicted_max_context"] = predicted
-        length = min(predicted, cfg.max_position_embeddings)
-    else:
-        length = wanted_len
+    """The model with a static cache of `wanted_len` positions, or with a memory budget the longest
+    that fits it (Model's memory_budget, qruntime.memory; capped by the model's max positions), and
+    the context the budget has room for (predicted) vs the one allocated."""
     backend = "triton" if opts.device.type == "cuda" else "torch"
     if kv == "kv8" and backend != "triton":
         raise InvalidOptionError("kv8 needs the triton backend (a CUDA device)")
-    while True:
-        try:
-            model = Model(ckpt, device=opts.device, dtype=opts.dtype, backend=backend, max_seq_len=length,
-                          kv_cache="int8" if kv == "kv8" else "auto", consume=backend == "triton")
-            break
-        except torch.OutOfMemoryError:
-            raise InvalidOptionError(
-                f"the model and a {length}-token cache (predicted to fit) do not fit the memory budget"
-            ) from None
+    try:
+        model = Model(ckpt, device=opts.device, dtype=opts.dtype, backend=backend,
+                      max_seq_len=None if opts.memory_budget else wanted_len, memory_budget=opts.memory_budget,
+                      kv_cache="int8" if kv == "kv8" else "auto", consume=backend == "triton")
+    except torch.OutOfMemoryError:
+        raise InvalidOptionError("the model and the cache predicted to fit do not fit the memory budget") from None
+    report = model.memory_report()
     # the model's own figure: the cache's real dtype (fp32 on a CPU) and the int8 scales
-    info["kv_bytes_per_token"] = model.memory_report()["kv_bytes_per_token"]
+    info: dict[str, Any] = {"kv_bytes_per_token": report["kv_bytes_per_token"]}
     if opts.memory_budget:
-        info["allocated_max_context"] = length
+        info["predicted_max_context"] = report["budget_max_seq_len"]
+        info["allocated_max_context"] = model.max_seq_len
         info["allocated_bytes"] = torch.cuda.memory_allocated(opts.device) if opts.device.type == "cuda" else None
     return model, info
 

@@ -71,8 +71,3 @@ def kv_bytes_per_token(cfg: ModelConfig, kv: str) -> int:
     if kv == "kv8":
         return cfg.num_layers * (per_layer_elems + 2 * cfg.num_kv_heads * 4)
     raise ValueError(f"kv={kv!r}; choose kv16 or kv8")
-
-
-def max_context(budget_bytes: float, weight_total_bytes: float, workspace_bytes: float, kv_per_token: float) -> int:
-    """THEORY.md: (card memory - weights - activations/workspace) / P_kv, floored at 0."""
-    return max(0, int((budget_bytes - weight_total_bytes - workspace_bytes) // kv_per_token))

@@ -167,6 +167,11 @@ DECODE_ATTENTION_BLOCK = 64
 DECODE_ATTENTION_WARPS = 8
 DECODE_ATTENTION_WARPS_INT8 = 4
 DECODE_ATTENTION_STAGES = 2
+# Prompts longer than this prefill in pieces (TritonRunner.prefill): one piece's activations at
+# Llama-3.1-8B's widths are ~0.3 GB (gate|up alone 2048 x 28672 fp16 is 0.12 GB), inside the
+# workspace that qruntime.memory reserves beside the weights and the cache; a 32k prompt at once
+# would need ~4.5 GB. A piece of 2048 rows keeps the prefill GEMMs' tiles full.
+PREFILL_CHUNK = 2048
 
 
 class TritonRunner:
@@ -180,6 +185,7 @@ class TritonRunner:
         cfg: ModelConfig = ckpt.config
         self.cfg, self.device, self.dtype, self.max_seq_len = cfg, device, dtype, max_seq_len
         self.num_splits = num_splits
+        self.prefill_chunk = PREFILL_CHUNK  # tokens a prefill piece (tests set it small)
 
         def dense(name: str) -> torch.Tensor:
             return ckpt.dense[name].to(device=device, dtype=dtype)
@@ -404,11 +410,26 @@ class TritonRunner:
 
     # ------------------------------------------------------------------ prefill
     def prefill(self, ids: torch.Tensor, start: int = 0, all_logits: bool = False) -> torch.Tensor:
-        """Runs tokens `ids` [M] at positions start..; returns logits [M or 1, vocab] (fp32)."""
-        cfg = self.cfg
+        """Runs tokens `ids` [M] at positions start..; returns logits [M or 1, vocab] (fp32).
+        A prompt longer than prefill_chunk runs in pieces of that many tokens, each attending to
+        the cache the pieces before it wrote, so that the activations (what memory.WORKSPACE_BYTES
+        reserves room for) are one piece's whatever the prompt's length."""
         m = ids.numel()
+        if m == 0:
+            raise ValueError("prefill: no tokens")
         if start + m > self.max_seq_len:
             raise ValueError(f"prefill: {start + m} positions exceed the cache ({self.max_seq_len})")
+        step = self.prefill_chunk
+        pieces = [self._prefill_piece(ids[i:i + step], start + i,
+                                      "all" if all_logits else "last" if i + step >= m else None)
+                  for i in range(0, m, step)]
+        return torch.cat(pieces) if all_logits and len(pieces) > 1 else pieces[-1]
+
+    def _prefill_piece(self, ids: torch.Tensor, start: int, logit_rows: str | None) -> torch.Tensor | None:
+        """prefill's work on one piece; returns the logits of its rows ("all"), of its last row
+        ("last"), or None (no lm_head: a piece before the prompt's last)."""
+        cfg = self.cfg
+        m = ids.numel()
         positions = torch.arange(start, start + m, device=self.device, dtype=torch.int32)
         h = self.embed.index_select(0, ids).float()
         q = torch.empty((m, cfg.num_heads, cfg.head_dim), device=self.device, dtype=self.dtype)
@@ -422,7 +443,9 @@ class TritonRunner:
             gu = torch.cat([lin.matmul(xn) for lin in lw.gate_up], dim=1) if len(lw.gate_up) > 1 else lw.gate_up[0].matmul(xn)
             act = swiglu(gu)
             lw.down.matmul(act, residual=h, out=h)
-        rows = h if all_logits else h[-1:]
+        if logit_rows is None:
+            return None
+        rows = h if logit_rows == "all" else h[-1:]
         xn = rmsnorm(rows.contiguous(), self.final_norm, cfg.rms_norm_eps, out_dtype=self.dtype)
         return self.lm_head.matmul(xn, out=torch.empty((xn.shape[0], cfg.vocab_size), device=self.device, dtype=torch.float32))
 

@@ -47,3 +47,28 @@ def test_triton_backend_runs_llama_cpp_files(gguf_zoo, model, ftype):
     assert any(lin.zero_mode == "float" for lin in ckpt.linears.values())
     check_logits_and_greedy(ckpt)
     check_fp16_decode_steps(ckpt, fused=False)
+
+
+@pytest.mark.parametrize("kv", ["auto", "int8"])
+def test_long_prompts_prefill_in_pieces(tiny_model_dir, kv):
+    """A prompt longer than the runner's prefill_chunk runs in pieces, each attending to the cache
+    the pieces before it wrote: the same logits (every row's, or the last's), the same cache and the
+    same greedy tokens as in one piece."""
+    import qruntime
+
+    ckpt = read_checkpoint(tiny_model_dir("llama"), bits=4, group_size=32)
+    whole = qruntime.Model(ckpt, device="cpu", backend="triton", kv_cache=kv)
+    pieces = qruntime.Model(ckpt, device="cpu", backend="triton", kv_cache=kv)
+    pieces.runner.prefill_chunk = 5
+    ids = torch.arange(3, 16)  # 13 tokens: pieces of 5, 5 and 3
+    a, b = whole.runner.prefill(ids, all_logits=True), pieces.runner.prefill(ids, all_logits=True)
+    assert a.shape == b.shape == (13, ckpt.config.vocab_size)
+    torch.testing.assert_close(b, a, rtol=0, atol=1e-5 * a.abs().max().item())
+    for name in ("k_cache", "v_cache", "k_scale", "v_scale"):
+        x, y = getattr(whole.runner, name), getattr(pieces.runner, name)
+        assert (x is None) == (y is None) == (name.endswith("scale") and kv == "auto")
+        if x is not None:
+            torch.testing.assert_close(y[:, :, :13].float(), x[:, :, :13].float(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(pieces.runner.prefill(ids), a[-1:], rtol=0, atol=1e-5 * a.abs().max().item())
+    whole.eos_ids = pieces.eos_ids = set()
+    assert list(pieces.generate_ids(ids.tolist(), 4)) == list(whole.generate_ids(ids.tolist(), 4))
