@@ -22,19 +22,20 @@ _UNITS = {"gib": 2**30, "gb": 10**9, "mib": 2**20, "mb": 10**6, "kib": 2**10, "k
 def parse_size(size: str | int | float) -> int:
     """24GB -> 24e9 bytes, 20GiB -> 20 * 2^30, 512MiB, or a number of bytes (int, float or digits)."""
     if isinstance(size, (int, float)) and not isinstance(size, bool):
-        return int(size)
-    text = str(size).strip().lower()
-    for suffix, unit in _UNITS.items():  # longest suffixes first: "gib" before "b"
-        if text.endswith(suffix):
-            text, multiplier = text[: -len(suffix)].strip(), unit
-            break
+        value, multiplier = float(size), 1
     else:
-        multiplier = 1
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if value <= 0:
+        text = str(size).strip().lower()
+        for suffix, unit in _UNITS.items():  # longest suffixes first: "gib" before "b"
+            if text.endswith(suffix):
+                text, multiplier = text[: -len(suffix)].strip(), unit
+                break
+        else:
+            multiplier = 1
+        try:
+            value = float(text)
+        except ValueError:
+            value = -1.0
+    if not 1 <= value * multiplier < float("inf"):  # also refuses nan
         raise InvalidOptionError(f"memory budget {size!r}: expected a positive size like 24GB, 20GiB or 512MiB")
     return int(value * multiplier)
 

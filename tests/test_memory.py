@@ -15,7 +15,7 @@ def test_parse_size():
     assert parse_size("24GB") == 24 * 10**9 and parse_size("20GiB") == 20 * 2**30
     assert parse_size("512 MiB") == 512 * 2**20 and parse_size("1.5gb") == 1.5e9 and parse_size("300kB") == 300_000
     assert parse_size("123456") == parse_size("123456B") == parse_size(123456) == 123456
-    for bad in ("lots", "GB", "-3GB", "0", ""):
+    for bad in ("lots", "GB", "-3GB", "0", "", "nan", "inf", 0, -5, 0.5):
         with pytest.raises(InvalidOptionError, match="expected a positive size"):
             parse_size(bad)
 

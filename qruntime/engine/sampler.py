@@ -36,6 +36,10 @@ class SamplingParams:
 
 
 class Sampler:
+    """Draws tokens on the logits' device: `draw` returns a device tensor and never waits for the
+    device, so that the triton runner samples after each decode step without a host sync (tokens are
+    read back every few steps, as greedy ones are); `__call__` returns the int."""
+
     def __init__(self, params: SamplingParams, device: torch.device) -> None:
         self.params = params
         self.generator = torch.Generator(device=device)
@@ -46,16 +50,27 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, seen: torch.Tensor) -> int:
         """logits: [vocab] float32; seen: [n] ids of the prompt and generated tokens so far."""
+        return int(self.draw(logits, self.seen_mask(seen, logits.numel())))
+
+    @staticmethod
+    def seen_mask(seen: torch.Tensor, vocab: int) -> torch.Tensor:
+        """[vocab] bool, True at the ids in `seen` (what the repetition penalty reads)."""
+        mask = torch.zeros(vocab, dtype=torch.bool, device=seen.device)
+        mask[seen] = True
+        return mask
+
+    def draw(self, logits: torch.Tensor, seen: torch.Tensor | None) -> torch.Tensor:
+        """The next token, a [1] long tensor on the logits' device. logits: [vocab] float32; seen:
+        seen_mask's [vocab] mask (None when the penalty is off: it is not read then)."""
         p = self.params
-        logits = logits.clone()
-        if p.repetition_penalty != 1.0 and seen.numel():
-            prev = logits[seen]
-            logits[seen] = torch.where(prev > 0, prev / p.repetition_penalty, prev * p.repetition_penalty)
+        if p.repetition_penalty != 1.0:
+            logits = torch.where(seen, torch.where(logits > 0, logits / p.repetition_penalty,
+                                                   logits * p.repetition_penalty), logits)
         if p.greedy:
-            return int(torch.argmax(logits))
+            return torch.argmax(logits).view(1)
         logits = logits / p.temperature
         if p.top_k > 0:
-            kth = torch.topk(logits, min(p.top_k, logits.numel())).values[-1]
+            kth = torch.topk(logits, min(p.top_k, logits.numel())).values[-1:]
             logits = logits.masked_fill(logits < kth, float("-inf"))
         if p.top_p < 1.0:
             sorted_logits, order = torch.sort(logits, descending=False)
@@ -64,4 +79,8 @@ class Sampler:
             remove[-1] = False  # always keep the most likely token
             logits = logits.masked_fill(remove.scatter(0, order, remove), float("-inf"))
         probs = logits.softmax(-1)
-        return int(torch.multinomial(probs, 1, generator=self.generator))
+        # the exponential race: argmax(p_i / E_i), E_i ~ Exp(1), is token i with probability p_i
+        # (torch.multinomial draws the same distribution but reads its result on the host). E is
+        # kept off 0 so that a removed token (p = 0) never ties a kept one.
+        race = torch.empty_like(probs).exponential_(generator=self.generator).clamp_min_(1e-20)
+        return torch.argmax(probs / race).view(1)

@@ -452,40 +452,36 @@ class TritonRunner:
     # ---------------------------------------------------------------- generate
     def generate(self, prompt_ids: list[int], max_new_tokens: int, sampler=None, eos_ids: set[int] = frozenset(),
                  sync_every: int = 8) -> Iterator[int]:
-        """Yields new tokens. Greedy (sampler None or greedy) replays the graph without a host sync per
-        token: tokens are read back every `sync_every` steps (EOS is checked then; work past an EOS
-        is discarded). Sampling reads the logits back every step."""
+        """Yields new tokens, replaying the graph without a host sync per token: tokens are read back
+        every `sync_every` steps (EOS is checked then; work past an EOS is discarded). Plain greedy
+        decoding (sampler None, or greedy without a repetition penalty) takes the step's own argmax;
+        otherwise the sampler draws from the step's logits on the device after each replay
+        (Sampler.draw), the repetition penalty reading a device mask of the tokens seen."""
         ids = torch.tensor(prompt_ids, device=self.device, dtype=torch.long)
         logits = self.prefill(ids)[0]
-        greedy = sampler is None or sampler.params.greedy
-        seen = ids
-        first = int(torch.argmax(logits)) if greedy else sampler(logits, seen)
+        draw = sampler is not None and not (sampler.params.greedy and sampler.params.repetition_penalty == 1.0)
+        seen = sampler.seen_mask(ids, logits.numel()) if draw and sampler.params.repetition_penalty != 1.0 else None
+        first = int(sampler.draw(logits, seen)) if draw else int(torch.argmax(logits))
         yield first
         if first in eos_ids or max_new_tokens == 1:
             return
         self.token.fill_(first)
         self.pos.fill_(len(prompt_ids))
         self.seq_len.fill_(len(prompt_ids) + 1)
+        if seen is not None:
+            seen[first] = True
         produced = 1
-        if greedy:
-            buffer = torch.empty(sync_every, device=self.device, dtype=torch.long)
-            while produced < max_new_tokens:
-                n = min(sync_every, max_new_tokens - produced)
-                for j in range(n):
-                    self.step()
-                    buffer[j:j + 1].copy_(self.token)
-                for token in buffer[:n].tolist():
-                    produced += 1
-                    yield token
-                    if token in eos_ids:
-                        return
-        else:
-            while produced < max_new_tokens:
-                self.step()  # its argmax is overwritten by the sampled token below
-                seen = torch.cat([seen, self.token.new_tensor([first])])
-                token = sampler(self.logits[0], seen)
-                self.token.fill_(token)
-                first = token
+        buffer = torch.empty(sync_every, device=self.device, dtype=torch.long)
+        while produced < max_new_tokens:
+            n = min(sync_every, max_new_tokens - produced)
+            for j in range(n):
+                self.step()  # decode, argmax into self.token, advance
+                if draw:  # the argmax replaced by the drawn token, before the next step reads it
+                    self.token.copy_(sampler.draw(self.logits[0], seen))
+                    if seen is not None:
+                        seen.index_fill_(0, self.token, True)
+                buffer[j:j + 1].copy_(self.token)
+            for token in buffer[:n].tolist():
                 produced += 1
                 yield token
                 if token in eos_ids:
