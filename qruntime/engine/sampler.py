@@ -63,6 +63,7 @@ class Sampler:
         """The next token, a [1] long tensor on the logits' device. logits: [vocab] float32; seen:
         seen_mask's [vocab] mask (None when the penalty is off: it is not read then)."""
         p = self.params
+        logits = logits.float()  # the race below needs E's fp32 range (fp16 would round small E to 0)
         if p.repetition_penalty != 1.0:
             logits = torch.where(seen, torch.where(logits > 0, logits / p.repetition_penalty,
                                                    logits * p.repetition_penalty), logits)
@@ -80,7 +81,8 @@ class Sampler:
             logits = logits.masked_fill(remove.scatter(0, order, remove), float("-inf"))
         probs = logits.softmax(-1)
         # the exponential race: argmax(p_i / E_i), E_i ~ Exp(1), is token i with probability p_i
-        # (torch.multinomial draws the same distribution but reads its result on the host). E is
-        # kept off 0 so that a removed token (p = 0) never ties a kept one.
+        # (torch.multinomial draws the same distribution, but on a GPU it synchronizes with the host:
+        # vLLM's sampler and gpt-fast draw this way for that reason). E is kept off 0 so that a
+        # removed token (p = 0) never ties a kept one.
         race = torch.empty_like(probs).exponential_(generator=self.generator).clamp_min_(1e-20)
         return torch.argmax(probs / race).view(1)
