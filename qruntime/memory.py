@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from qruntime.config import ModelConfig
+from qruntime.engine.kv_cache import KVCache
 from qruntime.errors import InvalidOptionError
 
 # Reserved beside the weights and the cache: one prefill piece's activations (the triton runner
@@ -58,12 +59,18 @@ def weight_bytes_on_device(ckpt, dtype: torch.dtype) -> int:
     return total + size * sum(t.numel() for t in ckpt.dense.values())
 
 
+def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype, int8: bool) -> int:
+    """K and V of every layer for one position: int8 codes with an fp32 scale per head (the triton
+    runner's int8 cache), or elements in `dtype` (KVCache's)."""
+    if int8:
+        return 2 * cfg.num_layers * cfg.num_kv_heads * (cfg.head_dim + 4)
+    return KVCache.bytes_per_token(cfg, dtype)
+
+
 def cache_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype, int8: bool) -> int:
-    """Bytes one position of the static cache takes: K and V of every layer (int8 codes with an fp32
-    scale per head, or the compute dtype), and the RoPE tables' row (cos and sin, fp32)."""
-    elements = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim
-    kv = elements + 2 * cfg.num_layers * cfg.num_kv_heads * 4 if int8 else elements * torch.empty((), dtype=dtype).element_size()
-    return kv + 2 * (cfg.head_dim // 2) * 4
+    """Bytes one position of the static cache takes: its K and V (kv_bytes_per_token) and the RoPE
+    tables' row (cos and sin, fp32)."""
+    return kv_bytes_per_token(cfg, dtype, int8) + 2 * (cfg.head_dim // 2) * 4
 
 
 def format_size(nbytes: float) -> str:

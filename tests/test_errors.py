@@ -190,11 +190,13 @@ def test_error_hierarchy():
 
 def test_memory_budget_and_kv_cache_options(tiny_model_dir, capsys):
     """--memory-budget and --kv-cache reach the model (the sizing itself: tests/test_memory.py)."""
+    from qruntime.memory import WORKSPACE_BYTES
+
     path = tiny_model_dir("llama")
     assert cli(capsys, "generate", path, "-p", "hi", "-n", "2", "--memory-budget", "1.5GiB", "--kv-cache", "auto")[0] == 0
     expect_cli_error(capsys, "expected a positive size", "generate", path, "-p", "hi", "--memory-budget", "lots")
     expect_cli_error(capsys, "leaves no room for a KV cache", "generate", path, "-p", "hi", "--memory-budget", "1GiB")
-    room_for_100 = qruntime.load(path).memory_report()["weights_bytes"] + 2**30 + 100 * 1024  # < 1024 B a position
+    room_for_100 = qruntime.load(path).memory_report()["weights_bytes"] + WORKSPACE_BYTES + 100 * 1024  # < 1 KiB a position
     expect_cli_error(capsys, "does not fit the memory budget", "generate", path, "-p", "hi", "--memory-budget",
                      f"{room_for_100}B", "--max-seq-len", "200")
     expect_cli_error(capsys, "needs the triton backend", "generate", path, "-p", "hi", "--kv-cache", "int8",

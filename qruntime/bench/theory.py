@@ -12,6 +12,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
+from qruntime import memory
 from qruntime.checkpoint import QuantizedCheckpoint, expected_linear_shapes
 from qruntime.config import ModelConfig
 
@@ -64,10 +67,8 @@ def bits_per_weight(ckpt: QuantizedCheckpoint) -> float:
 
 
 def kv_bytes_per_token(cfg: ModelConfig, kv: str) -> int:
-    """kv16: 2 bytes per element; kv8: 1 byte per element + one fp32 scale per token, head and K/V."""
-    per_layer_elems = 2 * cfg.num_kv_heads * cfg.head_dim
-    if kv == "kv16":
-        return cfg.num_layers * per_layer_elems * 2
-    if kv == "kv8":
-        return cfg.num_layers * (per_layer_elems + 2 * cfg.num_kv_heads * 4)
-    raise ValueError(f"kv={kv!r}; choose kv16 or kv8")
+    """kv16: 2 bytes per element; kv8: 1 byte per element + one fp32 scale per token, head and K/V
+    (the engine's own figures, qruntime.memory)."""
+    if kv not in ("kv16", "kv8"):
+        raise ValueError(f"kv={kv!r}; choose kv16 or kv8")
+    return memory.kv_bytes_per_token(cfg, torch.float16, int8=kv == "kv8")
