@@ -108,3 +108,22 @@ def test_sampling_draws_on_the_device_as_the_reference_does(tiny_model_dir, opti
     assert got == expected
     if options["temperature"] == 0.0:  # the penalty matters here: without it the tokens differ
         assert list(fast.generate_ids(prompt, 8, SamplingParams())) != expected
+
+
+@pytest.mark.parametrize("variant,geometry", [
+    ("qwen3", dict(head_dim=32)),                                        # Qwen3-0.6B's kind: heads x head_dim = 2 x hidden
+    ("llama", dict(hidden_size=96, num_attention_heads=6, num_key_value_heads=2)),  # 3 query heads a KV head
+    ("qwen2", dict(hidden_size=56, num_attention_heads=7, num_key_value_heads=1)),  # 7 query heads, one KV head
+])
+def test_triton_backend_runs_uneven_attention_geometries(tmp_path, variant, geometry):
+    """Geometries the tiny models above do not have, which real checkpoints do: q's width unlike the
+    hidden size (Qwen3-0.6B / 4B: 16 x 128 or 32 x 128 heads over 1024 or 2560), and GQA groups that
+    are not a power of two (Qwen2.5-7B: 28 query heads over 4 KV heads). Both modes: fp32 logits and
+    greedy tokens, then fused fp16 decode steps."""
+    import tiny_models
+
+    ckpt = read_checkpoint(tiny_models.build_model(tmp_path / variant, variant, **geometry), bits=4, group_size=16)
+    cfg = ckpt.config
+    assert cfg.num_heads * cfg.head_dim != cfg.hidden_size or (cfg.num_heads // cfg.num_kv_heads) % 2
+    check_logits_and_greedy(ckpt)
+    check_fp16_decode_steps(ckpt, qkv_bias=variant == "qwen2")
