@@ -7,6 +7,8 @@ int8: codes stored as they are, uint8 [N, K].
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
 _SHIFTS4 = torch.arange(0, 32, 4, dtype=torch.int64)
@@ -30,9 +32,15 @@ def pack_int4(codes: torch.Tensor) -> torch.Tensor:
 def unpack_int4(words: torch.Tensor, k: int) -> torch.Tensor:
     """int32 [N, ceil(K/8)] -> uint8 codes [N, K]."""
     n = words.shape[0]
-    w = words.to(torch.int64) & 0xFFFFFFFF
-    codes = (w.unsqueeze(-1) >> _SHIFTS4.to(w.device)) & 0xF
-    return codes.reshape(n, -1)[:, :k].to(torch.uint8)
+    if sys.byteorder != "little":
+        w = words.to(torch.int64) & 0xFFFFFFFF
+        return ((w.unsqueeze(-1) >> _SHIFTS4.to(w.device)) & 0xF).reshape(n, -1)[:, :k].to(torch.uint8)
+    # A little-endian word's byte b holds codes 2b (low nibble) and 2b + 1 (high nibble). Widened to
+    # 16 bits, a byte hl becomes 0h0l (b | b << 4, masked), whose two bytes in memory are l, h: the
+    # codes in order, from a few whole-tensor operations and no 64-bit temporaries.
+    b = words.contiguous().view(torch.uint8).to(torch.int16)
+    codes = (b | (b << 4)).bitwise_and_(0x0F0F).view(torch.uint8)
+    return codes.view(n, -1)[:, :k].contiguous()
 
 
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
