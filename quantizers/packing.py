@@ -22,6 +22,10 @@ def pack_int4(codes: torch.Tensor) -> torch.Tensor:
         raise ValueError("pack_int4: a code is >= 16")
     n, k = codes.shape
     pad = (-k) % 8
+    if sys.byteorder == "little":
+        # code pairs (2b, 2b + 1) -> byte b, low nibble first: a word's bytes in memory order
+        pairs = torch.nn.functional.pad(codes, (0, pad)).view(n, -1, 2)
+        return (pairs[..., 0] | (pairs[..., 1] << 4)).contiguous().view(torch.int32)
     c = torch.nn.functional.pad(codes.to(torch.int64), (0, pad)).view(n, -1, 8)
     words = (c << _SHIFTS4.to(c.device)).sum(dim=-1)  # < 2^32, fits int64
     # reinterpret the unsigned 32-bit value as int32 (two's complement wrap)

@@ -19,16 +19,17 @@ def test_int4_pack_roundtrip_exact(k):
     assert torch.equal(unpack_int4(words, k), codes)
 
 
-def test_int4_unpack_does_not_depend_on_byte_order(monkeypatch):
-    """unpack_int4 reads a little-endian machine's bytes directly; elsewhere it shifts whole words.
-    Both give the same codes."""
+def test_int4_packing_does_not_depend_on_byte_order(monkeypatch):
+    """pack_int4 / unpack_int4 write and read a little-endian machine's bytes directly; elsewhere they
+    shift whole words. Both give the same words and codes."""
     import sys
 
     codes = torch.randint(0, 16, (6, 45), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
     words = pack_int4(codes)
-    fast = unpack_int4(words, 45)
+    unpacked = unpack_int4(words, 45)
     monkeypatch.setattr(sys, "byteorder", "big" if sys.byteorder == "little" else "little")
-    assert torch.equal(unpack_int4(words, 45), fast) and torch.equal(fast, codes) and fast.is_contiguous()
+    assert torch.equal(pack_int4(codes), words)
+    assert torch.equal(unpack_int4(words, 45), unpacked) and torch.equal(unpacked, codes) and unpacked.is_contiguous()
 
 
 @pytest.mark.parametrize("bits", [4, 8])
