@@ -24,6 +24,25 @@ def test_logits_match_transformers(tiny_model_dir, variant):
     assert ref.std() > 0.3  # the logits are not flat, so the comparison means something
 
 
+BIASES = [("llama", dict(attention_bias=True, mlp_bias=True)), ("llama2", dict(attention_bias=True)),
+          ("qwen3", dict(attention_bias=True))]
+
+
+@pytest.mark.parametrize("variant,biases", BIASES)
+def test_linear_biases_match_transformers(tmp_path, variant, biases):
+    """Llama's attention_bias (q, k, v and o) and mlp_bias (gate, up, down), Qwen3's attention_bias:
+    flags the tiny models above leave off."""
+    path = tiny_models.build_model(tmp_path / variant, variant, **biases)
+    hf = tiny_models.hf_model(path)
+    expected = 4 * biases.get("attention_bias", False) + 3 * biases.get("mlp_bias", False)
+    assert sum(n.endswith("bias") for n, _ in hf.named_parameters()) == expected * hf.config.num_hidden_layers
+    model = qruntime.load(path, device="cpu", dtype=torch.float32)
+    ids = torch.randint(5, tiny_models.VOCAB, (24,), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = hf(ids[None]).logits[0].float()
+    assert (model.logits(ids) - ref).abs().max().item() < 1e-4 and ref.std() > 0.3
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_greedy_generate_matches_transformers(tiny_model_dir, variant):
     path = tiny_model_dir(variant)

@@ -127,3 +127,17 @@ def test_triton_backend_runs_uneven_attention_geometries(tmp_path, variant, geom
     assert cfg.num_heads * cfg.head_dim != cfg.hidden_size or (cfg.num_heads // cfg.num_kv_heads) % 2
     check_logits_and_greedy(ckpt)
     check_fp16_decode_steps(ckpt, qkv_bias=variant == "qwen2")
+
+
+@pytest.mark.parametrize("variant,biases", [("llama", dict(attention_bias=True, mlp_bias=True)),
+                                            ("qwen3", dict(attention_bias=True))])
+def test_triton_backend_adds_linear_biases(tmp_path, variant, biases):
+    """Llama's attention and MLP biases, Qwen3's attention biases (the torch backend matches
+    transformers on them: test_hf_parity.py). Llama's gate|up bias keeps the MLP's RMSNorm from being
+    deferred past its GEMV, so that model's decode steps take the undeferred path."""
+    import tiny_models
+
+    ckpt = read_checkpoint(tiny_models.build_model(tmp_path / variant, variant, **biases), bits=4, group_size=16)
+    assert ckpt.linears["model.layers.0.self_attn.o_proj"].bias is not None
+    check_logits_and_greedy(ckpt)
+    check_fp16_decode_steps(ckpt, fused=variant == "qwen3", qkv_bias=True)
