@@ -24,20 +24,24 @@ def test_logits_match_transformers(tiny_model_dir, variant):
     assert ref.std() > 0.3  # the logits are not flat, so the comparison means something
 
 
-BIASES = [("llama", dict(attention_bias=True, mlp_bias=True)), ("llama2", dict(attention_bias=True)),
-          ("qwen3", dict(attention_bias=True))]
+FLAGS = [("llama", dict(attention_bias=True, mlp_bias=True)), ("llama2", dict(attention_bias=True)),
+         ("qwen3", dict(attention_bias=True)),
+         ("llama2", dict(rope_scaling={"rope_type": "linear", "factor": 4.0}))]
 
 
-@pytest.mark.parametrize("variant,biases", BIASES)
-def test_linear_biases_match_transformers(tmp_path, variant, biases):
-    """Llama's attention_bias (q, k, v and o) and mlp_bias (gate, up, down), Qwen3's attention_bias:
-    flags the tiny models above leave off."""
-    path = tiny_models.build_model(tmp_path / variant, variant, **biases)
+@pytest.mark.parametrize("variant,flags", FLAGS, ids=["llama-biases", "llama2-attention-bias", "qwen3-attention-bias",
+                                                      "llama2-linear-rope"])
+def test_config_flags_match_transformers(tmp_path, variant, flags):
+    """Flags the tiny models above leave off: Llama's attention_bias (q, k, v and o) and mlp_bias
+    (gate, up, down), Qwen3's attention_bias, linear RoPE scaling (positions divided by the factor)."""
+    path = tiny_models.build_model(tmp_path / variant, variant, **flags)
     hf = tiny_models.hf_model(path)
-    expected = 4 * biases.get("attention_bias", False) + 3 * biases.get("mlp_bias", False)
+    expected = 4 * flags.get("attention_bias", False) + 3 * flags.get("mlp_bias", False)
     assert sum(n.endswith("bias") for n, _ in hf.named_parameters()) == expected * hf.config.num_hidden_layers
     model = qruntime.load(path, device="cpu", dtype=torch.float32)
-    ids = torch.randint(5, tiny_models.VOCAB, (24,), generator=torch.Generator().manual_seed(2))
+    if "rope_scaling" in flags:
+        assert model.config.rope_scaling.type == "linear" and model.config.rope_scaling.factor == 4.0
+    ids = torch.randint(5, tiny_models.VOCAB, (48,), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         ref = hf(ids[None]).logits[0].float()
     assert (model.logits(ids) - ref).abs().max().item() < 1e-4 and ref.std() > 0.3
