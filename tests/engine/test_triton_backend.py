@@ -114,7 +114,7 @@ def test_sampling_draws_on_the_device_as_the_reference_does(tiny_model_dir, opti
     ("qwen3", dict(head_dim=32)),                                        # Qwen3-0.6B's kind: heads x head_dim = 2 x hidden
     ("llama", dict(hidden_size=96, num_attention_heads=6, num_key_value_heads=2)),  # 3 query heads a KV head
     ("qwen2", dict(hidden_size=56, num_attention_heads=7, num_key_value_heads=1)),  # 7 query heads, one KV head
-])
+], ids=["q-wider-than-hidden", "gqa-group-3", "gqa-group-7"])
 def test_triton_backend_runs_uneven_attention_geometries(tmp_path, variant, geometry):
     """Geometries the tiny models above do not have, which real checkpoints do: q's width unlike the
     hidden size (Qwen3-0.6B / 4B: 16 x 128 or 32 x 128 heads over 1024 or 2560), and GQA groups that
@@ -130,7 +130,8 @@ def test_triton_backend_runs_uneven_attention_geometries(tmp_path, variant, geom
 
 
 @pytest.mark.parametrize("variant,biases", [("llama", dict(attention_bias=True, mlp_bias=True)),
-                                            ("qwen3", dict(attention_bias=True))])
+                                            ("qwen3", dict(attention_bias=True))],
+                         ids=["llama-attention-mlp", "qwen3-attention"])
 def test_triton_backend_adds_linear_biases(tmp_path, variant, biases):
     """Llama's attention and MLP biases, Qwen3's attention biases (the torch backend matches
     transformers on them: test_hf_parity.py). Llama's gate|up bias keeps the MLP's RMSNorm from being
