@@ -22,6 +22,8 @@ def pack_int4(codes: torch.Tensor) -> torch.Tensor:
         raise ValueError("pack_int4: a code is >= 16")
     n, k = codes.shape
     pad = (-k) % 8
+    if codes.numel() == 0:  # no rows or no columns: nothing to pack (views below cannot infer a size)
+        return torch.zeros(n, (k + pad) // 8, dtype=torch.int32, device=codes.device)
     if sys.byteorder == "little":
         # code pairs (2b, 2b + 1) -> byte b, low nibble first: a word's bytes in memory order
         pairs = torch.nn.functional.pad(codes, (0, pad)).view(n, -1, 2)
@@ -36,6 +38,8 @@ def pack_int4(codes: torch.Tensor) -> torch.Tensor:
 def unpack_int4(words: torch.Tensor, k: int) -> torch.Tensor:
     """int32 [N, ceil(K/8)] -> uint8 codes [N, K]."""
     n = words.shape[0]
+    if words.numel() == 0:
+        return torch.zeros(n, k, dtype=torch.uint8, device=words.device)
     if sys.byteorder != "little":
         w = words.to(torch.int64) & 0xFFFFFFFF
         return ((w.unsqueeze(-1) >> _SHIFTS4.to(w.device)) & 0xF).reshape(n, -1)[:, :k].to(torch.uint8)

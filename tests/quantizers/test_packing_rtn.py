@@ -57,6 +57,13 @@ def test_reference_linear_in_row_blocks_is_the_whole_product(monkeypatch, bits, 
     assert y.shape == (4, n) and torch.allclose(y, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("shape", [(0, 16), (3, 0), (0, 0)], ids=["no-rows", "no-columns", "empty"])
+def test_int4_packing_of_empty_tensors(shape):
+    words = pack_int4(torch.zeros(shape, dtype=torch.uint8))
+    assert words.dtype == torch.int32 and words.shape == (shape[0], -(-shape[1] // 8))
+    assert unpack_int4(words, shape[1]).shape == shape
+
+
 def test_int4_bit_order_low_nibble_first():
     codes = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 15]], dtype=torch.uint8)
     assert pack_int4(codes).item() == int.from_bytes(bytes([0x21, 0x43, 0x65, 0xF7]), "little", signed=True)
