@@ -6,8 +6,9 @@
 """
 
 from .errors import QRuntimeError
+from .engine.generate import GenerationStats
 from .engine.sampler import SamplingParams
 from .runtime import Model, load
 
 __version__ = "0.1.0"
-__all__ = ["Model", "QRuntimeError", "SamplingParams", "load", "__version__"]
+__all__ = ["GenerationStats", "Model", "QRuntimeError", "SamplingParams", "load", "__version__"]

@@ -65,12 +65,19 @@ def _sampling(args: argparse.Namespace) -> dict:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
+    from qruntime import GenerationStats
+
     model = _load(args)
     prompt = [{"role": "user", "content": args.prompt}] if args.chat else args.prompt
-    for delta in model.generate(prompt, max_new_tokens=args.max_new_tokens, stream=True, **_sampling(args)):
+    stats = GenerationStats()
+    for delta in model.generate(prompt, max_new_tokens=args.max_new_tokens, stream=True, stats=stats,
+                                **_sampling(args)):
         sys.stdout.write(delta)
         sys.stdout.flush()
     sys.stdout.write("\n")
+    if not args.quiet:  # on stderr, so that stdout holds the text alone
+        sys.stdout.flush()
+        print(f"qruntime: {stats.summary()} [{model.backend_name} backend, {model.device}]", file=sys.stderr)
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
@@ -225,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_load_options(p)
     p.add_argument("-p", "--prompt", required=True)
     p.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
+    p.add_argument("-q", "--quiet", action="store_true", help="no timing line on stderr after the text")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("chat", help="interactive chat with the model's chat template")

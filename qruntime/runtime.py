@@ -13,7 +13,7 @@ from qruntime.backends import get_backend
 from qruntime.checkpoint import QuantizedCheckpoint
 from qruntime.config import ModelConfig
 from qruntime.converters import base as converters
-from qruntime.engine.generate import TextDeltas, generate_tokens
+from qruntime.engine.generate import GenerationStats, TextDeltas, generate_tokens
 from qruntime.engine.kv_cache import KVCache
 from qruntime.engine.sampler import Sampler, SamplingParams
 from qruntime.errors import InvalidOptionError, ModelNotFoundError, QRuntimeError
@@ -138,16 +138,22 @@ class Model:
         repetition_penalty: float | None = None,
         seed: int | None = None,
         stream: bool = False,
+        stats: GenerationStats | None = None,
     ) -> str | Iterator[str]:
         """Generates text for a prompt string or a list of chat messages ({"role", "content"}).
 
         Sampling options left as None take generation_config.json's values (greedy if it has
-        none). Returns the new text, or an iterator of text deltas when stream=True.
+        none). Returns the new text, or an iterator of text deltas when stream=True. A
+        GenerationStats passed as `stats` is filled with the prompt's and the new tokens' counts and
+        times (its summary() is the line `qruntime generate` prints).
         """
         tok = self._require_tokenizer()
         ids = self.encode(prompt_or_messages)
         params = self.sampling_params(temperature, top_p, top_k, repetition_penalty, seed)
         tokens = self.generate_ids(ids, max_new_tokens, params)
+        if stats is not None:
+            stats.prompt_tokens = len(ids)
+            tokens = stats.count(tokens)
         if stream:
             return self._stream(tokens)
         return tok.decode(list(tokens), skip_special_tokens=True)

@@ -14,6 +14,7 @@ def test_convert_then_generate_from_shell(tiny_model_dir, tmp_path):
     proc = run_cli("generate", out, "-p", "hello", "-n", "8")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip()  # streamed text
+    assert "tokens/s" in proc.stderr and "tokens/s" not in proc.stdout  # the timing line, beside the text
 
     proc = run_cli("inspect", out, "--json")
     assert proc.returncode == 0, proc.stderr
@@ -41,8 +42,9 @@ def test_inspect_hf_dir(tiny_model_dir):
 
 def test_generate_chat_flag_and_sampling_options(tiny_model_dir):
     proc = run_cli("generate", tiny_model_dir("qwen3"), "-p", "hi", "-n", "4", "--chat",
-                   "--temperature", "0.7", "--top-k", "20", "--top-p", "0.9", "--seed", "3")
+                   "--temperature", "0.7", "--top-k", "20", "--top-p", "0.9", "--seed", "3", "--quiet")
     assert proc.returncode == 0, proc.stderr
+    assert "tokens/s" not in proc.stderr  # --quiet: no timing line
 
 
 def test_chat_reads_stdin_until_eof(tiny_model_dir):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch
@@ -52,3 +54,38 @@ class TextDeltas:
         text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
         delta, self.emitted = text[len(self.emitted):], text
         return delta
+
+
+@dataclass
+class GenerationStats:
+    """Wall-clock timing of one generation, as llama.cpp prints it: the prompt's prefill (until the
+    first new token) and the decode after it. Filled by `count` as the tokens are drawn from it."""
+
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    start: float | None = None   # the first request for a token: the prefill starts
+    first: float | None = None   # the first new token is out
+    end: float | None = None     # the last new token is out
+
+    def count(self, tokens: Iterator[int]) -> Iterator[int]:
+        self.start = time.perf_counter()  # generators are lazy: this runs at the first next()
+        for token in tokens:
+            now = time.perf_counter()
+            self.first = self.first or now
+            self.new_tokens += 1
+            self.end = now
+            yield token
+
+    def summary(self) -> str:
+        """One line: prefill speed and time to the first token; decode speed over the tokens after it
+        (the triton backend reads tokens back in groups of 8, so it is measured over the whole run)."""
+        if self.first is None:
+            return "no tokens generated"
+        prefill = self.first - self.start
+        line = (f"prompt: {self.prompt_tokens} tokens, first token after {1e3 * prefill:.1f} ms "
+                f"({self.prompt_tokens / prefill:.1f} tokens/s)")
+        decode = self.end - self.first
+        if self.new_tokens > 1 and decode > 0:
+            line += (f"; generation: {self.new_tokens} tokens, {1e3 * decode / (self.new_tokens - 1):.2f} ms/token "
+                     f"({(self.new_tokens - 1) / decode:.1f} tokens/s) after the first")
+        return line

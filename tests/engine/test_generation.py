@@ -76,6 +76,22 @@ def test_stream_concatenates_to_full_text(tiny_model_dir):
     assert len(parts) > 1 and "".join(parts) == full
 
 
+def test_generation_stats_count_and_time_what_was_generated(tiny_model_dir):
+    """GenerationStats (the line `qruntime generate` prints): the prompt's tokens, every new token,
+    and times in order; filled as a stream is consumed, not before."""
+    model = qruntime.load(tiny_model_dir("llama"), bits=4, device="cpu")
+    model.eos_ids = set()  # all 6 tokens
+    stats = qruntime.GenerationStats()
+    stream = model.generate("hello world, the quick", max_new_tokens=6, temperature=0, stream=True, stats=stats)
+    assert stats.new_tokens == 0 and stats.start is None and stats.summary() == "no tokens generated"
+    text = "".join(stream)
+    assert text == model.generate("hello world, the quick", max_new_tokens=6, temperature=0)
+    assert stats.prompt_tokens == len(model.encode("hello world, the quick")) and stats.new_tokens == 6
+    assert stats.start <= stats.first <= stats.end
+    line = stats.summary()
+    assert f"prompt: {stats.prompt_tokens} tokens" in line and "generation: 6 tokens" in line and "ms/token" in line
+
+
 def test_chat_messages_use_the_template(tiny_model_dir):
     model = qruntime.load(tiny_model_dir("qwen3"))
     messages = [{"role": "user", "content": "hello"}]
