@@ -68,10 +68,12 @@ class GenerationStats:
     end: float | None = None     # the last new token is out
 
     def count(self, tokens: Iterator[int]) -> Iterator[int]:
-        self.start = time.perf_counter()  # generators are lazy: this runs at the first next()
+        # generators are lazy: this runs at the first next(), when the prefill starts
+        self.start, self.first, self.end, self.new_tokens = time.perf_counter(), None, None, 0
         for token in tokens:
             now = time.perf_counter()
-            self.first = self.first or now
+            if self.first is None:
+                self.first = now
             self.new_tokens += 1
             self.end = now
             yield token
