@@ -100,7 +100,7 @@ class _Builder:
 def read_checkpoint(f: GGUFFile, policy: QuantPolicy | None = None, requantize: bool = False,
                     progress: bool = False) -> QuantizedCheckpoint:
     """A parsed GGUF -> validated QuantizedCheckpoint without tokenizer files (see `convert`)."""
-    arch = metadata.architecture(f)
+    metadata.architecture(f)  # refuses an architecture the engine cannot run, before anything else is read
     bos, eos = tokenizer.special_ids(f)
     cfg = metadata.model_config(f, bos, eos)
     expected = metadata.check_tensors(f, cfg)
