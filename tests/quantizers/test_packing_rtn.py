@@ -99,6 +99,21 @@ def test_rtn_error_within_half_step(bits, group_size, symmetric, shape):
     assert torch.all(deq[0, :5] == 0.0)  # zero is exactly representable
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+def test_rtn_in_row_blocks_is_the_whole_tensor_bit_for_bit(monkeypatch, bits, symmetric):
+    """quantize_rtn works a block of rows at a time (bounded memory on an lm_head): blocks of 3 rows
+    of 37, the last short, with a short last group, give the codes, scales and zeros of one block."""
+    import qruntime.quantizers.rtn as rtn
+
+    w = torch.randn(37, 200, generator=torch.Generator().manual_seed(bits)).to(torch.bfloat16)
+    whole = quantize_rtn(w, bits, 64, symmetric=symmetric)
+    monkeypatch.setattr(rtn, "_BLOCK_ELEMENTS", 3 * 200)
+    blocked = quantize_rtn(w, bits, 64, symmetric=symmetric)
+    for key, value in whole.tensors().items():
+        assert torch.equal(blocked.tensors()[key], value), key
+
+
 def test_rtn_all_zero_group_is_exact():
     lin = quantize_rtn(torch.zeros(4, 64), 4, 32, symmetric=False)
     assert torch.equal(dequantize(lin), torch.zeros(4, 64))
