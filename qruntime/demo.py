@@ -98,8 +98,10 @@ def run_demo(model_path: str | None, bits: int = 4, prompt: str = "hello world",
         print(format_report(inspect_model(out)).split("\n\nlinear")[0])
         model = qruntime.load(out)
         print(f"\nprompt: {prompt!r}\noutput: ", end="")
-        for delta in model.generate(prompt, max_new_tokens=max_new_tokens, stream=True, temperature=0):
+        stats = qruntime.GenerationStats()
+        for delta in model.generate(prompt, max_new_tokens=max_new_tokens, stream=True, temperature=0, stats=stats):
             print(delta, end="", flush=True)
         report = model.memory_report()
-        print(f"\n\nweights {report['weights_bytes'] / 2**20:.2f} MiB, KV cache {report['kv_cache_bytes'] / 2**20:.2f} MiB "
-              f"({report['max_seq_len']} positions) on {report['device']}")
+        print(f"\n\n{stats.summary()}")
+        print(f"weights {report['weights_bytes'] / 2**20:.2f} MiB, KV cache {report['kv_cache_bytes'] / 2**20:.2f} MiB "
+              f"({report['max_seq_len']} positions) on {report['device']}, {report['backend']} backend")

@@ -76,3 +76,12 @@ def test_convert_method_gptq_awq_from_shell(tiny_model_dir, tmp_path):
     proc = run_cli("convert", tiny_model_dir("llama"), "-o", tmp_path / "z", "--bits", "4", "--method", "awq",
                    "--calib-seqlen", "100000")
     assert proc.returncode == 2 and "fewer than --calib-seqlen" in proc.stderr
+
+
+def test_demo_runs_offline_end_to_end():
+    """README's first command: with no model, `qruntime demo` builds a tiny random Llama, converts it
+    to w4, loads it and generates, printing the inspect summary, the text, its speed and the memory."""
+    proc = run_cli("demo", "-n", "6")
+    assert proc.returncode == 0, proc.stderr
+    assert "no model given" in proc.stderr
+    assert "output:" in proc.stdout and "tokens/s" in proc.stdout and "MiB" in proc.stdout
