@@ -93,7 +93,7 @@ def quantize_rtn(
         bits=bits,
         group_size=group_size,
         qweight=torch.cat(words),
-        scales=torch.cat(scales).contiguous(),
+        scales=torch.cat(scales),
         zeros=None if symmetric else torch.cat(zeros).to(torch.uint8),
         bias=None if bias is None else bias.detach().clone(),
     )

@@ -50,7 +50,8 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, seen: torch.Tensor) -> int:
         """logits: [vocab] float32; seen: [n] ids of the prompt and generated tokens so far."""
-        return int(self.draw(logits, self.seen_mask(seen, logits.numel())))
+        penalized = self.params.repetition_penalty != 1.0  # else draw does not read the mask
+        return int(self.draw(logits, self.seen_mask(seen, logits.numel()) if penalized else None))
 
     @staticmethod
     def seen_mask(seen: torch.Tensor, vocab: int) -> torch.Tensor:
