@@ -67,3 +67,22 @@ def test_rejects_bad_shapes():
         qmatmul_accumulate(torch.randn(1, 64), t, torch.zeros(1, 16, dtype=torch.float16))
     with pytest.raises(ValueError, match="M=17"):
         qmatmul_accumulate(torch.randn(17, 64), t, torch.zeros(17, 16))
+
+
+@pytest.mark.parametrize("zero_mode", ["symmetric", "int", "float"])
+@pytest.mark.parametrize("bits", [4, 8], ids=["int4", "int8"])
+def test_reference_linear_in_row_blocks_is_the_whole_product(monkeypatch, bits, zero_mode):
+    """On a CPU reference.linear dequantizes a block of rows at a time: blocks of 3 rows of 37 (the
+    last one short), a short last group, act order and a bias give x @ W.T + b of the whole weight;
+    and dequantize's row blocks are the whole weight's rows, bit for bit."""
+    from qruntime.kernels import reference
+
+    n, k = 37, 200
+    lin = make_linear(n, k, bits, 64, zero_mode, act_order=True, seed=bits)
+    whole = reference.dequantize(lin)
+    assert torch.equal(torch.cat([reference.dequantize(lin, rows=slice(r, r + 5)) for r in range(0, n, 5)]), whole)
+    x = torch.randn(4, k, generator=torch.Generator().manual_seed(2))
+    expected = x @ reference.dequantize_original_order(lin).T + lin.bias.float()
+    monkeypatch.setattr(reference, "CPU_BLOCK_ELEMENTS", 3 * k)
+    y = reference.linear(x, lin)
+    assert y.shape == (4, n) and torch.allclose(y, expected, rtol=1e-5, atol=1e-5)

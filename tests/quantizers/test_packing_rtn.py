@@ -32,31 +32,6 @@ def test_int4_packing_does_not_depend_on_byte_order(monkeypatch):
     assert torch.equal(unpack_int4(words, 45), unpacked) and torch.equal(unpacked, codes) and unpacked.is_contiguous()
 
 
-@pytest.mark.parametrize("bits", [4, 8])
-@pytest.mark.parametrize("zero_mode", ["symmetric", "int", "float"])
-def test_reference_linear_in_row_blocks_is_the_whole_product(monkeypatch, bits, zero_mode):
-    """On a CPU reference.linear dequantizes a block of rows at a time: blocks of 3 rows of 37 (the
-    last one short), a short last group, act order and a bias give x @ W.T + b of the whole weight;
-    and dequantize's row blocks are the whole weight's rows, bit for bit."""
-    from qruntime.kernels import reference
-
-    g = torch.Generator().manual_seed(bits)
-    n, k = 37, 200
-    lin = quantize_rtn(torch.randn(n, k, generator=g), bits, 64, symmetric=zero_mode == "symmetric",
-                       bias=torch.randn(n, generator=g))
-    if zero_mode == "float":
-        lin.offsets, lin.zeros = (-lin.scales.float() * lin.zeros.float() + 0.01).half(), None
-    lin.perm = torch.randperm(k, generator=g).to(torch.int32)
-    lin.validate("test")
-    whole = reference.dequantize(lin)
-    assert torch.equal(torch.cat([reference.dequantize(lin, rows=slice(r, r + 5)) for r in range(0, n, 5)]), whole)
-    x = torch.randn(4, k, generator=g)
-    expected = x @ reference.dequantize_original_order(lin).T + lin.bias.float()
-    monkeypatch.setattr(reference, "CPU_BLOCK_ELEMENTS", 3 * k)
-    y = reference.linear(x, lin)
-    assert y.shape == (4, n) and torch.allclose(y, expected, rtol=1e-5, atol=1e-5)
-
-
 @pytest.mark.parametrize("shape", [(0, 16), (3, 0), (0, 0)], ids=["no-rows", "no-columns", "empty"])
 def test_int4_packing_of_empty_tensors(shape):
     words = pack_int4(torch.zeros(shape, dtype=torch.uint8))
