@@ -46,6 +46,22 @@ def greedy_workspace(device: torch.device | str) -> GreedyWorkspace:
 
 
 @triton.jit
+def order_key(x):
+    """The order-preserving int32 image of fp32 `x` (see the module's docstring): -0.0 as +0.0,
+    every NaN as 0x7FFFFFFF, above +inf."""
+    x = tl.where(x == 0.0, 0.0, x)  # -0.0 -> +0.0: equal values must get equal keys
+    bits = x.to(tl.int32, bitcast=True)
+    key = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # arithmetic shift: flips the non-sign bits of negatives
+    return tl.where(x != x, 0x7FFFFFFF, key)
+
+
+@triton.jit
+def key_value(key):
+    """The fp32 value whose order_key is the int32 `key` (the map is its own inverse on the bits)."""
+    return (key ^ ((key >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _greedy_advance_kernel(logits_ptr, token_ptr, pos_ptr, seq_len_ptr, key_ptr, counter_ptr, V,
                            PDL: tl.constexpr, BLOCK: tl.constexpr):
     release_dependents(PDL)
@@ -54,11 +70,8 @@ def _greedy_advance_kernel(logits_ptr, token_ptr, pos_ptr, seq_len_ptr, key_ptr,
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     ok = offs < V
     x = tl.load(logits_ptr + offs, mask=ok, other=0.0)
-    x = tl.where(x == 0.0, 0.0, x)  # -0.0 -> +0.0: equal values must get equal keys
-    bits = x.to(tl.int32, bitcast=True)
-    hi = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # arithmetic shift: flips the non-sign bits of negatives
-    hi = tl.where(x != x, 0x7FFFFFFF, hi)  # NaN wins, as in torch.argmax
-    hi = tl.where(ok, hi, -2147483648)  # padding: below every real value (-inf's image is 0x807FFFFF)
+    # NaN wins, as in torch.argmax; padding sits below every real value (-inf's image is 0x807FFFFF)
+    hi = tl.where(ok, order_key(x), -2147483648)
     # block max of the value image; ties resolved to the smallest offset (the first index)
     best_hi, best_i = tl.max(hi, axis=0, return_indices=True, return_indices_tie_break_left=True)
     index = (pid * BLOCK + best_i).to(tl.int64)

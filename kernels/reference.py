@@ -109,3 +109,71 @@ def attention_over_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, star
     scores = scores.masked_fill(~visible[None], float("-inf"))
     out = torch.einsum("hms,hsd->mhd", scores.softmax(-1), values)
     return out.reshape(m, h * hd)
+
+
+# ----------------------------------------------------------------------------- sampling
+# The reference for kernels.sampling: transformers' filters by a sort, and the same Philox noise.
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _mul32(a: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(high, low) 32-bit words of a * b for uint32 values held in int64 (in 16-bit halves: the
+    64-bit product would overflow int64)."""
+    a_hi, a_lo, b_hi, b_lo = a >> 16, a & 0xFFFF, b >> 16, b & 0xFFFF
+    low = a_lo * b_lo
+    cross = a_hi * b_lo + a_lo * b_hi + (low >> 16)
+    return a_hi * b_hi + (cross >> 16), ((cross << 16) | (low & 0xFFFF)) & _MASK32
+
+
+def philox_uniform(seed: int, offsets: torch.Tensor) -> torch.Tensor:
+    """Triton's tl.rand(seed, offsets) for int64 offsets, bit for bit: Philox-4x32-10 keyed by the
+    seed's two words, counter (offset low word, offset high word, 0, 0); the first output word as
+    int32, negatives complemented, times 4.6566127342e-10 in fp32 (triton.language.random)."""
+    c0, c1 = offsets & _MASK32, (offsets >> 32) & _MASK32
+    c2, c3 = torch.zeros_like(c0), torch.zeros_like(c0)
+    k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
+    for _ in range(10):
+        hi_b, lo_b = _mul32(c2, 0xCD9E8D57)
+        hi_a, lo_a = _mul32(c0, 0xD2511F53)
+        c0, c2, c1, c3 = hi_b ^ c1 ^ k0, hi_a ^ c3 ^ k1, lo_b, lo_a
+        k0, k1 = (k0 + 0x9E3779B9) & _MASK32, (k1 + 0xBB67AE85) & _MASK32
+    x = torch.where(c0 >= 2 ** 31, c0 - 2 ** 32, c0)  # the int32 bit pattern
+    x = torch.where(x < 0, -x - 1, x)                   # ~x
+    return x.to(torch.float32) * torch.tensor(4.6566127342e-10, dtype=torch.float32)
+
+
+def sampling_scaled_logits(logits: torch.Tensor, plan, seen: torch.Tensor | None = None) -> torch.Tensor:
+    """fp32 logits with transformers' repetition penalty on the `seen` mask, times 1 / temperature
+    (kernels.sampling's l)."""
+    x = logits.float()
+    if plan.penalized:
+        x = torch.where(seen, torch.where(x < 0, x * plan.repetition_penalty, x / plan.repetition_penalty), x)
+    return x * torch.tensor(1.0 / plan.temperature if plan.noise else 1.0, dtype=torch.float32)
+
+
+def sampling_threshold(scaled: torch.Tensor, plan) -> float:
+    """The smallest kept value after top-k then top-p, by transformers' rule on a sort (float64
+    sums): top-k keeps values >= the k-th largest; top-p then keeps, in descending order, every
+    token before the first whose mass with its predecessors reaches top_p of the kept mass."""
+    x = scaled.double()
+    threshold = -float("inf")
+    if plan.top_k:
+        threshold = torch.topk(x, plan.top_k).values[-1].item()
+    if plan.top_p < 1.0:
+        kept = torch.sort(x[x >= threshold], descending=True).values
+        mass = torch.exp(kept - kept[0]).cumsum(0)
+        first = int((mass < plan.top_p * mass[-1]).sum())  # predecessors' mass below the target
+        threshold = kept[min(first, kept.numel() - 1)].item()
+    return threshold
+
+
+def sample_token(logits: torch.Tensor, plan, seed: int, step: int, seen: torch.Tensor | None = None) -> int:
+    """kernels.sampling.sample_token's draw number `step` under Philox `seed`: argmax over the kept
+    tokens of l - log(-log(U)) (the first index among equal scores); plain argmax when greedy."""
+    x = sampling_scaled_logits(logits, plan, seen)
+    keep = x.double() >= sampling_threshold(x, plan)
+    if plan.noise:
+        u = philox_uniform(seed, step * x.numel() + torch.arange(x.numel(), dtype=torch.int64))
+        x = x - torch.log(-torch.log(u))
+    return int(torch.argmax(torch.where(keep, x, torch.tensor(-float("inf")))))

@@ -36,9 +36,10 @@ class SamplingParams:
 
 
 class Sampler:
-    """Draws tokens on the logits' device: `draw` returns a device tensor and never waits for the
-    device, so that the triton runner samples after each decode step without a host sync (tokens are
-    read back every few steps, as greedy ones are); `__call__` returns the int."""
+    """Draws tokens on the logits' device with torch ops (the torch backend's sampler, and the
+    reference semantics); `draw` returns a device tensor without waiting for the device, `__call__`
+    the int. The triton backend draws with kernels.sampling instead (same filters, no sort), keyed
+    by this sampler's seed (`generator.initial_seed()`)."""
 
     def __init__(self, params: SamplingParams, device: torch.device) -> None:
         self.params = params

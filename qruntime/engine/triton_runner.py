@@ -15,6 +15,8 @@ Decode step (one token, all buffers static, positions and lengths in device memo
                 gu += (h * w_post) @ Wgu.T; ss2 += h.h   (fused gate|up, its norm deferred likewise)
                 h += (silu(r2 g) * r2 u) @ Wd.T          (formed in the GEMV; else kernels.swiglu first)
     logits = rmsnorm(h) @ lm_head.T; token = argmax     (kernels.argmax: greedy stays on the device)
+    sampled decoding: token = a draw from the logits     (kernels.sampling, a second graph: top-k / top-p
+                                                          thresholds by search, Gumbel-max, no sort)
 
 An RMSNorm is linear in its scale r, so the GEMV after it multiplies h by the norm's weight only
 and sums h^2 as it reads h, and the kernel reading that GEMV's output applies r: no norm launch
@@ -51,6 +53,7 @@ from qruntime.kernels.gemv_packed import (packed_gemv_serves, qmatmul_accumulate
 from qruntime.kernels.qmatmul import qmatmul, qmatmul_accumulate
 from qruntime.kernels.rmsnorm import DeferredNorm, embed_rmsnorm, rmsnorm
 from qruntime.kernels.rope import rope_qkv_to_cache
+from qruntime.kernels.sampling import SamplingPlan, reseed, sample_token, sampling_workspace
 from qruntime.kernels.swiglu import swiglu
 from qruntime.layers.rotary import inv_frequencies
 
@@ -251,6 +254,11 @@ class TritonRunner:
                            for i in range(cfg.num_layers)]
         self.rope_inputs = self.build_rope_inputs()
         self.graph: torch.cuda.CUDAGraph | None = None
+        # sampled decoding (kernels.sampling): its workspace, the seen-token mask the repetition
+        # penalty reads, and a graph of the draw per plan (all made at the first sampled generate)
+        self.sampling = None
+        self.seen: torch.Tensor | None = None
+        self.draw_graphs: dict[SamplingPlan, torch.cuda.CUDAGraph] = {}
 
     def build_rope_inputs(self) -> list[RopeInput]:
         """Each layer's RopeInput for flash-decoding, with the deferred input norm and the q|k|v bias
@@ -408,6 +416,32 @@ class TritonRunner:
         # the warm-up and capture wrote one cache position; the next real step rewrites it
         self.token.copy_(saved[0]); self.pos.copy_(saved[1]); self.seq_len.copy_(saved[2])
 
+    # ------------------------------------------------------------------ sampling
+    def _start_sampling(self, seed: int, seen_ids: torch.Tensor | None) -> None:
+        """Draws from step 0 of Philox `seed`; the seen mask holds `seen_ids` (a penalty's prompt)."""
+        vocab = self.cfg.vocab_size
+        if self.sampling is None:
+            self.sampling = sampling_workspace(vocab, self.device)
+            self.seen = torch.zeros(vocab, device=self.device, dtype=torch.bool)
+        reseed(self.sampling, seed)
+        if seen_ids is not None:
+            self.seen.zero_()
+            self.seen[seen_ids] = True
+
+    def _draw(self, plan: SamplingPlan, eager: bool = False) -> None:
+        """self.token = a draw from self.logits under `plan` (marked in self.seen for a penalty):
+        the plan's CUDA graph, captured at its first replay, or eagerly (first token, CPU)."""
+        seen = self.seen if plan.penalized else None
+        if eager or not self.use_graph:
+            sample_token(self.logits[0], self.token, self.sampling, plan, seen)
+            return
+        graph = self.draw_graphs.get(plan)
+        if graph is None:  # the eager first draw compiled every kernel of the chain
+            graph = self.draw_graphs[plan] = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                sample_token(self.logits[0], self.token, self.sampling, plan, seen)
+        graph.replay()
+
     # ------------------------------------------------------------------ prefill
     def prefill(self, ids: torch.Tensor, start: int = 0, all_logits: bool = False) -> torch.Tensor:
         """Runs tokens `ids` [M] at positions start..; returns logits [M or 1, vocab] (fp32).
@@ -455,31 +489,33 @@ class TritonRunner:
         """Yields new tokens, replaying the graph without a host sync per token: tokens are read back
         every `sync_every` steps (EOS is checked then; work past an EOS is discarded). Plain greedy
         decoding (sampler None, or greedy without a repetition penalty) takes the step's own argmax;
-        otherwise the sampler draws from the step's logits on the device after each replay
-        (Sampler.draw), the repetition penalty reading a device mask of the tokens seen."""
+        otherwise kernels.sampling draws from the step's logits after each replay (a second graph),
+        keyed by the sampler's seed, so that one seed gives the same tokens every time."""
         ids = torch.tensor(prompt_ids, device=self.device, dtype=torch.long)
         logits = self.prefill(ids)[0]
-        draw = sampler is not None and not (sampler.params.greedy and sampler.params.repetition_penalty == 1.0)
-        seen = sampler.seen_mask(ids, logits.numel()) if draw and sampler.params.repetition_penalty != 1.0 else None
-        first = int(sampler.draw(logits, seen)) if draw else int(torch.argmax(logits))
+        plan = None
+        if sampler is not None and not (sampler.params.greedy and sampler.params.repetition_penalty == 1.0):
+            plan = SamplingPlan.from_params(sampler.params, logits.numel())
+            self._start_sampling(sampler.generator.initial_seed(), ids if plan.penalized else None)
+            self.logits[0].copy_(logits)  # the buffer the graphs read (the next step zeroes it)
+            self._draw(plan, eager=True)  # also compiles the draw's kernels before any capture
+            first = int(self.token)
+        else:
+            first = int(torch.argmax(logits))
         yield first
         if first in eos_ids or max_new_tokens == 1:
             return
         self.token.fill_(first)
         self.pos.fill_(len(prompt_ids))
         self.seq_len.fill_(len(prompt_ids) + 1)
-        if seen is not None:
-            seen[first] = True
         produced = 1
         buffer = torch.empty(sync_every, device=self.device, dtype=torch.long)
         while produced < max_new_tokens:
             n = min(sync_every, max_new_tokens - produced)
             for j in range(n):
                 self.step()  # decode, argmax into self.token, advance
-                if draw:  # the argmax replaced by the drawn token, before the next step reads it
-                    self.token.copy_(sampler.draw(self.logits[0], seen))
-                    if seen is not None:
-                        seen.index_fill_(0, self.token, True)
+                if plan is not None:  # the argmax replaced by the drawn token, before the next step reads it
+                    self._draw(plan)
                 buffer[j:j + 1].copy_(self.token)
             for token in buffer[:n].tolist():
                 produced += 1

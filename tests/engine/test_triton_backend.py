@@ -75,39 +75,64 @@ def test_long_prompts_prefill_in_pieces(tiny_model_dir, kv):
 
 
 class _DeviceOnlySampler:
-    """A Sampler whose int-returning call (a host sync) fails: the runner must draw on the device."""
+    """A Sampler whose torch draws fail: the triton runner must draw with kernels.sampling, keyed
+    by the sampler's seed, and never read a token on the host per step."""
 
     def __init__(self, params):
         from qruntime.engine.sampler import Sampler
 
-        self.inner = Sampler(params, torch.device("cpu"))
-        self.params, self.seen_mask, self.draw = params, self.inner.seen_mask, self.inner.draw
+        self.params, self.generator = params, Sampler(params, torch.device("cpu")).generator
 
     def __call__(self, *args):
         raise AssertionError("the triton runner read a sampled token on the host")
 
+    def draw(self, *args):
+        raise AssertionError("the triton runner drew with the torch sampler")
+
 
 @pytest.mark.parametrize("options", [dict(temperature=0.8, top_k=8, top_p=0.9, repetition_penalty=1.3, seed=3),
                                      dict(temperature=1.0, seed=11),
-                                     dict(temperature=0.0, repetition_penalty=1.5)],
-                         ids=["sampled-filtered", "sampled-plain", "greedy-with-penalty"])
-def test_sampling_draws_on_the_device_as_the_reference_does(tiny_model_dir, options):
+                                     dict(temperature=0.0, repetition_penalty=1.5),
+                                     dict(temperature=0.9, top_k=1, seed=5)],
+                         ids=["sampled-filtered", "sampled-plain", "greedy-with-penalty", "top-k-1"])
+def test_sampling_draws_on_the_device(tiny_model_dir, options):
     """Sampling (and greedy decoding with a repetition penalty, which the step's own argmax cannot
-    serve) draws after each step on the device, with the reference's Sampler.draw: with one seed the
-    triton backend yields the torch backend's tokens, over more steps than one read-back."""
+    serve) draws after each step with kernels.sampling: every token is the reference's draw
+    (kernels.reference.sample_token) from that step's logits, seen tokens and Philox step, over more
+    steps than one read-back; one seed gives the same tokens again. Where the draw is deterministic
+    (greedy with the penalty; top-k 1) the tokens are the torch backend's."""
     import qruntime
     from qruntime.engine.sampler import SamplingParams
+    from qruntime.kernels import reference as R
+    from qruntime.kernels.sampling import SamplingPlan
 
     ckpt = read_checkpoint(tiny_model_dir("qwen2"), bits=4, group_size=32)
-    ref = qruntime.Model(ckpt, device="cpu", backend="torch")
     fast = qruntime.Model(ckpt, device="cpu", backend="triton")
-    ref.eos_ids = fast.eos_ids = set()
-    prompt = list(range(5, 17))
-    expected = list(ref.generate_ids(prompt, 8, SamplingParams(**options)))
-    got = list(fast.runner.generate(prompt, 8, _DeviceOnlySampler(SamplingParams(**options)), set(), sync_every=3))
-    assert got == expected
-    if options["temperature"] == 0.0:  # the penalty matters here: without it the tokens differ
-        assert list(fast.generate_ids(prompt, 8, SamplingParams())) != expected
+    runner, params, prompt = fast.runner, SamplingParams(**options), list(range(5, 17))
+    seen_at_draws, logits_at_draws, draw = [], [], runner._draw
+
+    def recording_draw(plan, eager=False):
+        logits_at_draws.append(runner.logits[0].clone())
+        seen_at_draws.append(runner.seen.clone())
+        draw(plan, eager)
+
+    runner._draw = recording_draw
+    sampler = _DeviceOnlySampler(params)
+    got = list(runner.generate(prompt, 8, sampler, set(), sync_every=3))
+    plan = SamplingPlan.from_params(params, ckpt.config.vocab_size)
+    seed = sampler.generator.initial_seed()
+    assert got == [R.sample_token(logits, plan, seed, step, seen)
+                   for step, (logits, seen) in enumerate(zip(logits_at_draws, seen_at_draws))]
+    assert len(logits_at_draws) == 8
+    runner._draw = draw
+    assert list(runner.generate(prompt, 4, _DeviceOnlySampler(params), set(), sync_every=2)) == got[:4]
+    if params.greedy or params.top_k == 1:
+        ref = qruntime.Model(ckpt, device="cpu", backend="torch")
+        ref.eos_ids = set()
+        assert got == list(ref.generate_ids(prompt, 8, SamplingParams(repetition_penalty=params.repetition_penalty)))
+    if params.greedy:  # the penalty matters here: without it the tokens differ
+        fast.eos_ids = set()
+        assert list(fast.generate_ids(prompt, 8, SamplingParams())) != got
 
 
 @pytest.mark.parametrize("variant,geometry", [

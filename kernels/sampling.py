@@ -1,0 +1,251 @@
+"""Sampling a token on the device without a sort: the triton backend's draw after a decode step.
+
+Why: torch's ops for top-k / top-p over a 128256-word vocabulary are slow single-row kernels: on an
+H200, torch.sort took 90 us, torch.topk 110 us, a softmax 34 us and an argmax 27 us, so a draw with
+Llama 3's defaults (temperature 0.6, top-p 0.9) added 0.26 ms to every token, as much as a 1B model's
+whole decode step (results/h200/sampling_probe.log). Here a draw is a chain of small multi-program
+launches, with no sort and no host sync, that a CUDA graph replays:
+
+  1. prepare: l = logits with the repetition penalty, times 1 / temperature, stored; max(l).
+  2. top-k, then top-p, each as a search for a threshold key: the largest t with F(t) >= target,
+     where F(t) sums a weight over the tokens whose key is >= t (weight 1 and target k for top-k;
+     weight exp(l - max l) and target top_p * F(start) for top-p, with the search starting at
+     top-k's threshold so that top-p sees top-k's survivors only). Each pass splits the remaining
+     range of 32-bit keys into SEARCH_BINS parts and evaluates F at every split: SEARCH_PASSES
+     passes reach a single key. F changes only at the keys of actual values, so the result is the
+     key of a real logit: the k-th largest for top-k; for top-p, the smallest kept value of
+     transformers' TopPLogitsWarper (which keeps, in descending order, the tokens before the one
+     whose predecessors' mass reaches top_p, that one included).
+  3. draw: the Gumbel-max trick, argmax over kept tokens of l + G with G = -log(-log(U)) and U
+     uniform from Philox (tl.rand) keyed by the seed, at counter step * V + token: the same
+     distribution as softmax(l) over the kept tokens. The last program writes the token, marks it
+     seen (repetition penalty) and advances the step.
+Keys are the order-preserving int32 images of fp32 values (kernels.argmax.order_key); a token is
+kept when its key is >= the threshold, so ties with the threshold are kept (as top-k does in
+transformers; for top-p, transformers' sort decides between tied values, which floats rarely have).
+
+Every launch ends the way greedy_advance does: programs merge into global memory with gpu-scope
+acq_rel atomics, and the last to arrive (by a counter) finishes the step and leaves the workspace
+ready for the next launch, so a graph replays the chain with no memset. Partial sums are added in a
+fixed order by that last program, so the result does not depend on which program ran first.
+The plain-PyTorch reference is kernels.reference.sample_token (same thresholds, same noise).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from .argmax import KEY_MIN, key_value, order_key
+
+BLOCK = 1024          # tokens per program: 126 programs for a 128256 vocabulary, about one an SM
+SUB = 128             # tokens a program compares with all the splits at once ([SUB, SEARCH_BINS])
+SEARCH_BINS = 64      # splits of the key range per pass
+PARTS = 32            # programs' partial sums the last program adds up a load
+SEARCH_PASSES = 6     # 64 ** 6 = 2 ** 36 > 2 ** 32 keys: the range is one key after six passes
+NUM_WARPS = 4
+INT32_MIN, INT32_MAX = tl.constexpr(-(2 ** 31)), tl.constexpr(2 ** 31 - 1)
+
+# the int64 state words, and the float ones (constexpr: the kernels index with them)
+LO, HI, COUNTER, BEST, SEED, STEP = (tl.constexpr(i) for i in range(6))
+MAX_L, TARGET = tl.constexpr(0), tl.constexpr(1)
+
+
+@dataclass
+class SamplingWorkspace:
+    """What the chain keeps on the device between its launches and between draws."""
+    scaled: torch.Tensor     # fp32 [V]: the logits with the penalty and the temperature
+    partials: torch.Tensor   # fp32 [programs, SEARCH_BINS]: each program's sums at the splits
+    state: torch.Tensor      # int64 [6]: search range lo/hi, arrival counter, argmax key, seed, step
+    fstate: torch.Tensor     # fp32 [2]: max of scaled, top-p's target mass
+
+    @property
+    def threshold_key(self) -> torch.Tensor:
+        """The kept tokens' smallest key after a search (INT32_MIN when nothing is filtered)."""
+        return self.state[LO.value]
+
+
+def sampling_workspace(vocab: int, device: torch.device | str, seed: int = 0) -> SamplingWorkspace:
+    """A workspace for a vocabulary of `vocab` words; the draws use Philox keyed by `seed`, from step 0."""
+    if not 1 <= vocab < 2 ** 31:
+        raise ValueError(f"sampling_workspace: vocab={vocab} must be in [1, 2**31)")
+    state = torch.tensor([INT32_MIN.value, INT32_MAX.value, 0, KEY_MIN, 0, 0], device=device, dtype=torch.int64)
+    ws = SamplingWorkspace(scaled=torch.empty(vocab, device=device, dtype=torch.float32),
+                           partials=torch.empty((triton.cdiv(vocab, BLOCK), SEARCH_BINS), device=device,
+                                                dtype=torch.float32),
+                           state=state, fstate=torch.zeros(2, device=device, dtype=torch.float32))
+    reseed(ws, seed)
+    return ws
+
+
+def reseed(ws: SamplingWorkspace, seed: int) -> None:
+    """Draws from here on use Philox keyed by `seed` (any int; its low 63 bits), from step 0."""
+    ws.state[SEED.value] = seed & (2 ** 63 - 1)
+    ws.state[STEP.value] = 0
+
+
+@triton.jit
+def _arrive_last(state_ptr):
+    """Counts this program in; True for the last one of the launch (which must reset the counter)."""
+    tl.debug_barrier()
+    done = tl.atomic_add(state_ptr + COUNTER, 1, sem="acq_rel", scope="gpu")
+    return done == tl.num_programs(0) - 1
+
+
+@triton.jit
+def _prepare_kernel(logits_ptr, seen_ptr, scaled_ptr, state_ptr, fstate_ptr, V, inv_t, penalty,
+                    PENALTY: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < V
+    x = tl.load(logits_ptr + offs, mask=ok, other=0.0)
+    if PENALTY:  # transformers' RepetitionPenaltyLogitsProcessor: seen logits < 0 times it, else over it
+        seen = tl.load(seen_ptr + offs, mask=ok, other=0) != 0
+        x = tl.where(seen, tl.where(x < 0, x * penalty, x / penalty), x)
+    x = x * inv_t
+    tl.store(scaled_ptr + offs, x, mask=ok)
+    key = tl.where(ok, order_key(x), INT32_MIN)
+    tl.atomic_max(state_ptr + BEST, tl.max(key, axis=0).to(tl.int64), sem="acq_rel", scope="gpu")
+    if _arrive_last(state_ptr):
+        best = tl.atomic_xchg(state_ptr + BEST, -9223372036854775808, sem="acq_rel", scope="gpu").to(tl.int32)
+        tl.store(fstate_ptr + MAX_L, key_value(best))
+        tl.store(state_ptr + LO, INT32_MIN)   # the searches start from the whole key range
+        tl.store(state_ptr + HI, INT32_MAX)
+        tl.store(state_ptr + COUNTER, 0)
+
+
+@triton.jit
+def _search_kernel(scaled_ptr, partials_ptr, state_ptr, fstate_ptr, V, count_target, top_p,
+                   MASS: tl.constexpr, FIRST: tl.constexpr, BINS: tl.constexpr, BLOCK: tl.constexpr,
+                   SUB: tl.constexpr, PARTS: tl.constexpr):
+    pid = tl.program_id(0)
+    lo = tl.load(state_ptr + LO)
+    hi = tl.load(state_ptr + HI)
+    if FIRST:
+        hi = tl.full([], INT32_MAX, tl.int64)  # the search starts at lo (the previous search's threshold) and goes up
+    if lo < hi:  # else the range is one key: this pass has nothing to do (every program returns)
+        step = (hi - lo + BINS) // BINS          # ceil((hi - lo + 1) / BINS): BINS splits cover the range
+        splits = lo + tl.arange(0, BINS).to(tl.int64) * step
+        top = tl.load(fstate_ptr + MAX_L)
+        acc = tl.zeros([BINS], dtype=tl.float32)
+        for s in tl.static_range(0, BLOCK, SUB):
+            offs = pid * BLOCK + s + tl.arange(0, SUB)
+            ok = offs < V
+            x = tl.load(scaled_ptr + offs, mask=ok, other=0.0)
+            key = tl.where(ok, order_key(x), INT32_MIN).to(tl.int64)
+            if MASS:
+                w = tl.where(ok, tl.exp(x - top), 0.0)
+            else:
+                w = tl.where(ok, 1.0, 0.0)
+            hit = key[:, None] >= splits[None, :]
+            acc += tl.sum(tl.where(hit, w[:, None], 0.0), axis=0)
+        bins = tl.arange(0, BINS)
+        tl.store(partials_ptr + pid * BINS + bins, acc)
+        if _arrive_last(state_ptr):
+            # the programs' sums in a fixed order, whoever arrives last; L2 reads (.cg), as the
+            # other programs wrote them; PARTS rows a load (one row a load cost 12 us a pass)
+            total = tl.zeros([BINS], dtype=tl.float32)
+            for p0 in range(0, tl.num_programs(0), PARTS):
+                rows = p0 + tl.arange(0, PARTS)
+                tile = tl.load(partials_ptr + rows[:, None] * BINS + bins[None, :],
+                               mask=rows[:, None] < tl.num_programs(0), other=0.0, cache_modifier=".cg")
+                total += tl.sum(tile, axis=0)
+            if MASS:
+                if FIRST:  # total[0] is the mass above the start: top-k's survivors (or all)
+                    target = top_p * tl.sum(tl.where(bins == 0, total, 0.0), axis=0)
+                    tl.store(fstate_ptr + TARGET, target)
+                else:
+                    target = tl.load(fstate_ptr + TARGET)
+            else:
+                target = count_target
+            # F(lo) >= target holds (split 0); the last split that still reaches it is the new lo
+            best = tl.max(tl.where((total >= target) & (splits <= hi), bins, 0), axis=0)
+            new_lo = lo + best.to(tl.int64) * step
+            tl.store(state_ptr + LO, new_lo)
+            tl.store(state_ptr + HI, tl.minimum(new_lo + step - 1, hi))
+            tl.store(state_ptr + COUNTER, 0)
+
+
+@triton.jit
+def _draw_kernel(scaled_ptr, state_ptr, token_ptr, seen_ptr, V, NOISE: tl.constexpr, FILTERED: tl.constexpr,
+                 MARK_SEEN: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < V
+    x = tl.load(scaled_ptr + offs, mask=ok, other=0.0)
+    if FILTERED:
+        ok = ok & (order_key(x) >= tl.load(state_ptr + LO))
+    if NOISE:  # Gumbel-max: argmax(l + G) is token i with probability softmax(l)_i
+        counter = tl.load(state_ptr + STEP) * V + offs.to(tl.int64)
+        u = tl.rand(tl.load(state_ptr + SEED), counter)
+        x = x - tl.log(-tl.log(u))  # u = 0 gives -inf: that token cannot win
+    # kept tokens' keys sit above every removed one's (INT32_MIN is below -inf's image)
+    hi = tl.where(ok, order_key(x), INT32_MIN)
+    best_hi, best_i = tl.max(hi, axis=0, return_indices=True, return_indices_tie_break_left=True)
+    index = (pid * BLOCK + best_i).to(tl.int64)
+    tl.atomic_max(state_ptr + BEST, (best_hi.to(tl.int64) << 32) | (0xFFFFFFFF - index), sem="acq_rel", scope="gpu")
+    if _arrive_last(state_ptr):
+        final = tl.atomic_xchg(state_ptr + BEST, -9223372036854775808, sem="acq_rel", scope="gpu")
+        token = 0xFFFFFFFF - (final & 0xFFFFFFFF)
+        tl.store(token_ptr, token)
+        if MARK_SEEN:
+            tl.store(seen_ptr + token, 1)
+        tl.store(state_ptr + STEP, tl.load(state_ptr + STEP) + 1)
+        tl.store(state_ptr + COUNTER, 0)
+
+
+@dataclass(frozen=True)
+class SamplingPlan:
+    """What a draw does, from SamplingParams (transformers' order: penalty, temperature, top-k,
+    top-p; greedy when the temperature is 0, and then no filter applies)."""
+    temperature: float
+    top_k: int
+    top_p: float
+    repetition_penalty: float
+
+    @classmethod
+    def from_params(cls, params, vocab: int) -> "SamplingPlan":
+        greedy = params.temperature == 0.0
+        top_k = 0 if greedy or params.top_k >= vocab else params.top_k
+        top_p = 1.0 if greedy else params.top_p
+        return cls(params.temperature, top_k, top_p, params.repetition_penalty)
+
+    @property
+    def noise(self) -> bool:
+        return self.temperature > 0.0
+
+    @property
+    def penalized(self) -> bool:
+        return self.repetition_penalty != 1.0
+
+
+def sample_token(logits: torch.Tensor, token: torch.Tensor, ws: SamplingWorkspace, plan: SamplingPlan,
+                 seen: torch.Tensor | None = None) -> None:
+    """token[0] = a draw from `logits` (fp32 [V] or [1, V], contiguous) under `plan`, in
+    2 + SEARCH_PASSES per filter launches and no host sync (CUDA-graph capturable). With a
+    repetition penalty, `seen` (bool [V]) marks the tokens it applies to, and the drawn token is
+    marked in it. The draw advances the workspace's step, so successive draws are independent."""
+    v = ws.scaled.numel()
+    if logits.dtype != torch.float32 or not logits.is_contiguous() or logits.numel() != v:
+        raise ValueError(f"sample_token: logits must be contiguous fp32 with {v} values, got {logits.dtype} "
+                         f"{tuple(logits.shape)} (contiguous={logits.is_contiguous()})")
+    if token.dtype != torch.int64 or token.shape != (1,):
+        raise ValueError(f"sample_token: token must be int64 [1], got {token.dtype} {tuple(token.shape)}")
+    if plan.penalized and (seen is None or seen.dtype != torch.bool or seen.shape != (v,)):
+        raise ValueError("sample_token: a repetition penalty needs `seen`, a bool [V] mask")
+    grid = (triton.cdiv(v, BLOCK),)
+    seen_u8 = seen.view(torch.uint8) if plan.penalized else ws.scaled  # not read without a penalty
+    inv_t = 1.0 / plan.temperature if plan.noise else 1.0
+    _prepare_kernel[grid](logits, seen_u8, ws.scaled, ws.state, ws.fstate, v, inv_t, plan.repetition_penalty,
+                          PENALTY=plan.penalized, BLOCK=BLOCK, num_warps=NUM_WARPS)
+    searches = ([(False, plan.top_k)] if plan.top_k else []) + ([(True, 0)] if plan.top_p < 1.0 else [])
+    for mass, k in searches:
+        for i in range(SEARCH_PASSES):
+            _search_kernel[grid](ws.scaled, ws.partials, ws.state, ws.fstate, v, float(k), plan.top_p,
+                                 MASS=mass, FIRST=mass and i == 0, BINS=SEARCH_BINS, BLOCK=BLOCK, SUB=SUB,
+                                 PARTS=PARTS, num_warps=NUM_WARPS)
+    _draw_kernel[grid](ws.scaled, ws.state, token, seen_u8, v, NOISE=plan.noise, FILTERED=bool(searches),
+                       MARK_SEEN=plan.penalized, BLOCK=BLOCK, num_warps=NUM_WARPS)
