@@ -4,7 +4,9 @@ Why: torch's ops for top-k / top-p over a 128256-word vocabulary are slow single
 H200, torch.sort took 90 us, torch.topk 110 us, a softmax 34 us and an argmax 27 us, so a draw with
 Llama 3's defaults (temperature 0.6, top-p 0.9) added 0.26 ms to every token, as much as a 1B model's
 whole decode step (results/h200/sampling_probe.log). Here a draw is a chain of small multi-program
-launches, with no sort and no host sync, that a CUDA graph replays:
+launches, with no sort and no host sync, that a CUDA graph replays (65 us for that draw, 9 us with
+no filter; 8B w4 samples at 1.33-1.34 ms/token against 1.63-1.65 before and 1.27 greedy:
+results/h200/sampling_s33.log):
 
   1. prepare: l = logits with the repetition penalty, times 1 / temperature, stored; max(l).
   2. top-k, then top-p, each as a search for a threshold key: the largest t with F(t) >= target,
@@ -129,21 +131,24 @@ def _search_kernel(scaled_ptr, partials_ptr, state_ptr, fstate_ptr, V, count_tar
     if lo < hi:  # else the range is one key: this pass has nothing to do (every program returns)
         step = (hi - lo + BINS) // BINS          # ceil((hi - lo + 1) / BINS): BINS splits cover the range
         splits = lo + tl.arange(0, BINS).to(tl.int64) * step
+        # compared in 32 bits (the splits past hi, clamped here, are not used below)
+        splits32 = tl.minimum(splits, INT32_MAX).to(tl.int32)
         top = tl.load(fstate_ptr + MAX_L)
-        acc = tl.zeros([BINS], dtype=tl.float32)
+        # one sum per (row, split), reduced across rows once at the end: a cross-warp reduction
+        # per SUB rows made the pass several times slower
+        acc = tl.zeros([SUB, BINS], dtype=tl.float32)
         for s in tl.static_range(0, BLOCK, SUB):
             offs = pid * BLOCK + s + tl.arange(0, SUB)
             ok = offs < V
             x = tl.load(scaled_ptr + offs, mask=ok, other=0.0)
-            key = tl.where(ok, order_key(x), INT32_MIN).to(tl.int64)
+            key = tl.where(ok, order_key(x), INT32_MIN)
             if MASS:
                 w = tl.where(ok, tl.exp(x - top), 0.0)
             else:
                 w = tl.where(ok, 1.0, 0.0)
-            hit = key[:, None] >= splits[None, :]
-            acc += tl.sum(tl.where(hit, w[:, None], 0.0), axis=0)
+            acc += tl.where(key[:, None] >= splits32[None, :], w[:, None], 0.0)
         bins = tl.arange(0, BINS)
-        tl.store(partials_ptr + pid * BINS + bins, acc)
+        tl.store(partials_ptr + pid * BINS + bins, tl.sum(acc, axis=0))
         if _arrive_last(state_ptr):
             # the programs' sums in a fixed order, whoever arrives last; L2 reads (.cg), as the
             # other programs wrote them; PARTS rows a load (one row a load cost 12 us a pass)
