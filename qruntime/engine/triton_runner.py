@@ -53,7 +53,7 @@ from qruntime.kernels.gemv_packed import (packed_gemv_serves, qmatmul_accumulate
 from qruntime.kernels.qmatmul import qmatmul, qmatmul_accumulate
 from qruntime.kernels.rmsnorm import DeferredNorm, embed_rmsnorm, rmsnorm
 from qruntime.kernels.rope import rope_qkv_to_cache
-from qruntime.kernels.sampling import SamplingPlan, reseed, sample_token, sampling_workspace
+from qruntime.kernels.sampling import SamplingPlan, SamplingWorkspace, reseed, sample_token, sampling_workspace
 from qruntime.kernels.swiglu import swiglu
 from qruntime.layers.rotary import inv_frequencies
 
@@ -256,7 +256,7 @@ class TritonRunner:
         self.graph: torch.cuda.CUDAGraph | None = None
         # sampled decoding (kernels.sampling): its workspace, the seen-token mask the repetition
         # penalty reads, and a graph of the draw per plan (all made at the first sampled generate)
-        self.sampling = None
+        self.sampling: SamplingWorkspace | None = None
         self.seen: torch.Tensor | None = None
         self.draw_graphs: dict[SamplingPlan, torch.cuda.CUDAGraph] = {}
 
