@@ -5,7 +5,6 @@ torch Sampler.draw it replaced.    cd benchmarks && PYTHONPATH=PKG:. python3 ben
 """
 import os
 import statistics
-import struct
 import sys
 import time
 
@@ -20,11 +19,6 @@ from hf_sampling import hf_filtered  # noqa: E402  (transformers' filters, the t
 print(environment(), flush=True)
 dev = torch.device("cuda")
 V = 128256
-
-def key_to_value(key):
-    bits = key & 0xFFFFFFFF
-    if bits & 0x80000000: bits ^= 0x7FFFFFFF
-    return struct.unpack("<f", struct.pack("<I", bits))[0]
 
 PLANS = {"T0.6 top-p 0.9 (Llama 3)": SamplingParams(temperature=0.6, top_p=0.9),
          "T0.7 top-k 50 top-p 0.95 rep 1.1": SamplingParams(temperature=0.7, top_k=50, top_p=0.95, repetition_penalty=1.1),
@@ -47,7 +41,7 @@ for name, p in PLANS.items():
         same_tok += int(token) == ref
         if plan.top_k or plan.top_p < 1:
             thr = R.sampling_threshold(R.sampling_scaled_logits(logits.cpu(), plan, seen.cpu()), plan)
-            same_thr += key_to_value(int(ws.threshold_key)) == thr
+            same_thr += ws.threshold == thr
         else:
             same_thr += 1
     kept = (R.sampling_scaled_logits(logits.cpu(), plan, seen.cpu()).double() >= R.sampling_threshold(R.sampling_scaled_logits(logits.cpu(), plan, seen.cpu()), plan)).sum().item() if (plan.top_k or plan.top_p < 1) else V

@@ -143,12 +143,18 @@ def philox_uniform(seed: int, offsets: torch.Tensor) -> torch.Tensor:
     return x.to(torch.float32) * torch.tensor(4.6566127342e-10, dtype=torch.float32)
 
 
+def repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """transformers' RepetitionPenaltyLogitsProcessor on the `seen` mask: seen logits < 0 times the
+    penalty, the others over it."""
+    return torch.where(seen, torch.where(logits < 0, logits * penalty, logits / penalty), logits)
+
+
 def sampling_scaled_logits(logits: torch.Tensor, plan, seen: torch.Tensor | None = None) -> torch.Tensor:
     """fp32 logits with transformers' repetition penalty on the `seen` mask, times 1 / temperature
     (kernels.sampling's l)."""
     x = logits.float()
     if plan.penalized:
-        x = torch.where(seen, torch.where(x < 0, x * plan.repetition_penalty, x / plan.repetition_penalty), x)
+        x = repetition_penalty(x, seen, plan.repetition_penalty)
     return x * torch.tensor(1.0 / plan.temperature if plan.noise else 1.0, dtype=torch.float32)
 
 

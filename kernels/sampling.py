@@ -35,6 +35,7 @@ The plain-PyTorch reference is kernels.reference.sample_token (same thresholds, 
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 
 import torch
@@ -65,9 +66,13 @@ class SamplingWorkspace:
     fstate: torch.Tensor     # fp32 [2]: max of scaled, top-p's target mass
 
     @property
-    def threshold_key(self) -> torch.Tensor:
-        """The kept tokens' smallest key after a search (INT32_MIN when nothing is filtered)."""
-        return self.state[LO.value]
+    def threshold(self) -> float:
+        """The kept tokens' smallest value after a search (key_value of its key, on the host; a
+        sync: for tests and benchmarks)."""
+        bits = int(self.state[LO.value]) & 0xFFFFFFFF
+        if bits & 0x80000000:
+            bits ^= 0x7FFFFFFF
+        return struct.unpack("<f", struct.pack("<I", bits))[0]
 
 
 def sampling_workspace(vocab: int, device: torch.device | str, seed: int = 0) -> SamplingWorkspace:
@@ -130,7 +135,8 @@ def _search_kernel(scaled_ptr, partials_ptr, state_ptr, fstate_ptr, V, count_tar
         hi = tl.full([], INT32_MAX, tl.int64)  # the search starts at lo (the previous search's threshold) and goes up
     if lo < hi:  # else the range is one key: this pass has nothing to do (every program returns)
         step = (hi - lo + BINS) // BINS          # ceil((hi - lo + 1) / BINS): BINS splits cover the range
-        splits = lo + tl.arange(0, BINS).to(tl.int64) * step
+        bins = tl.arange(0, BINS)
+        splits = lo + bins.to(tl.int64) * step
         # compared in 32 bits (the splits past hi, clamped here, are not used below)
         splits32 = tl.minimum(splits, INT32_MAX).to(tl.int32)
         top = tl.load(fstate_ptr + MAX_L)
@@ -147,7 +153,6 @@ def _search_kernel(scaled_ptr, partials_ptr, state_ptr, fstate_ptr, V, count_tar
             else:
                 w = tl.where(ok, 1.0, 0.0)
             acc += tl.where(key[:, None] >= splits32[None, :], w[:, None], 0.0)
-        bins = tl.arange(0, BINS)
         tl.store(partials_ptr + pid * BINS + bins, tl.sum(acc, axis=0))
         if _arrive_last(state_ptr):
             # the programs' sums in a fixed order, whoever arrives last; L2 reads (.cg), as the

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from qruntime.errors import InvalidOptionError
+from qruntime.kernels.reference import repetition_penalty
 
 
 @dataclass(frozen=True)
@@ -67,8 +68,7 @@ class Sampler:
         p = self.params
         logits = logits.float()  # the race below needs E's fp32 range (fp16 would round small E to 0)
         if p.repetition_penalty != 1.0:
-            logits = torch.where(seen, torch.where(logits > 0, logits / p.repetition_penalty,
-                                                   logits * p.repetition_penalty), logits)
+            logits = repetition_penalty(logits, seen, p.repetition_penalty)
         if p.greedy:
             return torch.argmax(logits).view(1)
         logits = logits / p.temperature

@@ -493,9 +493,10 @@ class TritonRunner:
         keyed by the sampler's seed, so that one seed gives the same tokens every time."""
         ids = torch.tensor(prompt_ids, device=self.device, dtype=torch.long)
         logits = self.prefill(ids)[0]
-        plan = None
-        if sampler is not None and not (sampler.params.greedy and sampler.params.repetition_penalty == 1.0):
-            plan = SamplingPlan.from_params(sampler.params, logits.numel())
+        plan = None if sampler is None else SamplingPlan.from_params(sampler.params, logits.numel())
+        if plan is not None and not (plan.noise or plan.penalized):
+            plan = None  # plain greedy: the step's own argmax
+        if plan is not None:
             self._start_sampling(sampler.generator.initial_seed(), ids if plan.penalized else None)
             self.logits[0].copy_(logits)  # the buffer the graphs read (the next step zeroes it)
             self._draw(plan, eager=True)  # also compiles the draw's kernels before any capture

@@ -2,8 +2,6 @@
 against kernels.reference's sort-based thresholds and the same noise, and the reference's
 distribution against transformers' filters."""
 
-import struct
-
 import pytest
 import torch
 import triton
@@ -14,14 +12,6 @@ from qruntime.kernels import reference as R
 from qruntime.kernels.argmax import KEY_MIN
 from qruntime.kernels.sampling import BLOCK, SamplingPlan, reseed, sample_token, sampling_workspace
 from hf_sampling import hf_filtered
-
-
-def key_to_value(key: int) -> float:
-    """kernels.argmax.key_value on the host: the fp32 value of an order key."""
-    bits = key & 0xFFFFFFFF
-    if bits & 0x80000000:
-        bits ^= 0x7FFFFFFF
-    return struct.unpack("<f", struct.pack("<I", bits))[0]
 
 
 @triton.jit
@@ -84,7 +74,7 @@ def test_draws_match_reference(name, v, ties):
         assert int(token) == expected, (step, int(token), expected)
         if filtered:
             threshold = R.sampling_threshold(R.sampling_scaled_logits(logits, plan, seen), plan)
-            assert key_to_value(int(ws.threshold_key)) == threshold
+            assert ws.threshold == threshold
         if plan.penalized:  # the drawn token is marked for the next step's penalty, nothing else
             expected_mask = seen.clone()
             expected_mask[expected] = True
@@ -110,7 +100,7 @@ def test_filters_keep_what_transformers_keeps():
         token = torch.zeros(1, dtype=torch.int64)
         sample_token(logits, token, ws, plan, mask.clone() if plan.penalized else None)
         scaled = R.sampling_scaled_logits(logits, plan, mask)
-        kept = scaled >= key_to_value(int(ws.threshold_key))
+        kept = scaled >= ws.threshold
         hf = hf_filtered(logits, params.temperature, params.top_k, params.top_p, params.repetition_penalty, seen)
         assert torch.equal(kept, hf > -float("inf")), i
         assert bool(kept[int(token)])
