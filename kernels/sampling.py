@@ -46,7 +46,7 @@ from .argmax import KEY_MIN, key_value, order_key
 
 BLOCK = 1024          # tokens per program: 126 programs for a 128256 vocabulary, about one an SM
 SUB = 128             # tokens a program compares with all the splits at once ([SUB, SEARCH_BINS])
-SEARCH_BINS = 64      # splits of the key range per pass
+SEARCH_BINS = 64      # splits of the key range per pass (128 x 5 passes was 3x slower on an H200: ab_sampling_search_s34.log)
 PARTS = 32            # programs' partial sums the last program adds up a load
 SEARCH_PASSES = 6     # 64 ** 6 = 2 ** 36 > 2 ** 32 keys: the range is one key after six passes
 NUM_WARPS = 4
