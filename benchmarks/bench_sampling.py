@@ -4,12 +4,10 @@ transformers' filters (4000 draws replayed in a graph), and microseconds per dra
 torch Sampler.draw it replaced.    cd benchmarks && PYTHONPATH=PKG:. python3 bench_sampling.py
 """
 import os
-import statistics
 import sys
-import time
 
 import torch
-from gpu_common import environment
+from gpu_common import environment, us_per_call
 from qruntime.engine.sampler import Sampler, SamplingParams
 from qruntime.kernels import reference as R
 from qruntime.kernels.sampling import SamplingPlan, sample_token, sampling_workspace
@@ -65,25 +63,16 @@ for t, k, pp, r in [(0.7, 10, 0.9, 1.3), (1.3, 0, 0.5, 1.0), (1.0, 3, 1.0, 0.8),
     counts = torch.bincount(toks.cpu(), minlength=50).float()
     print(f"- T{t} k{k} p{pp} r{r}: kept {int((ref > 0).sum())}, removed drawn {int(counts[ref == 0].sum())}, max |freq - p| {(counts / 4000 - ref).abs().max():.4f}", flush=True)
 
-def time_loop(fn, n=300, reps=5):
-    for _ in range(20): fn()
-    torch.cuda.synchronize(); out = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        for _ in range(n): fn()
-        torch.cuda.synchronize(); out.append((time.perf_counter() - t) / n * 1e6)
-    return statistics.median(out)
-
 print("\n## time per draw at V=128256 (us, median of 5 x 300)\n\n| plan | torch Sampler.draw, eager | kernels.sampling, eager | kernels.sampling, CUDA graph |\n|---|---|---|---|")
 for name, p in PLANS.items():
     plan = SamplingPlan.from_params(p, V)
     s = Sampler(p, dev); sm = seen if plan.penalized else None
-    t_old = time_loop(lambda: token.copy_(s.draw(logits, sm)))
+    t_old = us_per_call(lambda: token.copy_(s.draw(logits, sm)))
     ws = sampling_workspace(V, dev, seed=1); work = seen.clone()
     wm = work if plan.penalized else None
-    t_eager = time_loop(lambda: sample_token(logits, token, ws, plan, wm))
+    t_eager = us_per_call(lambda: sample_token(logits, token, ws, plan, wm))
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         sample_token(logits, token, ws, plan, wm)
-    t_graph = time_loop(g.replay)
+    t_graph = us_per_call(g.replay)
     print(f"| {name} | {t_old:.1f} | {t_eager:.1f} | {t_graph:.1f} |", flush=True)

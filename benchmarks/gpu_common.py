@@ -11,6 +11,7 @@ import dataclasses
 import json
 import math
 import statistics
+import time
 
 import torch
 
@@ -158,6 +159,22 @@ def prefill_and_capture(runner, vocab_size: int, prompt_len: int) -> None:
     if runner.graph is None:
         runner.capture()
     torch.cuda.synchronize()
+
+
+def us_per_call(fn, n: int = 300, repeats: int = 5, warmup: int = 20) -> float:
+    """Median microseconds per call of `fn` over `repeats` host-timed loops of `n` calls, after
+    `warmup` calls: what a caller waits, launch overheads included (a graph's replay, an eager chain)."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    out = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(n):
+            fn()
+        torch.cuda.synchronize()
+        out.append((time.perf_counter() - start) / n * 1e6)
+    return statistics.median(out)
 
 
 def time_replays(runner, steps: int) -> float:

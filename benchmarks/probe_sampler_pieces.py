@@ -7,31 +7,25 @@ cut. Not a kernel of the package: a measurement for kernels/sampling.py's next s
 
     cd benchmarks && PYTHONPATH=$(bash stage_package.sh):. python3 probe_sampler_pieces.py
 """
-import statistics
-import time
-
 import torch
 import triton
 import triton.language as tl
 
+from gpu_common import us_per_call
 from qruntime.kernels.argmax import order_key
+from qruntime.kernels.sampling import BLOCK
 
 dev = torch.device("cuda")
 V = 128256
-P = triton.cdiv(V, 1024)  # kernels.sampling's programs at Llama 3's vocabulary
+P = triton.cdiv(V, BLOCK)  # kernels.sampling's programs at Llama 3's vocabulary
 
-def time_graph(fn, reps=5, n=200):
+def time_graph(fn):
+    """us per replay of a graph of fn (called once eagerly first, to compile)."""
     fn(); torch.cuda.synchronize()
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         fn()
-    for _ in range(10): g.replay()
-    torch.cuda.synchronize(); out = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        for _ in range(n): g.replay()
-        torch.cuda.synchronize(); out.append((time.perf_counter() - t) / n * 1e6)
-    return statistics.median(out)
+    return us_per_call(g.replay, n=200, warmup=10)
 
 @triton.jit
 def _empty(flag_ptr, out_ptr):
@@ -101,7 +95,7 @@ x = torch.randn(V, device=dev) * 2.5; cand = torch.empty(2048, dtype=torch.int64
 cnt = torch.zeros(1, dtype=torch.int32, device=dev)
 cut = float(torch.topk(x, 500).values[-1])
 def gather():
-    cnt.zero_(); _gather[(P,)](x, cand, cnt, V, cut, CAP=2048, BLOCK=1024, num_warps=4)
+    cnt.zero_(); _gather[(P,)](x, cand, cnt, V, cut, CAP=2048, BLOCK=BLOCK, num_warps=4)
 t = time_graph(gather)
 print(f"| gather (memset + compaction of {int(cnt)} candidates over {P} programs) | {t:.1f} |", flush=True)
 t = time_graph(lambda: cnt.zero_())
