@@ -125,6 +125,23 @@ def _qmatmul_kernel(
         tl.store(out_ptr + rm[:, None] * stride_om + n[None, :], acc.to(out_ptr.dtype.element_ty), mask=omask)
 
 
+def _k_tile(block_k: int, lin, use_dot: bool) -> int:
+    """The K tile of _qmatmul_kernel: a power of two (tl.arange) that stays inside one group, since
+    a tile applies one group's scale. With one group (per-channel, or a group as long as K) any
+    tile does, the last one masked: at most K rounded up to a power of two; else the group's largest
+    power-of-two divisor, at most block_k. (min(block_k, group) was not a power of two for one
+    group of K = 96, or a config whose field meant something else.) Tensor-core tiles need 16
+    columns of K."""
+    group = lin.group_size_eff
+    if group >= lin.in_features:
+        return min(block_k, max(16, triton.next_power_of_2(lin.in_features)))
+    tile = min(block_k, group & -group)
+    if use_dot and tile < 16:
+        raise ValueError(f"qmatmul: groups of {group} columns hold no power-of-two tile of 16 or more, "
+                         "which the tensor-core path needs")
+    return tile
+
+
 def _check(x: torch.Tensor, lin) -> torch.Tensor:
     x2 = x.reshape(-1, x.shape[-1])
     if x2.shape[1] != lin.in_features:
@@ -169,13 +186,15 @@ def qmatmul_accumulate(x: torch.Tensor, lin, out: torch.Tensor,
         return out
     if try_tma_frag_gemm(x2, lin, out2, (bn, bk, iters, nw, use_dot)):  # bk: the K slice, iters: stages
         return out
-    if use_dot in TMA_PATHS and try_frag_gemm(  # no TMA, or not served
-            x2, lin, out2, (bn, bk if tma_grid(use_dot) == TMA_FRAG_PATH else STREAM_FALLBACK_SLICE, 1, nw, FRAG_PATH)):
-        return out
+    if use_dot in TMA_PATHS:  # no TMA, or not served: the fragment kernel, with a K slice in place of a stream's
+        if tma_grid(use_dot) != TMA_FRAG_PATH:  # programs an SM
+            bk, iters = STREAM_FALLBACK_SLICE, 1
+        if try_frag_gemm(x2, lin, out2, (bn, bk, 1, nw, FRAG_PATH)):
+            return out
     if use_dot in (FRAG_PATH,) + TMA_PATHS and try_slot_gemm(x2, lin, out2, FEW_ROWS_FALLBACK):
         return out
     use_dot = use_dot is True or m > 1
-    bk = min(bk, lin.group_size_eff)  # a tile must stay inside one group
+    bk = _k_tile(bk, lin, use_dot)
     grid = (1, triton.cdiv(lin.out_features, bn), triton.cdiv(k, bk * iters))
     _qmatmul_kernel[grid](
         x2, lin.words, lin.scales, lin.zeros_or_offsets, lin.perm, lin.bias, None, out2,
@@ -197,7 +216,7 @@ def qmatmul(x: torch.Tensor, lin, residual: torch.Tensor | None = None, out: tor
     if out is None:
         out = torch.empty((m, n), device=x.device, dtype=x.dtype)
     bm, bn, bk, nw, ns = config or lin.gemm_config(m)
-    bk = min(bk, lin.group_size_eff)
+    bk = _k_tile(bk, lin, use_dot=True)
     grid = (triton.cdiv(m, bm), triton.cdiv(n, bn), 1)
     _qmatmul_kernel[grid](
         x2, lin.words, lin.scales, lin.zeros_or_offsets, lin.perm, lin.bias, residual, out,

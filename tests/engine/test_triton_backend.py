@@ -154,6 +154,19 @@ def test_triton_backend_runs_uneven_attention_geometries(tmp_path, variant, geom
     check_fp16_decode_steps(ckpt, qkv_bias=variant == "qwen2")
 
 
+def test_triton_backend_runs_per_channel_weights_of_uneven_width(tmp_path):
+    """Per-channel weights (one group a row, GPTQ's group_size -1) over a hidden size that is not a
+    power of two: the prefill and decode kernels' K tiles must still be powers of two (prefill took
+    min(tile, K) = 96 and failed)."""
+    import tiny_models
+
+    geometry = dict(hidden_size=96, num_attention_heads=6, num_key_value_heads=2)
+    ckpt = read_checkpoint(tiny_models.build_model(tmp_path / "llama", "llama", **geometry), bits=4, group_size=-1)
+    assert ckpt.linears["model.layers.0.mlp.gate_proj"].group_size == -1
+    check_logits_and_greedy(ckpt)
+    check_fp16_decode_steps(ckpt)
+
+
 @pytest.mark.parametrize("variant,biases", [("llama", dict(attention_bias=True, mlp_bias=True)),
                                             ("qwen3", dict(attention_bias=True))],
                          ids=["llama-attention-mlp", "qwen3-attention"])

@@ -50,6 +50,42 @@ def test_act_order_permutation_applied_in_kernel(bits):
     assert y.shape == (5, 24)
 
 
+@pytest.mark.parametrize("k, group", [(96, -1), (100, -1), (144, 48)], ids=["one-group-k96", "one-group-k100", "groups-of-48"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=["fp16", "bf16", "fp32"])
+def test_default_tiles_fit_any_group(k, group, dtype):
+    """The general kernel's K tile stays a power of two inside one group whatever K and the group:
+    one group over a K that is not a power of two (per-channel weights of a hidden size such as 96;
+    it was min(tile, K) = 96, which Triton cannot lay out), and groups of 48 (tiles of 16). Default
+    configs, both entries, one row (the packed GEMV declines bf16, fp32 and K = 100, so the FMA path
+    runs) and three."""
+    lin = make_linear(24, k, 4, group, "int", seed=k)
+    t = prepare(lin, torch.device("cpu"), dtype)
+    for m in (1, 3):
+        x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(dtype)
+        ref = ref_linear(x.float(), lin)
+        start = torch.randn(m, 24)
+        out = start.clone()
+        qmatmul_accumulate(x, t, out)
+        assert_close(out - start, ref, "fp16_dot")
+        assert_close(qmatmul(x, t, out=torch.full((m, 24), float("nan"))), ref, "fp16_dot")
+
+
+@pytest.mark.parametrize("config", [(128, 3, 2, 4, "ws-tma-stream+scales"), (128, 12, 3, 2, "tma-stream"),
+                                    (128, 512, 2, 4, "tma-frags"), (64, 1024, 1, 2, "frags")],
+                         ids=lambda c: c[4])
+def test_few_row_configs_serve_weights_no_fast_kernel_takes(config):
+    """Float offsets in groups of 32 (GGUF's Q4_K) at M = 3: the fragment kernels take integer zero
+    points only and the slot kernel a K slice of 128 inside a group, so every few-row config ends on
+    the general kernel. A stream config's second field counts programs an SM, not columns of K (taken
+    for a K tile, 3 and 12 failed): the stream paths fall back with the fragment kernel's K slice."""
+    lin = make_linear(40, 96, 4, 32, "float", seed=3)
+    t = prepare(lin, torch.device("cpu"), torch.float16)
+    x = torch.randn(3, 96, generator=torch.Generator().manual_seed(4)).half()
+    out = torch.zeros(3, 40)
+    qmatmul_accumulate(x, t, out, config=config)
+    assert_close(out, ref_linear(x.float(), lin), "fp16_dot")
+
+
 def test_concat_out_features_is_row_stacking():
     a, b = make_linear(16, 64, 4, 32, "int", seed=1), make_linear(8, 64, 4, 32, "int", seed=2, bias=False)
     fused = concat_out_features([a, b])
