@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -16,7 +17,7 @@ from qruntime.converters import base as converters
 from qruntime.engine.generate import GenerationStats, TextDeltas, generate_tokens
 from qruntime.engine.kv_cache import KVCache
 from qruntime.engine.sampler import Sampler, SamplingParams
-from qruntime.errors import InvalidOptionError, ModelNotFoundError, QRuntimeError
+from qruntime.errors import InvalidOptionError, ModelNotFoundError, QRuntimeError, UnsupportedArchitectureError
 from qruntime.memory import context_for_budget, format_size, parse_size
 from qruntime.model import build_model
 from qruntime.quantizers.base import QuantPolicy
@@ -69,7 +70,7 @@ class Model:
         self.device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
         self.config = ckpt.config
         self.dtype = _resolve_dtype(dtype, self.device, ckpt.config)
-        self.backend_name = backend or ("triton" if self.device.type == "cuda" and _triton_available() else "torch")
+        self.backend_name = backend or _default_backend(self.device, ckpt.config)
         if self.backend_name not in ("torch", "triton"):
             raise InvalidOptionError(f"backend={self.backend_name!r}; choose torch or triton")
         if max_seq_len is not None and max_seq_len <= 0:
@@ -89,8 +90,11 @@ class Model:
                 raise InvalidOptionError("backend='triton' needs the triton package (pip install triton)")
             if self.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
                 raise InvalidOptionError("backend='triton' needs a CUDA device (or TRITON_INTERPRET=1 for tests)")
-            from qruntime.engine.triton_runner import TritonRunner
+            from qruntime.engine.triton_runner import TritonRunner, unsupported_reason
 
+            if reason := unsupported_reason(ckpt.config, self.device):
+                raise UnsupportedArchitectureError(f"backend='triton' cannot run this model: {reason}; "
+                                                   "load it with backend='torch'")
             self.runner = TritonRunner(ckpt, self.device, self.dtype, self.max_seq_len, kv_cache_dtype=kv_cache,
                                        consume=consume)
         else:
@@ -286,6 +290,20 @@ def load(path: str | Path, bits: int | None = None, group_size: int = 128, devic
     ckpt = read_checkpoint(path, bits=bits, group_size=group_size, symmetric=symmetric)
     return Model(ckpt, device=device, dtype=dtype, backend=backend, max_seq_len=max_seq_len, kv_cache=kv_cache,
                  memory_budget=memory_budget)
+
+
+def _default_backend(device: torch.device, cfg: ModelConfig) -> str:
+    """triton on a CUDA device, unless the model is one it cannot run: then torch, with a warning
+    that says why (the model still runs, more slowly); torch elsewhere."""
+    if device.type != "cuda" or not _triton_available():
+        return "torch"
+    from qruntime.engine.triton_runner import unsupported_reason
+
+    if reason := unsupported_reason(cfg, device):
+        warnings.warn(f"the triton backend cannot run this model ({reason}): using the torch backend, "
+                      "which is slower", stacklevel=3)
+        return "torch"
+    return "triton"
 
 
 def _triton_available() -> bool:

@@ -177,6 +177,19 @@ DECODE_ATTENTION_STAGES = 2
 PREFILL_CHUNK = 2048
 
 
+def unsupported_reason(cfg: ModelConfig, device: torch.device) -> str | None:
+    """Why this backend cannot run the model, or None. Its attention kernels (flash-decoding,
+    prefill attention, RoPE into the cache) lay a head out as one power-of-two range (tl.arange),
+    and on a GPU multiply on tensor cores, which need 16 columns: every Llama / Qwen release has
+    head_dim 64 or 128, but a few Llama-architecture models do not (OpenLLaMA 3B: 100)."""
+    hd = cfg.head_dim
+    if hd & (hd - 1):
+        return f"its attention kernels need head_dim to be a power of two, and this model's is {hd}"
+    if device.type == "cuda" and hd < 16:
+        return f"its attention kernels need head_dim of 16 or more on a GPU, and this model's is {hd}"
+    return None
+
+
 class TritonRunner:
     def __init__(self, ckpt: QuantizedCheckpoint, device: torch.device, dtype: torch.dtype, max_seq_len: int,
                  kv_cache_dtype: str = "auto", num_splits: int = 32, consume: bool = False) -> None:

@@ -167,6 +167,32 @@ def test_triton_backend_runs_per_channel_weights_of_uneven_width(tmp_path):
     check_fp16_decode_steps(ckpt)
 
 
+def test_head_dims_the_kernels_cannot_lay_out_are_refused_or_left_to_torch(tmp_path):
+    """A head_dim that is not a power of two (OpenLLaMA 3B's 100; here 24) fails in the attention
+    kernels' layouts: backend="triton" says so at load and names the backend that runs it; left to
+    choose on a GPU, Model takes the torch backend with a warning that says why. Power-of-two head
+    dims under 16 run in the interpreter but not on tensor cores, so only a GPU refuses those."""
+    import tiny_models
+    import qruntime
+    from qruntime.engine.triton_runner import unsupported_reason
+    from qruntime.errors import UnsupportedArchitectureError
+    from qruntime.runtime import _default_backend
+
+    geometry = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=24)
+    ckpt = read_checkpoint(tiny_models.build_model(tmp_path / "qwen3", "qwen3", **geometry), bits=4, group_size=32)
+    with pytest.raises(UnsupportedArchitectureError, match=r"head_dim to be a power of two, and this model's is 24.*backend='torch'"):
+        qruntime.Model(ckpt, device="cpu", backend="triton")
+    gpu = torch.device("cuda")
+    with pytest.warns(UserWarning, match="power of two.*24.*torch backend"):
+        assert _default_backend(gpu, ckpt.config) == "torch"
+    ckpt.config.head_dim = 8
+    assert unsupported_reason(ckpt.config, torch.device("cpu")) is None
+    assert "16 or more" in unsupported_reason(ckpt.config, gpu)
+    ckpt.config.head_dim = 128
+    assert unsupported_reason(ckpt.config, gpu) is None and _default_backend(gpu, ckpt.config) == "triton"
+    assert _default_backend(torch.device("cpu"), ckpt.config) == "torch"
+
+
 @pytest.mark.parametrize("variant,biases", [("llama", dict(attention_bias=True, mlp_bias=True)),
                                             ("qwen3", dict(attention_bias=True))],
                          ids=["llama-attention-mlp", "qwen3-attention"])
