@@ -279,8 +279,9 @@ def load(path: str | Path, bits: int | None = None, group_size: int = 128, devic
     """Loads a packed-format directory, or an HF model directory (quantized on the fly with RTN
     when `bits` is 4 or 8), and returns a ready Model.
 
-    backend: "triton" (default on a CUDA device: fused kernels, decode in a CUDA graph) or
-    "torch" (the plain PyTorch reference; the default on a CPU). kv_cache: "auto" (compute
+    backend: "triton" (default on a CUDA device: fused kernels, decode in a CUDA graph; for a
+    head_dim its kernels cannot lay out, the torch backend with a warning) or "torch" (the plain
+    PyTorch reference; the default on a CPU). kv_cache: "auto" (compute
     dtype) or "int8" (triton backend; per-token, per-head scales).
 
     The KV cache is static, allocated here: max_seq_len positions; else, given memory_budget
