@@ -86,6 +86,43 @@ def test_few_row_configs_serve_weights_no_fast_kernel_takes(config):
     assert_close(out, ref_linear(x.float(), lin), "fp16_dot")
 
 
+def _shipped_decode_configs():
+    """Every distinct decode config of the shipped tables, with the rows it was tuned for."""
+    import json
+
+    from qruntime.kernels import tuning
+
+    configs = {}
+    for path in sorted(tuning.TABLES.glob("*.json")):
+        for key, cfg in json.loads(path.read_text()).items():
+            if not key.startswith("gemm/"):
+                configs[tuple(cfg)] = 1 if "/m1/" in key else 16
+    return sorted(configs.items(), key=str)
+
+
+# weights that the fast kernels take, and some that each declines: float offsets in groups of 32
+# (GGUF's Q4_K), act-order, one group over a K that is not a power of two, groups of 16 (Q6_K)
+WEIGHTS = [(4, 128, "int", False, 256), (4, 32, "float", False, 128), (8, 128, "int", True, 256),
+           (4, -1, "symmetric", False, 96), (8, 16, "symmetric", False, 64)]
+
+
+@pytest.mark.parametrize("config, rows", _shipped_decode_configs(), ids=str)
+def test_every_shipped_config_serves_any_linear(config, rows):
+    """A table entry is chosen by shape alone, so it meets whatever weights that shape has: each
+    shipped config, at the rows it was tuned for (1, or 3 and 16 for a few-row entry), adds x @ W.T
+    for every kind of weights, through its own kernel or the fallbacks (the interpreter has no TMA,
+    so the TMA configs take theirs). fp16 rows, as the decode step's."""
+    for bits, group, zero_mode, act_order, k in WEIGHTS:
+        lin = make_linear(24, k, bits, group, zero_mode, act_order=act_order, seed=k + bits)
+        t = prepare(lin, torch.device("cpu"), torch.float16)
+        for m in ([1] if rows == 1 else [3, 16]):
+            x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).half()
+            start = torch.randn(m, 24)
+            out = start.clone()
+            qmatmul_accumulate(x, t, out, config=config)
+            assert_close(out - start, ref_linear(x.float(), lin), "fp16_dot")
+
+
 def test_concat_out_features_is_row_stacking():
     a, b = make_linear(16, 64, 4, 32, "int", seed=1), make_linear(8, 64, 4, 32, "int", seed=2, bias=False)
     fused = concat_out_features([a, b])
