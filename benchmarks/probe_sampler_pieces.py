@@ -19,7 +19,7 @@ dev = torch.device("cuda")
 V = 128256
 P = triton.cdiv(V, BLOCK)  # kernels.sampling's programs at Llama 3's vocabulary
 
-def time_graph(fn):
+def us_per_replay(fn):
     """us per replay of a graph of fn (called once eagerly first, to compile)."""
     fn(); torch.cuda.synchronize()
     g = torch.cuda.CUDAGraph()
@@ -76,27 +76,27 @@ def _gather(x_ptr, cand_ptr, count_ptr, V, cut, CAP: tl.constexpr, BLOCK: tl.con
 print("| probe | us |\n|---|---|")
 flag = torch.ones(1, dtype=torch.int32, device=dev); out = torch.zeros(P, dtype=torch.int32, device=dev)
 for n in (1, 6, 12):
-    t = time_graph(lambda: [_empty[(P,)](flag, out, num_warps=4) for _ in range(n)])
+    t = us_per_replay(lambda: [_empty[(P,)](flag, out, num_warps=4) for _ in range(n)])
     print(f"| {n} early-exit launches of {P} programs, graph | {t:.1f} ({t / n:.2f} each) |", flush=True)
 for cap in (512, 1024, 2048, 4096):
     src = torch.randint(-2**62, 2**62, (cap,), device=dev); dst = torch.empty_like(src)
     nn = torch.tensor([cap], dtype=torch.int32, device=dev)
     for w in (4, 8, 16):
-        t = time_graph(lambda: _sort_one[(1,)](src, dst, nn, CAP=cap, num_warps=w))
+        t = us_per_replay(lambda: _sort_one[(1,)](src, dst, nn, CAP=cap, num_warps=w))
         ok = torch.equal(dst, torch.sort(src, descending=True).values)
         print(f"| tl.sort one program, {cap} int64, {w} warps (correct {ok}) | {t:.1f} |", flush=True)
 for cap in (512, 1024, 2048):
     xs = torch.randn(cap, device=dev) * 3; o = torch.zeros(1, dtype=torch.int64, device=dev)
     nn = torch.tensor([cap], dtype=torch.int32, device=dev)
     for w in (4, 8, 16):
-        t = time_graph(lambda: _search_one[(1,)](xs, o, nn, CAP=cap, BINS=64, PASSES=6, num_warps=w))
+        t = us_per_replay(lambda: _search_one[(1,)](xs, o, nn, CAP=cap, BINS=64, PASSES=6, num_warps=w))
         print(f"| 64 x 6 search in one program over {cap} candidates, {w} warps | {t:.1f} |", flush=True)
 x = torch.randn(V, device=dev) * 2.5; cand = torch.empty(2048, dtype=torch.int64, device=dev)
 cnt = torch.zeros(1, dtype=torch.int32, device=dev)
 cut = float(torch.topk(x, 500).values[-1])
 def gather():
     cnt.zero_(); _gather[(P,)](x, cand, cnt, V, cut, CAP=2048, BLOCK=BLOCK, num_warps=4)
-t = time_graph(gather)
+t = us_per_replay(gather)
 print(f"| gather (memset + compaction of {int(cnt)} candidates over {P} programs) | {t:.1f} |", flush=True)
-t = time_graph(lambda: cnt.zero_())
+t = us_per_replay(lambda: cnt.zero_())
 print(f"| the memset alone | {t:.1f} |", flush=True)
