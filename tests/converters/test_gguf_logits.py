@@ -10,8 +10,9 @@ that noise is 3-6% relative error. Then:
   1. fidelity: ours vs llama.cpp on the dequantized copy must be tiny: <= 2e-3 where the format
      holds the scales exactly (what remains is the fp16 rounding of dequantized embeddings), <= 1e-2
      for files with K types (fp16 rounding of d*sc, dmin*m: docs/FORMAT.md bound); measured 2e-4..5e-3.
-  2. vs llama.cpp on the quantized file: within 1.25x llama.cpp's own noise, and top-1 agreement
-     at most one position (of 32) below llama.cpp's own agreement with its F32 run.
+  2. vs llama.cpp on the quantized file: within 1.25x llama.cpp's own noise (or the F32 bound, where
+     llama.cpp's F16 matmul is F32 math and its noise 0), and top-1 agreement at most one position
+     (of 32) below llama.cpp's own agreement with its F32 run.
 The KV cache is F32 on the llama.cpp side (its default F16 cache alone adds ~1e-3).
 """
 
@@ -79,7 +80,9 @@ def test_logits_match_llama_cpp(gguf_zoo, ids, model, ftype):
     print(f"\n{model}-{ftype}: ours vs llama.cpp rel {err:.2e} top1 {top1(ours, theirs):.3f} | llama.cpp noise "
           f"{noise:.2e} top1 {top1(exact_math, theirs):.3f} | ours vs llama.cpp F32-dequantized {fidelity:.2e}")
     assert fidelity <= FIDELITY["k" if ftype in K_FILE_TYPES else "exact"]
-    assert err <= 1.25 * noise
+    # llama.cpp's run can add no noise at all: an x86 CPU with AVX-512 (seen with AMX) multiplies F16
+    # weights by F32 activations in F32 math, its F32 copy's very sums; then the F32 bound applies
+    assert err <= max(1.25 * noise, F32_BOUND)
     assert top1(ours, theirs) >= top1(exact_math, theirs) - 1 / 32
 
 
