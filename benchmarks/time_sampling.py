@@ -3,16 +3,21 @@
 the sampling path, run it under a staged package of each (stage_package.sh, then the other
 version's files copied in), alternating processes:
 
-    cd benchmarks && PYTHONPATH=PKG:. python3 time_sampling.py TAG
+    cd benchmarks && PYTHONPATH=PKG:. python3 time_sampling.py TAG [--lm-head-scale 8]
+
+A random model's logits are flat (every token within a few units of the max), which no trained
+model's are at most steps; --lm-head-scale multiplies lm_head's scales (its logits), so that a few
+tokens stand out, as in a trained model's confident steps.
 """
+import argparse
 import statistics
-import sys
 import time
 
 import torch
 
-from gpu_common import synthetic_model
+import qruntime
 from qruntime.engine.sampler import SamplingParams
+from qruntime.synthetic import synthetic_checkpoint
 
 CASES = [("greedy", SamplingParams()),
          ("T0.6 top-p 0.9 (Llama 3 default)", SamplingParams(temperature=0.6, top_p=0.9, seed=0)),
@@ -38,10 +43,16 @@ def ms_per_token(model, params, prompt_len=128, new=256, repeats=3):
     return (full - one) / (new - 1) * 1e3
 
 
-tag = sys.argv[1] if len(sys.argv) > 1 else "run"
+ap = argparse.ArgumentParser()
+ap.add_argument("tag", nargs="?", default="run")
+ap.add_argument("--lm-head-scale", type=float, default=1.0)
+args = ap.parse_args()
 for spec in ("synthetic:llama3.2-1b", "synthetic:llama3.1-8b"):
-    model = synthetic_model(spec, 4, max_seq_len=512)
+    ckpt = synthetic_checkpoint(spec, bits=4, group_size=128)
+    ckpt.linears["lm_head"].scales.mul_(args.lm_head_scale)
+    model = qruntime.Model(ckpt, device="cuda", backend="triton", dtype=torch.bfloat16, max_seq_len=512)
     for name, params in CASES:
-        print(f"{tag} {spec} w4 {name}: {ms_per_token(model, params):.4f} ms/token", flush=True)
-    del model
+        print(f"{args.tag} {spec} w4 lm_head x{args.lm_head_scale:g} {name}: {ms_per_token(model, params):.4f} ms/token",
+              flush=True)
+    del model, ckpt
     torch.cuda.empty_cache()

@@ -18,6 +18,15 @@ results/h200/sampling_s33.log):
      key of a real logit: the k-th largest for top-k; for top-p, the smallest kept value of
      transformers' TopPLogitsWarper (which keeps, in descending order, the tokens before the one
      whose predecessors' mass reaches top_p, that one included).
+  Before the searches, a draw with a filter can try the candidates (candidates_enabled(); off by
+     default until timed on a GPU): one launch sums the total mass and copies the tokens within
+     BAND_WIDTHS of max(l) into three bands by their distance to it; its last program sorts the
+     widest prefix of bands that fits CAP entries and, when the filters' thresholds fall inside it
+     (top-k: at least k tokens there; top-p: the target mass reached there), finds them, draws
+     itself and flags the step done, so the search passes and the draw launch return at once. A
+     prefix of bands is every token above some value, a prefix of the whole vocabulary's order, so
+     the thresholds found there are the global ones: the result is the searches' (the mass sums
+     only add in another order). Else the searches run as before.
   3. draw: the Gumbel-max trick, argmax over kept tokens of l + G with G = -log(-log(U)) and U
      uniform from Philox (tl.rand) keyed by the seed, at counter step * V + token: the same
      distribution as softmax(l) over the kept tokens. The last program writes the token, marks it
@@ -35,6 +44,7 @@ The plain-PyTorch reference is kernels.reference.sample_token (same thresholds, 
 
 from __future__ import annotations
 
+import os
 import struct
 from dataclasses import dataclass
 
@@ -50,10 +60,21 @@ SEARCH_BINS = 64      # splits of the key range per pass (128 x 5 passes was 3x 
 PARTS = 32            # programs' partial sums the last program adds up a load
 SEARCH_PASSES = 6     # 64 ** 6 = 2 ** 36 > 2 ** 32 keys: the range is one key after six passes
 NUM_WARPS = 4
+# The candidate path: the tokens within 4, 8 and 16 of max(l) (after the temperature; exp(-16) is
+# 1.1e-7 of the top token's weight) go into three bands, and one program sorts up to CAP of them
+# (tl.sort of 1024 packed words took 8.2 us on an H200, probe_sampler_pieces.log, against 5-8 us a
+# search pass). Each band's count is a 21-bit field of one int64 word, claimed by one atomic add, so
+# the path serves vocabularies under 2^21 words (the searches alone serve larger ones).
+BAND_WIDTHS = (4.0, 8.0, 16.0)
+CANDIDATES_DEFAULT = False  # not yet timed on a GPU: on with QRUNTIME_SAMPLING_CANDIDATES=1
+CAP = 1024
+SMALL = 128  # a prefix of up to this many tokens is sorted in a sort of this size
+COUNT_BITS = 21
+CANDIDATE_VOCAB_LIMIT = 2 ** COUNT_BITS
 INT32_MIN, INT32_MAX = tl.constexpr(-(2 ** 31)), tl.constexpr(2 ** 31 - 1)
 
 # the int64 state words, and the float ones (constexpr: the kernels index with them)
-LO, HI, COUNTER, BEST, SEED, STEP = (tl.constexpr(i) for i in range(6))
+LO, HI, COUNTER, BEST, SEED, STEP, DONE, BAND_COUNTS = (tl.constexpr(i) for i in range(8))
 MAX_L, TARGET = tl.constexpr(0), tl.constexpr(1)
 
 
@@ -62,8 +83,16 @@ class SamplingWorkspace:
     """What the chain keeps on the device between its launches and between draws."""
     scaled: torch.Tensor     # fp32 [V]: the logits with the penalty and the temperature
     partials: torch.Tensor   # fp32 [programs, SEARCH_BINS]: each program's sums at the splits
-    state: torch.Tensor      # int64 [6]: search range lo/hi, arrival counter, argmax key, seed, step
+    state: torch.Tensor      # int64 [8]: search range lo/hi, arrival counter, argmax key, seed, step,
+    #                          done (the candidates served this draw), the bands' packed counts
     fstate: torch.Tensor     # fp32 [2]: max of scaled, top-p's target mass
+    mass: torch.Tensor       # fp32 [programs]: each program's sum of exp(l - max l), for top-p's target
+    candidates: torch.Tensor  # int64 [3, CAP]: the bands' (key << 32 | token) words
+
+    @property
+    def drew_from_candidates(self) -> bool:
+        """Whether the last draw was served by the candidates (a sync: for tests and benchmarks)."""
+        return bool(self.state[DONE.value])
 
     @property
     def threshold(self) -> float:
@@ -79,11 +108,13 @@ def sampling_workspace(vocab: int, device: torch.device | str, seed: int = 0) ->
     """A workspace for a vocabulary of `vocab` words; the draws use Philox keyed by `seed`, from step 0."""
     if not 1 <= vocab < 2 ** 31:
         raise ValueError(f"sampling_workspace: vocab={vocab} must be in [1, 2**31)")
-    state = torch.tensor([INT32_MIN.value, INT32_MAX.value, 0, KEY_MIN, 0, 0], device=device, dtype=torch.int64)
+    state = torch.tensor([INT32_MIN.value, INT32_MAX.value, 0, KEY_MIN, 0, 0, 0, 0], device=device, dtype=torch.int64)
+    programs = triton.cdiv(vocab, BLOCK)
     ws = SamplingWorkspace(scaled=torch.empty(vocab, device=device, dtype=torch.float32),
-                           partials=torch.empty((triton.cdiv(vocab, BLOCK), SEARCH_BINS), device=device,
-                                                dtype=torch.float32),
-                           state=state, fstate=torch.zeros(2, device=device, dtype=torch.float32))
+                           partials=torch.empty((programs, SEARCH_BINS), device=device, dtype=torch.float32),
+                           state=state, fstate=torch.zeros(2, device=device, dtype=torch.float32),
+                           mass=torch.empty(programs, device=device, dtype=torch.float32),
+                           candidates=torch.empty((len(BAND_WIDTHS), CAP), device=device, dtype=torch.int64))
     reseed(ws, seed)
     return ws
 
@@ -121,6 +152,7 @@ def _prepare_kernel(logits_ptr, seen_ptr, scaled_ptr, state_ptr, fstate_ptr, V, 
         tl.store(fstate_ptr + MAX_L, key_value(best))
         tl.store(state_ptr + LO, INT32_MIN)   # the searches start from the whole key range
         tl.store(state_ptr + HI, INT32_MAX)
+        tl.store(state_ptr + DONE, 0)
         tl.store(state_ptr + COUNTER, 0)
 
 
@@ -133,7 +165,8 @@ def _search_kernel(scaled_ptr, partials_ptr, state_ptr, fstate_ptr, V, count_tar
     hi = tl.load(state_ptr + HI)
     if FIRST:
         hi = tl.full([], INT32_MAX, tl.int64)  # the search starts at lo (the previous search's threshold) and goes up
-    if lo < hi:  # else the range is one key: this pass has nothing to do (every program returns)
+    # nothing to do when the candidates served the draw, or the range is one key (every program returns)
+    if (tl.load(state_ptr + DONE) == 0) & (lo < hi):
         step = (hi - lo + BINS) // BINS          # ceil((hi - lo + 1) / BINS): BINS splits cover the range
         bins = tl.arange(0, BINS)
         splits = lo + bins.to(tl.int64) * step
@@ -183,28 +216,151 @@ def _search_kernel(scaled_ptr, partials_ptr, state_ptr, fstate_ptr, V, count_tar
 def _draw_kernel(scaled_ptr, state_ptr, token_ptr, seen_ptr, V, NOISE: tl.constexpr, FILTERED: tl.constexpr,
                  MARK_SEEN: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
+    if tl.load(state_ptr + DONE) == 0:  # else the candidates drew this step's token
+        offs = pid * BLOCK + tl.arange(0, BLOCK)
+        ok = offs < V
+        x = tl.load(scaled_ptr + offs, mask=ok, other=0.0)
+        if FILTERED:
+            ok = ok & (order_key(x) >= tl.load(state_ptr + LO))
+        if NOISE:
+            x = _gumbel(x, offs.to(tl.int64), state_ptr, V)
+        # kept tokens' keys sit above every removed one's (INT32_MIN is below -inf's image)
+        hi = tl.where(ok, order_key(x), INT32_MIN)
+        best_hi, best_i = tl.max(hi, axis=0, return_indices=True, return_indices_tie_break_left=True)
+        index = (pid * BLOCK + best_i).to(tl.int64)
+        tl.atomic_max(state_ptr + BEST, (best_hi.to(tl.int64) << 32) | (0xFFFFFFFF - index), sem="acq_rel", scope="gpu")
+        if _arrive_last(state_ptr):
+            final = tl.atomic_xchg(state_ptr + BEST, -9223372036854775808, sem="acq_rel", scope="gpu")
+            _finish_draw(0xFFFFFFFF - (final & 0xFFFFFFFF), token_ptr, seen_ptr, state_ptr, MARK_SEEN)
+            tl.store(state_ptr + COUNTER, 0)
+
+
+@triton.jit
+def _gumbel(x, tokens, state_ptr, V):
+    """x + G, G = -log(-log(U)) with U from Philox keyed by the seed at counter step * V + token:
+    argmax over tokens of x + G is token i with probability softmax(x)_i (Gumbel-max). U = 0 gives
+    -inf: that token cannot win."""
+    u = tl.rand(tl.load(state_ptr + SEED), tl.load(state_ptr + STEP) * V + tokens)
+    return x - tl.log(-tl.log(u))
+
+
+@triton.jit
+def _finish_draw(token, token_ptr, seen_ptr, state_ptr, MARK_SEEN: tl.constexpr):
+    """Writes the drawn token, marks it seen (repetition penalty) and advances the step."""
+    tl.store(token_ptr, token)
+    if MARK_SEEN:
+        tl.store(seen_ptr + token, 1)
+    tl.store(state_ptr + STEP, tl.load(state_ptr + STEP) + 1)
+
+
+@triton.jit
+def _candidates_kernel(scaled_ptr, mass_ptr, cand_ptr, state_ptr, fstate_ptr, token_ptr, seen_ptr, V, top_k, top_p,
+                       width0, width1, width2, TOP_K: tl.constexpr, TOP_P: tl.constexpr, NOISE: tl.constexpr,
+                       MARK_SEEN: tl.constexpr, CAP: tl.constexpr, SMALL: tl.constexpr, BLOCK: tl.constexpr,
+                       COUNT_BITS: tl.constexpr, PARTS: tl.constexpr):
+    """Each program: its sum of exp(l - max l) (top-p's whole mass, added up in order by the select),
+    and its tokens within width2 of max l, copied into band 0 (within width0), 1 or 2, each at slots
+    claimed by one atomic add of the three counts (COUNT_BITS-bit fields); slots past CAP are not
+    written, but counted, so the select knows the band overflowed. The last program to arrive
+    selects (_select)."""
+    pid = tl.program_id(0)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     ok = offs < V
     x = tl.load(scaled_ptr + offs, mask=ok, other=0.0)
-    if FILTERED:
-        ok = ok & (order_key(x) >= tl.load(state_ptr + LO))
-    if NOISE:  # Gumbel-max: argmax(l + G) is token i with probability softmax(l)_i
-        counter = tl.load(state_ptr + STEP) * V + offs.to(tl.int64)
-        u = tl.rand(tl.load(state_ptr + SEED), counter)
-        x = x - tl.log(-tl.log(u))  # u = 0 gives -inf: that token cannot win
-    # kept tokens' keys sit above every removed one's (INT32_MIN is below -inf's image)
-    hi = tl.where(ok, order_key(x), INT32_MIN)
-    best_hi, best_i = tl.max(hi, axis=0, return_indices=True, return_indices_tie_break_left=True)
-    index = (pid * BLOCK + best_i).to(tl.int64)
-    tl.atomic_max(state_ptr + BEST, (best_hi.to(tl.int64) << 32) | (0xFFFFFFFF - index), sem="acq_rel", scope="gpu")
+    top = tl.load(fstate_ptr + MAX_L)
+    tl.store(mass_ptr + pid, tl.sum(tl.where(ok, tl.exp(x - top), 0.0), axis=0))
+    below = top - x
+    band = tl.where(below <= width0, 0, tl.where(below <= width1, 1, tl.where(below <= width2, 2, 3)))
+    band = tl.where(ok, band, 3)
+    in0, in1, in2 = (band == 0).to(tl.int32), (band == 1).to(tl.int32), (band == 2).to(tl.int32)
+    counts = (tl.sum(in0, axis=0).to(tl.int64) | (tl.sum(in1, axis=0).to(tl.int64) << COUNT_BITS)
+              | (tl.sum(in2, axis=0).to(tl.int64) << 2 * COUNT_BITS))
+    base = tl.atomic_add(state_ptr + BAND_COUNTS, counts, sem="relaxed", scope="gpu")
+    field = (1 << COUNT_BITS) - 1
+    # slot within the band: the band's count before this program's, plus the token's rank in it here
+    slot = tl.where(band == 0, (base & field) + tl.cumsum(in0, axis=0) - 1,
+                    tl.where(band == 1, (base >> COUNT_BITS & field) + tl.cumsum(in1, axis=0) - 1,
+                             (base >> 2 * COUNT_BITS & field) + tl.cumsum(in2, axis=0) - 1))
+    word = (order_key(x).to(tl.int64) << 32) | offs.to(tl.int64)
+    tl.store(cand_ptr + band.to(tl.int64) * CAP + slot, word, mask=(band < 3) & (slot < CAP))
     if _arrive_last(state_ptr):
-        final = tl.atomic_xchg(state_ptr + BEST, -9223372036854775808, sem="acq_rel", scope="gpu")
-        token = 0xFFFFFFFF - (final & 0xFFFFFFFF)
-        tl.store(token_ptr, token)
-        if MARK_SEEN:
-            tl.store(seen_ptr + token, 1)
-        tl.store(state_ptr + STEP, tl.load(state_ptr + STEP) + 1)
         tl.store(state_ptr + COUNTER, 0)
+        counts = tl.atomic_xchg(state_ptr + BAND_COUNTS, 0, sem="acq_rel", scope="gpu")  # reset for the next draw
+        _select(counts, cand_ptr, mass_ptr, state_ptr, fstate_ptr, token_ptr, seen_ptr, V, tl.num_programs(0),
+                top_k, top_p, TOP_K, TOP_P, NOISE, MARK_SEEN, CAP, SMALL, COUNT_BITS, PARTS)
+
+
+@triton.jit
+def _select(counts, cand_ptr, mass_ptr, state_ptr, fstate_ptr, token_ptr, seen_ptr, V, programs, top_k, top_p,
+            TOP_K: tl.constexpr, TOP_P: tl.constexpr, NOISE: tl.constexpr, MARK_SEEN: tl.constexpr,
+            CAP: tl.constexpr, SMALL: tl.constexpr, COUNT_BITS: tl.constexpr, PARTS: tl.constexpr):
+    """Sorts the widest prefix of bands that fits CAP entries (in a sort of SMALL entries when it
+    fits those); if the filters' thresholds lie inside it, draws the token there (the draw kernel's
+    noise and order) and sets DONE, with the threshold in LO as the searches would leave it."""
+    field = (1 << COUNT_BITS) - 1
+    n0 = counts & field
+    n1 = counts >> COUNT_BITS & field
+    n2 = counts >> 2 * COUNT_BITS & field
+    # the widest prefix of bands that fits: its end in bands 1 and 2 (past n, nothing is loaded)
+    end1 = tl.where(n0 + n1 <= CAP, n0 + n1, n0)
+    n = tl.where(n0 + n1 + n2 <= CAP, n0 + n1 + n2, end1)
+    if n0 <= CAP:
+        if n <= SMALL:
+            _serve_from(cand_ptr, mass_ptr, state_ptr, fstate_ptr, token_ptr, seen_ptr, V, programs, top_k, top_p,
+                        n0, n1, n, TOP_K, TOP_P, NOISE, MARK_SEEN, CAP, SMALL, PARTS)
+        else:
+            _serve_from(cand_ptr, mass_ptr, state_ptr, fstate_ptr, token_ptr, seen_ptr, V, programs, top_k, top_p,
+                        n0, n1, n, TOP_K, TOP_P, NOISE, MARK_SEEN, CAP, CAP, PARTS)
+
+
+@triton.jit
+def _serve_from(cand_ptr, mass_ptr, state_ptr, fstate_ptr, token_ptr, seen_ptr, V, programs, top_k, top_p, n0, n1, n,
+                TOP_K: tl.constexpr, TOP_P: tl.constexpr, NOISE: tl.constexpr, MARK_SEEN: tl.constexpr,
+                CAP: tl.constexpr, SIZE: tl.constexpr, PARTS: tl.constexpr):
+    """The select's work on the n (<= SIZE) tokens of the bands' prefix, sorted in SIZE entries."""
+    i = tl.arange(0, SIZE).to(tl.int64)
+    src = tl.where(i < n0, i, tl.where(i < n0 + n1, CAP + i - n0, 2 * CAP + i - n0 - n1))
+    valid = i < n
+    # L2 reads (.cg): the other programs of the launch wrote them
+    words = tl.load(cand_ptr + src, mask=valid, other=-9223372036854775808, cache_modifier=".cg")
+    words = tl.sort(words, dim=0, descending=True)  # by value; the padding sorts last
+    key = (words >> 32).to(tl.int32)
+    token = words & 0xFFFFFFFF
+    x = key_value(key)
+    w = tl.where(valid, tl.exp(x - tl.load(fstate_ptr + MAX_L)), 0.0)
+    served = n > 0
+    threshold = tl.full([], INT32_MIN, tl.int32)
+    if TOP_K:  # the k-th largest value, when the prefix holds k tokens
+        served = served & (top_k <= n)
+        threshold = tl.max(tl.where(i == top_k - 1, key, INT32_MIN), axis=0)
+    if TOP_P:  # the largest value whose tokens from the top reach top_p of the start's mass
+        kept_w = tl.where(valid & (key >= threshold), w, 0.0)
+        if TOP_K:
+            start = tl.sum(kept_w, axis=0)
+        else:  # the whole vocabulary's mass, added in program order
+            start = 0.0
+            for p0 in range(0, programs, PARTS):
+                rows = p0 + tl.arange(0, PARTS)
+                start += tl.sum(tl.load(mass_ptr + rows, mask=rows < programs, other=0.0, cache_modifier=".cg"),
+                                axis=0)
+        reach = valid & (key >= threshold) & (tl.cumsum(kept_w, axis=0) >= top_p * start)
+        served = served & (tl.max(reach.to(tl.int32), axis=0) > 0)
+        threshold = tl.max(tl.where(reach, key, INT32_MIN), axis=0)
+    if served:
+        kept = valid & (key >= threshold)
+        if NOISE:
+            x = _gumbel(x, token, state_ptr, V)
+        best = tl.max(tl.where(kept, (order_key(x).to(tl.int64) << 32) | (0xFFFFFFFF - token),
+                               -9223372036854775808), axis=0)
+        _finish_draw(0xFFFFFFFF - (best & 0xFFFFFFFF), token_ptr, seen_ptr, state_ptr, MARK_SEEN)
+        tl.store(state_ptr + LO, threshold.to(tl.int64))
+        tl.store(state_ptr + DONE, 1)
+
+
+def candidates_enabled() -> bool:
+    """Whether draws with a filter try the candidates first: QRUNTIME_SAMPLING_CANDIDATES=1 or 0,
+    else CANDIDATES_DEFAULT."""
+    return os.environ.get("QRUNTIME_SAMPLING_CANDIDATES", "1" if CANDIDATES_DEFAULT else "0") != "0"
 
 
 @dataclass(frozen=True)
@@ -234,10 +390,10 @@ class SamplingPlan:
 
 def sample_token(logits: torch.Tensor, token: torch.Tensor, ws: SamplingWorkspace, plan: SamplingPlan,
                  seen: torch.Tensor | None = None) -> None:
-    """token[0] = a draw from `logits` (fp32 [V] or [1, V], contiguous) under `plan`, in
-    2 + SEARCH_PASSES per filter launches and no host sync (CUDA-graph capturable). With a
-    repetition penalty, `seen` (bool [V]) marks the tokens it applies to, and the drawn token is
-    marked in it. The draw advances the workspace's step, so successive draws are independent."""
+    """token[0] = a draw from `logits` (fp32 [V] or [1, V], contiguous) under `plan`, in 2 launches
+    without a filter, else 3 and SEARCH_PASSES more for each filter, and no host sync (CUDA-graph
+    capturable). With a repetition penalty, `seen` (bool [V]) marks the tokens it applies to, and
+    the drawn token is marked in it. The draw advances the workspace's step, so successive draws are independent."""
     v = ws.scaled.numel()
     if logits.dtype != torch.float32 or not logits.is_contiguous() or logits.numel() != v:
         raise ValueError(f"sample_token: logits must be contiguous fp32 with {v} values, got {logits.dtype} "
@@ -252,6 +408,11 @@ def sample_token(logits: torch.Tensor, token: torch.Tensor, ws: SamplingWorkspac
     _prepare_kernel[grid](logits, seen_u8, ws.scaled, ws.state, ws.fstate, v, inv_t, plan.repetition_penalty,
                           PENALTY=plan.penalized, BLOCK=BLOCK, num_warps=NUM_WARPS)
     searches = ([(False, plan.top_k)] if plan.top_k else []) + ([(True, 0)] if plan.top_p < 1.0 else [])
+    if searches and v < CANDIDATE_VOCAB_LIMIT and candidates_enabled():
+        _candidates_kernel[grid](ws.scaled, ws.mass, ws.candidates, ws.state, ws.fstate, token, seen_u8, v,
+                                 plan.top_k, plan.top_p, *BAND_WIDTHS, TOP_K=bool(plan.top_k), TOP_P=plan.top_p < 1.0,
+                                 NOISE=plan.noise, MARK_SEEN=plan.penalized, CAP=CAP, SMALL=min(SMALL, CAP),
+                                 BLOCK=BLOCK, COUNT_BITS=COUNT_BITS, PARTS=PARTS, num_warps=NUM_WARPS)
     for mass, k in searches:
         for i in range(SEARCH_PASSES):
             _search_kernel[grid](ws.scaled, ws.partials, ws.state, ws.fstate, v, float(k), plan.top_p,

@@ -95,26 +95,33 @@ class _DeviceOnlySampler:
                                      dict(temperature=0.0, repetition_penalty=1.5),
                                      dict(temperature=0.9, top_k=1, seed=5)],
                          ids=["sampled-filtered", "sampled-plain", "greedy-with-penalty", "top-k-1"])
-def test_sampling_draws_on_the_device(tiny_model_dir, options):
+def test_sampling_draws_on_the_device(tiny_model_dir, monkeypatch, options):
     """Sampling (and greedy decoding with a repetition penalty, which the step's own argmax cannot
     serve) draws after each step with kernels.sampling: every token is the reference's draw
     (kernels.reference.sample_token) from that step's logits, seen tokens and Philox step, over more
     steps than one read-back; one seed gives the same tokens again. Where the draw is deterministic
-    (greedy with the penalty; top-k 1) the tokens are the torch backend's."""
+    (greedy with the penalty; top-k 1) the tokens are the torch backend's. The filtered draws take
+    the candidates (the 384 words fit a buffer of 512), except top-k 1's, whose buffer is cut to 16
+    so that they take the searches."""
     import qruntime
     from qruntime.engine.sampler import SamplingParams
     from qruntime.kernels import reference as R
+    from qruntime.kernels import sampling
     from qruntime.kernels.sampling import SamplingPlan
 
+    params = SamplingParams(**options)
+    monkeypatch.setattr(sampling, "CAP", 16 if params.top_k == 1 else 512)  # 1024 is slow in the interpreter
+    monkeypatch.setenv("QRUNTIME_SAMPLING_CANDIDATES", "1")
     ckpt = read_checkpoint(tiny_model_dir("qwen2"), bits=4, group_size=32)
     fast = qruntime.Model(ckpt, device="cpu", backend="triton")
-    runner, params, prompt = fast.runner, SamplingParams(**options), list(range(5, 17))
-    seen_at_draws, logits_at_draws, draw = [], [], runner._draw
+    runner, prompt = fast.runner, list(range(5, 17))
+    seen_at_draws, logits_at_draws, served, draw = [], [], [], runner._draw
 
     def recording_draw(plan, eager=False):
         logits_at_draws.append(runner.logits[0].clone())
         seen_at_draws.append(runner.seen.clone())
         draw(plan, eager)
+        served.append(runner.sampling.drew_from_candidates)
 
     runner._draw = recording_draw
     sampler = _DeviceOnlySampler(params)
@@ -124,6 +131,8 @@ def test_sampling_draws_on_the_device(tiny_model_dir, options):
     assert got == [R.sample_token(logits, plan, seed, step, seen)
                    for step, (logits, seen) in enumerate(zip(logits_at_draws, seen_at_draws))]
     assert len(logits_at_draws) == 8
+    filtered = plan.top_k or plan.top_p < 1.0
+    assert served == [bool(filtered) and params.top_k != 1] * 8
     runner._draw = draw
     assert list(runner.generate(prompt, 4, _DeviceOnlySampler(params), set(), sync_every=2)) == got[:4]
     if params.greedy or params.top_k == 1:

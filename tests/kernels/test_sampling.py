@@ -9,9 +9,20 @@ import triton.language as tl
 
 from qruntime.engine.sampler import SamplingParams
 from qruntime.kernels import reference as R
+from qruntime.kernels import sampling
 from qruntime.kernels.argmax import KEY_MIN
 from qruntime.kernels.sampling import BLOCK, SamplingPlan, reseed, sample_token, sampling_workspace
 from hf_sampling import hf_filtered
+
+
+@pytest.fixture(autouse=True)
+def small_candidate_buffer(monkeypatch):
+    """The candidates' buffer cut from 1024 to 16 entries, and the small sort from 128 to 8: Triton's
+    interpreter takes ~4 s for one tl.sort of 1024 words, and at 16 the draws here take both paths
+    (tiny vocabularies and sharp heads fit, the rest falls back to the searches), with both sorts."""
+    monkeypatch.setattr(sampling, "CAP", 16)
+    monkeypatch.setattr(sampling, "SMALL", 8)
+    monkeypatch.setenv("QRUNTIME_SAMPLING_CANDIDATES", "1")
 
 
 @triton.jit
@@ -79,7 +90,69 @@ def test_draws_match_reference(name, v, ties):
             expected_mask = seen.clone()
             expected_mask[expected] = True
             assert torch.equal(mask, expected_mask)
-        assert ws.state[2:4].tolist() == [0, KEY_MIN] and int(ws.state[5]) == step + 1
+        # arrival counter and argmax key idle, step advanced, the bands' counts reset
+        assert ws.state[2:4].tolist() == [0, KEY_MIN] and int(ws.state[5]) == step + 1 and int(ws.state[7]) == 0
+
+
+def _banded_logits(v: int, band0: list[float], band1: int, band2: int, rest: float = -40.0) -> torch.Tensor:
+    """Logits with max 0: the values band0, band1 tokens at -6 (within 8 of the max), band2 at -12
+    (within 16), the rest at `rest`; spread over the vocabulary's programs (slots claimed by each)."""
+    x = torch.full((v,), rest)
+    values = band0 + [-6.0] * band1 + [-12.0] * band2
+    x[torch.randperm(v, generator=torch.Generator().manual_seed(len(values)))[:len(values)]] = torch.tensor(values)
+    return x
+
+
+# (band 0's values, band 1's and band 2's sizes, other tokens' value), the plan, whether the
+# candidates serve it: with CAP = 16 the three bands fit, or the first two, or the first alone
+BAND_CASES = {
+    "three-bands-top-k": (([0.0, -0.5, -1.0, -1.5, -2.0], 5, 5, -40.0), dict(top_k=12), True),
+    "two-bands-top-k": (([0.0, -0.5, -1.0, -1.5, -2.0], 5, 10, -40.0), dict(top_k=8), True),
+    "first-band-top-k": (([0.0, -0.5, -1.0, -1.5, -2.0, -2.5], 12, 3, -40.0), dict(top_k=3), True),
+    "first-band-top-p": (([0.0, 0.0, 0.0], 0, 2000, -40.0), dict(top_p=0.9), True),
+    "too-few-for-top-k": (([0.0, -0.5, -1.0, -1.5, -2.0, -2.5], 12, 3, -40.0), dict(top_k=8), False),
+    "mass-short-of-top-p": (([0.0, 0.0, 0.0], 0, 2000, -40.0), dict(top_p=0.999), False),  # band 2 holds 0.4%
+    "no-band-fits": (([-0.1 * i for i in range(20)], 0, 0, -40.0), dict(top_k=1), False),
+    "three-bands-top-k-then-top-p": (([0.0, -0.5, -1.0, -1.5, -2.0], 5, 5, -30.0), dict(top_k=14, top_p=0.5), True),
+}
+
+
+@pytest.mark.parametrize("case", list(BAND_CASES))
+def test_candidates_or_search(case):
+    """The candidate path serves a draw exactly when its thresholds lie in the widest prefix of
+    bands that fits CAP (16 here), and gives the searches' threshold and token either way:
+    two successive draws on one workspace, each against the sort-based reference."""
+    (band0, band1, band2, rest), filters, served = BAND_CASES[case]
+    v = 2 * BLOCK + 77
+    logits = _banded_logits(v, band0, band1, band2, rest)
+    plan = SamplingPlan.from_params(SamplingParams(temperature=1.0, **filters), v)
+    ws = sampling_workspace(v, "cpu", seed=21)
+    assert ws.candidates.shape == (3, 16)
+    token = torch.full((1,), -5, dtype=torch.int64)
+    threshold = R.sampling_threshold(R.sampling_scaled_logits(logits, plan, None), plan)
+    for step in range(2):
+        sample_token(logits, token, ws, plan)
+        assert ws.drew_from_candidates == served, step
+        assert int(token) == R.sample_token(logits, plan, 21, step), step
+        assert ws.threshold == threshold, (step, ws.threshold, threshold)
+        assert int(ws.state[7]) == 0 and int(ws.state[5]) == step + 1
+
+
+def test_candidates_switch(monkeypatch):
+    """QRUNTIME_SAMPLING_CANDIDATES=0 leaves every draw to the searches (a draw the candidates serve
+    otherwise), with the same token and threshold."""
+    (band0, band1, band2, rest), filters, _ = BAND_CASES["three-bands-top-k"]
+    v = 2 * BLOCK + 77
+    logits = _banded_logits(v, band0, band1, band2, rest)
+    plan = SamplingPlan.from_params(SamplingParams(temperature=1.0, **filters), v)
+    tokens = {}
+    for switch in ("1", "0"):
+        monkeypatch.setenv("QRUNTIME_SAMPLING_CANDIDATES", switch)
+        ws, token = sampling_workspace(v, "cpu", seed=4), torch.zeros(1, dtype=torch.int64)
+        sample_token(logits, token, ws, plan)
+        assert ws.drew_from_candidates == (switch == "1")
+        tokens[switch] = (int(token), ws.threshold)
+    assert tokens["1"] == tokens["0"] == (R.sample_token(logits, plan, 4, 0), -12.0)
 
 
 def test_filters_keep_what_transformers_keeps():
