@@ -47,6 +47,7 @@ def main() -> int:
     dev = torch.device("cuda")
     failures, cases, worst = 0, 0, 0.0
     for config, rows in sorted(shipped_decode_configs().items(), key=str):
+        before = failures
         for bits, group, zero_mode, act_order, k in WEIGHTS:
             for n in (24, 512):
                 lin = make_linear(n, k, bits, group, zero_mode, act_order=act_order, seed=k + bits + n)
@@ -71,6 +72,7 @@ def main() -> int:
                     if not err <= TOL["fp16_dot"]:
                         failures += 1
                         print(f"FAIL {name}: relative error {err:.2e}")
+        print(f"{config} (M = {rows}): {'ok' if failures == before else f'{failures - before} failures'}", flush=True)
     print(f"{len(shipped_decode_configs())} configs, {cases} cases on {torch.cuda.get_device_name()}: "
           f"{failures} failures, worst relative error {worst:.2e} (bound {TOL['fp16_dot']:.0e})")
     return 1 if failures else 0
