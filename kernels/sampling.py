@@ -409,9 +409,10 @@ def sample_token(logits: torch.Tensor, token: torch.Tensor, ws: SamplingWorkspac
                           PENALTY=plan.penalized, BLOCK=BLOCK, num_warps=NUM_WARPS)
     searches = ([(False, plan.top_k)] if plan.top_k else []) + ([(True, 0)] if plan.top_p < 1.0 else [])
     if searches and v < CANDIDATE_VOCAB_LIMIT and candidates_enabled():
+        cap = ws.candidates.shape[1]  # the workspace's buffer (CAP when it was made)
         _candidates_kernel[grid](ws.scaled, ws.mass, ws.candidates, ws.state, ws.fstate, token, seen_u8, v,
                                  plan.top_k, plan.top_p, *BAND_WIDTHS, TOP_K=bool(plan.top_k), TOP_P=plan.top_p < 1.0,
-                                 NOISE=plan.noise, MARK_SEEN=plan.penalized, CAP=CAP, SMALL=min(SMALL, CAP),
+                                 NOISE=plan.noise, MARK_SEEN=plan.penalized, CAP=cap, SMALL=min(SMALL, cap),
                                  BLOCK=BLOCK, COUNT_BITS=COUNT_BITS, PARTS=PARTS, num_warps=NUM_WARPS)
     for mass, k in searches:
         for i in range(SEARCH_PASSES):
