@@ -9,23 +9,21 @@ in groups of 32, act-order, one group over K = 96, groups of 16; N = 24 (narrowe
 and 512; 1 row for M = 1 entries, 3 and 16 for few-row ones; fp16 rows, as the decode step's.
 Prints one line per failure and a summary; exit status 1 on any failure.
 
-    PYTHONPATH=$(bash benchmarks/stage_package.sh):tests/kernels python3 benchmarks/check_configs_gpu.py
+    PYTHONPATH=$(bash benchmarks/stage_package.sh) python3 benchmarks/check_configs_gpu.py   # from the repository's root
 """
 
 from __future__ import annotations
 
-import json
 import sys
 
 import torch
 
-from qruntime.kernels import tuning
 from qruntime.kernels.layout import prepare
 from qruntime.kernels.qmatmul import qmatmul_accumulate
 from qruntime.kernels.reference import linear as ref_linear
 
-sys.path.insert(0, "tests/kernels")
-from packed_linears import make_linear  # noqa: E402
+sys.path.insert(0, "tests/kernels")  # the tests' helpers, from the repository's root
+from packed_linears import make_linear, shipped_decode_configs  # noqa: E402
 from tolerances import TOL  # noqa: E402
 
 # (bits, group, zero mode, act-order, K)
@@ -34,19 +32,11 @@ WEIGHTS = [(4, 128, "int", False, 512), (8, 128, "int", False, 512), (4, 128, "s
            (8, 16, "symmetric", False, 64)]
 
 
-def shipped_decode_configs() -> dict[tuple, int]:
-    configs = {}
-    for path in sorted(tuning.TABLES.glob("*.json")):
-        for key, cfg in json.loads(path.read_text()).items():
-            if not key.startswith("gemm/"):
-                configs[tuple(cfg)] = 1 if "/m1/" in key else 16
-    return configs
-
-
 def main() -> int:
     dev = torch.device("cuda")
     failures, cases, worst = 0, 0, 0.0
-    for config, rows in sorted(shipped_decode_configs().items(), key=str):
+    configs = shipped_decode_configs()
+    for config, rows in sorted(configs.items(), key=str):
         before = failures
         for bits, group, zero_mode, act_order, k in WEIGHTS:
             for n in (24, 512):
@@ -73,7 +63,7 @@ def main() -> int:
                         failures += 1
                         print(f"FAIL {name}: relative error {err:.2e}")
         print(f"{config} (M = {rows}): {'ok' if failures == before else f'{failures - before} failures'}", flush=True)
-    print(f"{len(shipped_decode_configs())} configs, {cases} cases on {torch.cuda.get_device_name()}: "
+    print(f"{len(configs)} configs, {cases} cases on {torch.cuda.get_device_name()}: "
           f"{failures} failures, worst relative error {worst:.2e} (bound {TOL['fp16_dot']:.0e})")
     return 1 if failures else 0
 

@@ -1,4 +1,7 @@
-"""Random packed linears in every zero mode, for the matmul kernels' tests."""
+"""Random packed linears in every zero mode, for the matmul kernels' tests (and the GPU check
+benchmarks/check_configs_gpu.py); the shipped tuned tables' decode configs."""
+
+import json
 
 import torch
 
@@ -7,6 +10,19 @@ from qruntime.kernels.layout import prepare
 from qruntime.kernels.reference import linear as ref_linear
 from qruntime.quantizers.rtn import quantize_rtn
 from tolerances import assert_close
+
+
+def shipped_decode_configs() -> dict[tuple, int]:
+    """Every distinct decode config of the shipped tables -> the rows it was tuned for (1, or 16 for
+    a few-row entry)."""
+    from qruntime.kernels import tuning
+
+    configs = {}
+    for path in sorted(tuning.TABLES.glob("*.json")):
+        for key, cfg in json.loads(path.read_text()).items():
+            if not key.startswith("gemm/"):
+                configs[tuple(cfg)] = 1 if "/m1/" in key else 16
+    return configs
 
 
 def make_linear(n, k, bits, group, zero_mode, act_order=False, bias=True, seed=0) -> PackedLinear:

@@ -6,7 +6,7 @@ import torch
 from qruntime.kernels.layout import concat_out_features, prepare
 from qruntime.kernels.qmatmul import qmatmul, qmatmul_accumulate
 from qruntime.kernels.reference import linear as ref_linear
-from packed_linears import make_linear
+from packed_linears import make_linear, shipped_decode_configs
 from tolerances import assert_close
 
 # (M, N, K): one row / a few / 16 rows; N and K not multiples of the blocks; K inside one group or many
@@ -86,27 +86,13 @@ def test_few_row_configs_serve_weights_no_fast_kernel_takes(config):
     assert_close(out, ref_linear(x.float(), lin), "fp16_dot")
 
 
-def _shipped_decode_configs():
-    """Every distinct decode config of the shipped tables, with the rows it was tuned for."""
-    import json
-
-    from qruntime.kernels import tuning
-
-    configs = {}
-    for path in sorted(tuning.TABLES.glob("*.json")):
-        for key, cfg in json.loads(path.read_text()).items():
-            if not key.startswith("gemm/"):
-                configs[tuple(cfg)] = 1 if "/m1/" in key else 16
-    return sorted(configs.items(), key=str)
-
-
 # weights that the fast kernels take, and some that each declines: float offsets in groups of 32
 # (GGUF's Q4_K), act-order, one group over a K that is not a power of two, groups of 16 (Q6_K)
 WEIGHTS = [(4, 128, "int", False, 256), (4, 32, "float", False, 128), (8, 128, "int", True, 256),
            (4, -1, "symmetric", False, 96), (8, 16, "symmetric", False, 64)]
 
 
-@pytest.mark.parametrize("config, rows", _shipped_decode_configs(), ids=str)
+@pytest.mark.parametrize("config, rows", sorted(shipped_decode_configs().items(), key=str), ids=str)
 def test_every_shipped_config_serves_any_linear(config, rows):
     """A table entry is chosen by shape alone, so it meets whatever weights that shape has: each
     shipped config, at the rows it was tuned for (1, or 3 and 16 for a few-row entry), adds x @ W.T
