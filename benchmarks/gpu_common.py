@@ -97,10 +97,13 @@ def kv_caches(kv: int, context: int, hd: int, int8: bool, copies: int) -> list[d
 
 
 def synthetic_model(spec: str, bits: int, max_seq_len: int = 512, kv_cache: str = "auto", group_size: int = 128,
-                    dtype: torch.dtype = torch.bfloat16) -> "qruntime.Model":
+                    dtype: torch.dtype = torch.bfloat16, lm_head_scale: float = 1.0) -> "qruntime.Model":
     """A random-weight model of `spec`'s exact shapes (dense parts and activations in `dtype`) on the
-    triton backend: what the decode benchmarks time."""
+    triton backend: what the decode benchmarks time. lm_head_scale multiplies the quantized lm_head's
+    scales, so its logits (flat in a random model) have a few tokens standing out."""
     ckpt = synthetic_checkpoint(spec, bits=bits, group_size=group_size, dtype=dtype)
+    if lm_head_scale != 1.0:
+        ckpt.linears["lm_head"].scales.mul_(lm_head_scale)
     return qruntime.Model(ckpt, device="cuda", backend="triton", dtype=dtype, max_seq_len=max_seq_len, kv_cache=kv_cache)
 
 

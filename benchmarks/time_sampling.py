@@ -15,9 +15,8 @@ import time
 
 import torch
 
-import qruntime
+from gpu_common import synthetic_model
 from qruntime.engine.sampler import SamplingParams
-from qruntime.synthetic import synthetic_checkpoint
 
 CASES = [("greedy", SamplingParams()),
          ("T0.6 top-p 0.9 (Llama 3 default)", SamplingParams(temperature=0.6, top_p=0.9, seed=0)),
@@ -48,11 +47,9 @@ ap.add_argument("tag", nargs="?", default="run")
 ap.add_argument("--lm-head-scale", type=float, default=1.0)
 args = ap.parse_args()
 for spec in ("synthetic:llama3.2-1b", "synthetic:llama3.1-8b"):
-    ckpt = synthetic_checkpoint(spec, bits=4, group_size=128)
-    ckpt.linears["lm_head"].scales.mul_(args.lm_head_scale)
-    model = qruntime.Model(ckpt, device="cuda", backend="triton", dtype=torch.bfloat16, max_seq_len=512)
+    model = synthetic_model(spec, 4, max_seq_len=512, lm_head_scale=args.lm_head_scale)
     for name, params in CASES:
         print(f"{args.tag} {spec} w4 lm_head x{args.lm_head_scale:g} {name}: {ms_per_token(model, params):.4f} ms/token",
               flush=True)
-    del model, ckpt
+    del model
     torch.cuda.empty_cache()
