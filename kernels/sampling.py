@@ -393,7 +393,8 @@ def sample_token(logits: torch.Tensor, token: torch.Tensor, ws: SamplingWorkspac
     """token[0] = a draw from `logits` (fp32 [V] or [1, V], contiguous) under `plan`, in 2 launches
     without a filter, else 3 and SEARCH_PASSES more for each filter, and no host sync (CUDA-graph
     capturable). With a repetition penalty, `seen` (bool [V]) marks the tokens it applies to, and
-    the drawn token is marked in it. The draw advances the workspace's step, so successive draws are independent."""
+    the drawn token is marked in it. The draw advances the workspace's step, so successive draws
+    are independent."""
     v = ws.scaled.numel()
     if logits.dtype != torch.float32 or not logits.is_contiguous() or logits.numel() != v:
         raise ValueError(f"sample_token: logits must be contiguous fp32 with {v} values, got {logits.dtype} "
