@@ -18,11 +18,13 @@ results/h200/sampling_s33.log):
      key of a real logit: the k-th largest for top-k; for top-p, the smallest kept value of
      transformers' TopPLogitsWarper (which keeps, in descending order, the tokens before the one
      whose predecessors' mass reaches top_p, that one included).
-  Before the searches, a draw with a filter can try the candidates (candidates_enabled(); off by
-     default until timed on a GPU): one launch sums the total mass and copies the tokens within
+  Before the searches, a draw with a filter tries the candidates (candidates_enabled(): on unless
+     QRUNTIME_SAMPLING_CANDIDATES=0): one launch sums the total mass and copies the tokens within
      BAND_WIDTHS of max(l) into three bands by their distance to it; its last program sorts the
      widest prefix of bands that fits CAP entries and, when the filters' thresholds fall inside it
-     (top-k: at least k tokens there; top-p: the target mass reached there), finds them, draws
+     (top-k: at least k tokens there; top-p: the target mass reached there, and under top-k with
+     fewer than k tokens there, reached at the same token whatever the mass of top-k's survivors
+     outside it, which lies between none and the rest of the vocabulary's), finds them, draws
      itself and flags the step done, so the search passes and the draw launch return at once. A
      prefix of bands is every token above some value, a prefix of the whole vocabulary's order, so
      the thresholds found there are the global ones: the result is the searches' (the mass sums
@@ -66,7 +68,9 @@ NUM_WARPS = 4
 # search pass). Each band's count is a 21-bit field of one int64 word, claimed by one atomic add, so
 # the path serves vocabularies under 2^21 words (the searches alone serve larger ones).
 BAND_WIDTHS = (4.0, 8.0, 16.0)
-CANDIDATES_DEFAULT = False  # not yet timed on a GPU: on with QRUNTIME_SAMPLING_CANDIDATES=1
+# on: 21-44 us a served draw against 55-110 for the searches alone, 5-6 us more a draw they do not
+# serve (H100, results/h100/ab_sampling_candidates.log); QRUNTIME_SAMPLING_CANDIDATES=0 turns it off
+CANDIDATES_DEFAULT = True
 CAP = 1024
 SMALL = 128  # a prefix of up to this many tokens is sorted in a sort of this size
 COUNT_BITS = 21
@@ -314,6 +318,16 @@ def _select(counts, cand_ptr, mass_ptr, state_ptr, fstate_ptr, token_ptr, seen_p
 
 
 @triton.jit
+def _total_mass(mass_ptr, programs, PARTS: tl.constexpr):
+    """The whole vocabulary's sum of exp(l - max l): the programs' sums added in program order."""
+    total = 0.0
+    for p0 in range(0, programs, PARTS):
+        rows = p0 + tl.arange(0, PARTS)
+        total += tl.sum(tl.load(mass_ptr + rows, mask=rows < programs, other=0.0, cache_modifier=".cg"), axis=0)
+    return total
+
+
+@triton.jit
 def _serve_from(cand_ptr, mass_ptr, state_ptr, fstate_ptr, token_ptr, seen_ptr, V, programs, top_k, top_p, n0, n1, n,
                 TOP_K: tl.constexpr, TOP_P: tl.constexpr, NOISE: tl.constexpr, MARK_SEEN: tl.constexpr,
                 CAP: tl.constexpr, SIZE: tl.constexpr, PARTS: tl.constexpr):
@@ -331,21 +345,31 @@ def _serve_from(cand_ptr, mass_ptr, state_ptr, fstate_ptr, token_ptr, seen_ptr, 
     served = n > 0
     threshold = tl.full([], INT32_MIN, tl.int32)
     if TOP_K:  # the k-th largest value, when the prefix holds k tokens
-        served = served & (top_k <= n)
-        threshold = tl.max(tl.where(i == top_k - 1, key, INT32_MIN), axis=0)
+        enough = top_k <= n
+        threshold = tl.max(tl.where(enough & (i == top_k - 1), key, INT32_MIN), axis=0)
+        if not TOP_P:
+            served = served & enough
     if TOP_P:  # the largest value whose tokens from the top reach top_p of the start's mass
         kept_w = tl.where(valid & (key >= threshold), w, 0.0)
+        # the start's mass lies in [low, high]: top-k's survivors' when the prefix holds k tokens;
+        # else they are the prefix and tokens outside it, so between the prefix's and the whole
+        # vocabulary's mass (added in program order), as top-p alone has it
+        low = tl.sum(kept_w, axis=0)
+        high = low
         if TOP_K:
-            start = tl.sum(kept_w, axis=0)
-        else:  # the whole vocabulary's mass, added in program order
-            start = 0.0
-            for p0 in range(0, programs, PARTS):
-                rows = p0 + tl.arange(0, PARTS)
-                start += tl.sum(tl.load(mass_ptr + rows, mask=rows < programs, other=0.0, cache_modifier=".cg"),
-                                axis=0)
-        reach = valid & (key >= threshold) & (tl.cumsum(kept_w, axis=0) >= top_p * start)
-        served = served & (tl.max(reach.to(tl.int32), axis=0) > 0)
-        threshold = tl.max(tl.where(reach, key, INT32_MIN), axis=0)
+            if not enough:
+                high = _total_mass(mass_ptr, programs, PARTS)
+        else:
+            high = _total_mass(mass_ptr, programs, PARTS)
+            low = high
+        # served when the crossing is the same under either: the threshold does not depend on the
+        # mass outside the prefix (a confident step under top-k 20 then top-p: a few tokens hold it)
+        mass_above = tl.cumsum(kept_w, axis=0)
+        sure = valid & (key >= threshold) & (mass_above >= top_p * high)
+        maybe = valid & (key >= threshold) & (mass_above >= top_p * low)
+        threshold = tl.max(tl.where(sure, key, INT32_MIN), axis=0)
+        same = threshold == tl.max(tl.where(maybe, key, INT32_MIN), axis=0)
+        served = served & (tl.max(sure.to(tl.int32), axis=0) > 0) & same
     if served:
         kept = valid & (key >= threshold)
         if NOISE:

@@ -114,6 +114,11 @@ BAND_CASES = {
     "mass-short-of-top-p": (([0.0, 0.0, 0.0], 0, 2000, -40.0), dict(top_p=0.999), False),  # band 2 holds 0.4%
     "no-band-fits": (([-0.1 * i for i in range(20)], 0, 0, -40.0), dict(top_k=1), False),
     "three-bands-top-k-then-top-p": (([0.0, -0.5, -1.0, -1.5, -2.0], 5, 5, -30.0), dict(top_k=14, top_p=0.5), True),
+    # fewer than k tokens in the prefix (3 of 100): top-p's crossing is there whatever the mass
+    # outside it (2000 tokens at -12, top-k's ties, 0.8% of the whole), or it depends on that mass
+    # (the prefix's own mass would put it at -2, top-k's survivors' put it at -12)
+    "top-k-beyond-prefix-top-p-sure": (([0.0, -1.0, -2.0], 0, 2000, -40.0), dict(top_k=100, top_p=0.9), True),
+    "top-k-beyond-prefix-top-p-unsure": (([0.0, -1.0, -2.0], 0, 2000, -40.0), dict(top_k=100, top_p=0.9997), False),
 }
 
 
@@ -139,20 +144,23 @@ def test_candidates_or_search(case):
 
 
 def test_candidates_switch(monkeypatch):
-    """QRUNTIME_SAMPLING_CANDIDATES=0 leaves every draw to the searches (a draw the candidates serve
-    otherwise), with the same token and threshold."""
+    """The candidates are on by default; QRUNTIME_SAMPLING_CANDIDATES=0 leaves every draw to the
+    searches (a draw the candidates serve otherwise), with the same token and threshold."""
     (band0, band1, band2, rest), filters, _ = BAND_CASES["three-bands-top-k"]
     v = 2 * BLOCK + 77
     logits = _banded_logits(v, band0, band1, band2, rest)
     plan = SamplingPlan.from_params(SamplingParams(temperature=1.0, **filters), v)
     tokens = {}
-    for switch in ("1", "0"):
-        monkeypatch.setenv("QRUNTIME_SAMPLING_CANDIDATES", switch)
+    for switch in ("unset", "1", "0"):
+        if switch == "unset":
+            monkeypatch.delenv("QRUNTIME_SAMPLING_CANDIDATES")
+        else:
+            monkeypatch.setenv("QRUNTIME_SAMPLING_CANDIDATES", switch)
         ws, token = sampling_workspace(v, "cpu", seed=4), torch.zeros(1, dtype=torch.int64)
         sample_token(logits, token, ws, plan)
-        assert ws.drew_from_candidates == (switch == "1")
+        assert ws.drew_from_candidates == (switch != "0")
         tokens[switch] = (int(token), ws.threshold)
-    assert tokens["1"] == tokens["0"] == (R.sample_token(logits, plan, 4, 0), -12.0)
+    assert tokens["unset"] == tokens["1"] == tokens["0"] == (R.sample_token(logits, plan, 4, 0), -12.0)
 
 
 def test_filters_keep_what_transformers_keeps():
