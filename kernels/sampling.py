@@ -68,7 +68,7 @@ NUM_WARPS = 4
 # search pass). Each band's count is a 21-bit field of one int64 word, claimed by one atomic add, so
 # the path serves vocabularies under 2^21 words (the searches alone serve larger ones).
 BAND_WIDTHS = (4.0, 8.0, 16.0)
-# on: 21-44 us a served draw against 55-110 for the searches alone, 5-6 us more a draw they do not
+# on: 21-44 us a served draw against 55-104 for the searches alone, 5-6 us more a draw they do not
 # serve (H100, results/h100/ab_sampling_candidates.log); QRUNTIME_SAMPLING_CANDIDATES=0 turns it off
 CANDIDATES_DEFAULT = True
 CAP = 1024
