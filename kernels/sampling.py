@@ -350,23 +350,24 @@ def _serve_from(cand_ptr, mass_ptr, state_ptr, fstate_ptr, token_ptr, seen_ptr, 
         if not TOP_P:
             served = served & enough
     if TOP_P:  # the largest value whose tokens from the top reach top_p of the start's mass
-        kept_w = tl.where(valid & (key >= threshold), w, 0.0)
+        in_play = valid & (key >= threshold)
+        kept_w = tl.where(in_play, w, 0.0)
         # the start's mass lies in [low, high]: top-k's survivors' when the prefix holds k tokens;
         # else they are the prefix and tokens outside it, so between the prefix's and the whole
         # vocabulary's mass (added in program order), as top-p alone has it
-        low = tl.sum(kept_w, axis=0)
-        high = low
         if TOP_K:
+            low = tl.sum(kept_w, axis=0)
+            high = low
             if not enough:
                 high = _total_mass(mass_ptr, programs, PARTS)
         else:
-            high = _total_mass(mass_ptr, programs, PARTS)
-            low = high
+            low = _total_mass(mass_ptr, programs, PARTS)
+            high = low
         # served when the crossing is the same under either: the threshold does not depend on the
         # mass outside the prefix (a confident step under top-k 20 then top-p: a few tokens hold it)
         mass_above = tl.cumsum(kept_w, axis=0)
-        sure = valid & (key >= threshold) & (mass_above >= top_p * high)
-        maybe = valid & (key >= threshold) & (mass_above >= top_p * low)
+        sure = in_play & (mass_above >= top_p * high)
+        maybe = in_play & (mass_above >= top_p * low)
         threshold = tl.max(tl.where(sure, key, INT32_MIN), axis=0)
         same = threshold == tl.max(tl.where(maybe, key, INT32_MIN), axis=0)
         served = served & (tl.max(sure.to(tl.int32), axis=0) > 0) & same
