@@ -9,7 +9,9 @@ in groups of 32, act-order, one group over K = 96, groups of 16; N = 24 (narrowe
 and 512; 1 row for M = 1 entries, 3 and 16 for few-row ones; fp16 rows, as the decode step's.
 Prints one line per failure and a summary; exit status 1 on any failure.
 
-    PYTHONPATH=$(bash benchmarks/stage_package.sh) python3 benchmarks/check_configs_gpu.py   # from the repository's root
+    PYTHONPATH=$(bash benchmarks/stage_package.sh) python3 benchmarks/check_configs_gpu.py [TEXT ...]   # from the repository's root
+
+With TEXT arguments, only the configs whose printed form contains one of them (e.g. ws-tma-frags).
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ def main() -> int:
     dev = torch.device("cuda")
     failures, cases, worst = 0, 0, 0.0
     configs = shipped_decode_configs()
+    if sys.argv[1:]:
+        configs = {c: rows for c, rows in configs.items() if any(text in str(c) for text in sys.argv[1:])}
     for config, rows in sorted(configs.items(), key=str):
         before = failures
         for bits, group, zero_mode, act_order, k in WEIGHTS:

@@ -63,7 +63,10 @@ def main() -> None:
     ap.add_argument("--out", default=".")
     ap.add_argument("--context", type=int, default=32768)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--configs", default="", metavar="SP,BS,W,ST;...",
+                    help="(splits, positions a block, warps, stages) to time instead of CONFIGS")
     args = ap.parse_args()
+    configs = [tuple(int(v) for v in c.split(",")) for c in args.configs.split(";")] if args.configs else CONFIGS
     env = environment()
     bw = measure_read_bandwidth()
     print(env, f"read bandwidth {bw / 1e12:.3f} TB/s", flush=True)
@@ -79,7 +82,7 @@ def main() -> None:
 
     for rnd in range(args.rounds):
         print(f"round {rnd}", flush=True)
-        for sp, bs, w, st in CONFIGS:
+        for sp, bs, w, st in configs:
             out = torch.empty(KV * sp, device="cuda")
             record("load-only probe", (sp, bs, w, st), time_graph([
                 lambda c=c: _read_cache[(KV, sp)](c["k_cache"], c["v_cache"], c["k_scale"], c["v_scale"], seq, out,
