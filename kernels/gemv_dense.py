@@ -49,11 +49,15 @@ def dense_tile(n: int, head_dim: int | None = None) -> tuple[int, int, int]:
     On an H200 (benchmarks/results/h200/dense_gemv.log, bf16, 8 tiles on Llama-3.1-8B / 3.2-1B shapes)
     32 x 256 was within 2% of the best tile on every shape but the vocabulary-sized ones, where few
     long rows per program read best (8 x 1024: 4096 x 128256 in 239 us against 252).
-    o_proj merging flash-decoding's splits (head_dim given): one head per K slice and 64 columns, as
-    the packed o_proj; with 32 x 256 every program merged two heads, over twice the column tiles
-    (8B w16 at 1536 positions: 5.077 -> 4.344 ms/token, benchmarks/results/h200/ab_dense_oproj_tile.log)."""
+    o_proj merging flash-decoding's splits (head_dim given): one head per K slice, so that a program
+    merges one head's splits, and 128 columns (64 above head_dim 128): every column tile merges its
+    K slice again, so fewer tiles merge less. With 32 x 256 every program merged two heads, over
+    twice the column tiles (8B w16 at 1536 positions: 5.077 -> 4.344 ms/token on an H200,
+    benchmarks/results/h200/ab_dense_oproj_tile.log); 128 columns against 64 on an H100, 8B w16:
+    5.281 -> 5.235 ms/token at 128 positions, 5.751 -> 5.518 at 1536 (128 x 128 with 8 warps and
+    256 x 128 were slower; benchmarks/results/h100/ab_dense_oproj_tile_s38.log)."""
     if head_dim is not None and head_dim & (head_dim - 1) == 0 and head_dim <= 256:
-        return (64, head_dim, 4)
+        return (128 if head_dim <= 128 else 64, head_dim, 4)
     return (8, 1024, 4) if n >= 65536 else (32, 256, 4)
 
 
