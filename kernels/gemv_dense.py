@@ -55,7 +55,9 @@ def dense_tile(n: int, head_dim: int | None = None) -> tuple[int, int, int]:
     twice the column tiles (8B w16 at 1536 positions: 5.077 -> 4.344 ms/token on an H200,
     benchmarks/results/h200/ab_dense_oproj_tile.log); 128 columns against 64 on an H100, 8B w16:
     5.281 -> 5.235 ms/token at 128 positions, 5.751 -> 5.518 at 1536 (128 x 128 with 8 warps and
-    256 x 128 were slower; benchmarks/results/h100/ab_dense_oproj_tile_s38.log)."""
+    256 x 128 were slower; benchmarks/results/h100/ab_dense_oproj_tile_s38.log); 1B (head_dim 64, two
+    heads a tile) 0.948 -> 0.933 and 1.018 -> 0.994, 3B 2.426 -> 2.439 and 2.709 -> 2.640
+    (ab_dense_oproj_tile_1b_s39.log)."""
     if head_dim is not None and head_dim & (head_dim - 1) == 0 and head_dim <= 256:
         return (128 if head_dim <= 128 else 64, head_dim, 4)
     return (8, 1024, 4) if n >= 65536 else (32, 256, 4)

@@ -4,7 +4,8 @@ No autotuning at run time: the first token must not wait minutes. One table per 
 kernels/tuned/<card>.json (the card's name as torch reports it, lower-cased, non-alphanumerics as
 '-'), because the best tiles differ between cards (the H200's higher bandwidth favours other
 tiles than the H100's). A card without a table uses the H100's, with a warning that says how to
-make one; a shape missing from a table gets the rule below, which the tables were built to refine.
+make one; a shape missing from a table gets DEFAULT_TILE, or where that would leave SMs idle, the
+entry of the nearest shape the table has (nearest_entry).
 
 Two kinds of decode entries: "splitk/..." (a GEMV on its own, measured in a chain of its own
 launches by bench_gemv.py) and "step/..." (inside the decode step, chosen by end-to-end ms/token
@@ -18,6 +19,7 @@ M = 1 entries of their own where measured ("w8g32s/...", weights_key).
 from __future__ import annotations
 
 import json
+import math
 import re
 import warnings
 from functools import lru_cache
@@ -95,6 +97,71 @@ def parse_weights_key(weights: str) -> tuple[int, int | None, str]:
     return int(bits), int(group) if group else None, modes[tag or ""]
 
 
+# the packed path won every measured M = 1 shape but the smallest int8 one
+# (benchmarks/results/gemv_sweep_w4.json, gemv_sweep_w8.json), mostly with this tile
+DEFAULT_TILE = (256, 128, 1, 2, "packed")
+# Below this many programs an SM (i.e. with SMs left idle), a shape no table measured takes its
+# nearest measured shape's entry instead of DEFAULT_TILE. H100, models of unmeasured shapes, ms/token
+# with the nearest entry against DEFAULT_TILE, one role's GEMV at a time in one process
+# (benchmarks/results/h100/ab_nearest_s39.log): Qwen2.5-1.5B w4's o (72 programs) and q|k|v (96)
+# -7.4 / -2.0%; but the nearest entries of shapes with 160-480 programs ranged from -4.9 to +2.5%,
+# those of larger shapes lost up to 6.8% (Llama-3.2-3B's gate|up), and the nearest entry
+# everywhere cost Llama-3.2-3B, Qwen2.5-3B and Qwen3-4B w8 6-9% while gaining 12% on Qwen2.5-1.5B w4.
+UNDERFILLED_PROGRAMS_PER_SM = 1
+
+
+def programs(config: tuple, n: int, k: int) -> int:
+    """Programs of the packed GEMV's grid for config (BLOCK_N, BLOCK_K, column tiles a program, ...)."""
+    block_n, block_k, tiles = config[:3]
+    return -(-n // (block_n * tiles)) * -(-k // block_k)
+
+
+@lru_cache(maxsize=None)
+def _sm_count_of(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _sm_count(device: torch.device | None) -> int | None:
+    """The device's SMs; None without a CUDA device (Triton's interpreter runs the programs one
+    after another: there more programs only cost time, 3x on the engine's tests)."""
+    if device is None or device.type != "cuda":
+        return None
+    return _sm_count_of(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def nearest_entry(table: dict, prefix: str, n: int, k: int) -> list | None:
+    """The entry under `prefix` (e.g. "step/w4/m1") whose shape is nearest (n, k), by the sum of
+    |log2| of the two ratios (ties: the smaller shape), or None when `prefix` has none: what a
+    shape no table measured takes where DEFAULT_TILE would leave SMs idle (splitk_config)."""
+    best = None
+    for n2, k2, key in _shapes_under(table, prefix):
+        dist = abs(math.log2(n / n2)) + abs(math.log2(k / k2))
+        if best is None or (dist, n2 * k2) < best[:2]:
+            best = (dist, n2 * k2, key)
+    return None if best is None else table[best[2]]
+
+
+def _shapes_under(table: dict, prefix: str) -> list[tuple[int, int, str]]:
+    """(n, k, key) of the table's entries "<prefix>/n<N>/k<K>", indexed once per table and prefix
+    (the index holds the table itself, so its id cannot be reused; redone when keys are added)."""
+    held, index = _SHAPE_INDEX.get(id(table), (None, {}))
+    if held is not table:
+        index = {}
+        _SHAPE_INDEX[id(table)] = (table, index)
+    if prefix not in index or index[prefix][0] != len(table):
+        found = []
+        for key in table:
+            head, _, shape = key.partition(prefix + "/n")
+            n_text, _, k_text = shape.partition("/k")
+            if not head and n_text.isdigit() and k_text.isdigit():
+                found.append((int(n_text), int(k_text), key))
+        index[prefix] = (len(table), found)
+    return index[prefix][1]
+
+
+_SHAPE_INDEX: dict[int, tuple[dict, dict]] = {}
+
+
 def splitk_config(bits: int, n: int, k: int, m: int = 1, device: torch.device | None = None,
                   in_decode_step: bool = False, group_size: int = 128,
                   zero_mode: str = "int") -> tuple[int, int, int, int, bool | str]:
@@ -109,7 +176,9 @@ def splitk_config(bits: int, n: int, k: int, m: int = 1, device: torch.device | 
     with them 1.997 -> 1.994 ms/token, without 1.997 -> 1.906; ab_converted_groups.log). The other
     order, the g128 step entry first, lost on each file tried (1B Q8_0 / Q4_K_M / Q4_0 +3.7 / +2.3 /
     +7.0%, 8B Q8_0 +23%). A "step/<own weights>" entry (e2e_tune.py --weights) comes first of all.
-    The step's GEMVs take fp16 rows whatever the model's 16-bit dtype, which is why the tables have no dtype."""
+    The step's GEMVs take fp16 rows whatever the model's 16-bit dtype, which is why the tables have no dtype.
+    A shape none of those keys has: see UNDERFILLED_PROGRAMS_PER_SM (the nearest shape's entry is
+    looked for in the same order of keys, the step's before the standalone one)."""
     table = _table_for(device)
     rows = 1 if m == 1 else 16
     keys = [f"w{bits}"]
@@ -121,8 +190,16 @@ def splitk_config(bits: int, n: int, k: int, m: int = 1, device: torch.device | 
         hit = (in_decode_step and table.get(f"step/{shape}")) or table.get(f"splitk/{shape}")
         if hit:
             return tuple(hit)
-    if m > 1:  # the fragment kernel beat the slot kernel on every M = 16 shape measured (H200, gemv_sweep_m16_frags.json)
-        return 64, 1024, 1, 2, "frags"
-    # the packed path won every measured shape but the smallest int8 one
-    # (benchmarks/results/gemv_sweep_w4.json, gemv_sweep_w8.json)
-    return (256, 128, 1, 2, "packed")
+    # a shape no table measured: M = 1 takes DEFAULT_TILE where it gives every SM a program, the
+    # entry of the nearest measured shape where it would not; M > 1 the nearest entry (the TMA
+    # kernels' tiles), else the fragment kernel (it beat the slot kernel on every M = 16 shape
+    # measured, H200, gemv_sweep_m16_frags.json)
+    sms = _sm_count(device)
+    if sms is None or (m == 1 and programs(DEFAULT_TILE, n, k) >= UNDERFILLED_PROGRAMS_PER_SM * sms):
+        return DEFAULT_TILE if m == 1 else (64, 1024, 1, 2, "frags")
+    for weights in keys:
+        for kind in ("step", "splitk") if in_decode_step else ("splitk",):
+            hit = nearest_entry(table, f"{kind}/{weights}/m{rows}", n, k)
+            if hit:
+                return tuple(hit)
+    return DEFAULT_TILE if m == 1 else (64, 1024, 1, 2, "frags")

@@ -103,10 +103,13 @@ def test_bench_end_to_end_on_cpu(tiny_model_dir, tmp_path):
 
 
 @pytest.mark.parametrize("spec, arch, bias", [("synthetic:qwen2.5-7b", "Qwen2ForCausalLM", True),
-                                              ("synthetic:llama3.1-8b", "LlamaForCausalLM", False)])
+                                              ("synthetic:llama3.1-8b", "LlamaForCausalLM", False),
+                                              ("synthetic:qwen3-4b", "Qwen3ForCausalLM", False),
+                                              ("synthetic:llama2-7b", "LlamaForCausalLM", False)])
 def test_hf_peer_has_the_spec_shapes(spec, arch, bias):
-    """The HF peer of a synthetic spec: its family's model (Qwen2's q|k|v bias included), with the
-    spec's heads and head size (built at a reduced width and depth to stay cheap)."""
+    """The HF peer of a synthetic spec: its family's model (Qwen2's q|k|v bias included; Qwen3's with
+    its q/k norms), with the spec's heads and head size (built at a reduced width and depth to stay
+    cheap)."""
     import dataclasses
 
     import transformers
@@ -120,6 +123,7 @@ def test_hf_peer_has_the_spec_shapes(spec, arch, bias):
     assert attn.q_proj.out_features == cfg.num_heads * cfg.head_dim
     assert attn.k_proj.out_features == cfg.num_kv_heads * cfg.head_dim
     assert model.model.layers[0].mlp.down_proj.in_features == 96
+    assert hasattr(attn, "q_norm") == cfg.qk_norm
 
 
 def test_hf_generate_timing_takes_medians(monkeypatch):

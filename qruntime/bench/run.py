@@ -123,8 +123,9 @@ def bench_one(spec: str, weights: str | None, kv: str, opts: BenchOptions, bandw
 
 
 def hf_config(cfg: ModelConfig):
-    """The transformers config of `cfg`'s shapes (Llama's, or Qwen2's with its q|k|v bias), for
-    timing HF on random weights: RoPE scaling is left out, as it changes no work per token."""
+    """The transformers config of `cfg`'s shapes (Llama's, Qwen2's with its q|k|v bias, or Qwen3's
+    with its q/k norms), for timing HF on random weights: RoPE scaling is left out, as it changes
+    no work per token."""
     import transformers
 
     kwargs = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
@@ -132,7 +133,8 @@ def hf_config(cfg: ModelConfig):
                   num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, rms_norm_eps=cfg.rms_norm_eps,
                   rope_theta=cfg.rope_theta, max_position_embeddings=cfg.max_position_embeddings,
                   tie_word_embeddings=cfg.tie_word_embeddings)
-    return (transformers.Qwen2Config if cfg.family == "qwen2" else transformers.LlamaConfig)(**kwargs)
+    families = {"qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config}
+    return families.get(cfg.family, transformers.LlamaConfig)(**kwargs)
 
 
 def hf_model(spec: str, device: torch.device):

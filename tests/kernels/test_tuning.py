@@ -154,3 +154,50 @@ def test_tables_ship_with_the_package():
 
     meta = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())
     assert "tuned/*.json" in meta["tool"]["setuptools"]["package-data"]["qruntime.kernels"]
+
+
+def test_nearest_entry_takes_the_closest_shape_in_log_scale():
+    """Distance is |log2 N/N'| + |log2 K/K'|; of equally near shapes the smaller wins; only keys of the
+    prefix count, and keys added later are seen."""
+    table = {"step/w4/m1/n2048/k2048": [64, 64, 1, 1, "packed"], "step/w4/m1/n4096/k4096": [128, 128, 1, 1, "packed"],
+             "splitk/w4/m1/n3072/k3072": [32, 256, 1, 1, "packed"], "step/w8/m1/n3072/k3072": [16, 64, 1, 1, "packed"]}
+    assert tuning.nearest_entry(table, "step/w4/m1", 1536, 1536) == table["step/w4/m1/n2048/k2048"]
+    assert tuning.nearest_entry(table, "step/w4/m1", 3584, 3584) == table["step/w4/m1/n4096/k4096"]
+    # 2048 x 4096 is one octave from both: the smaller shape
+    assert tuning.nearest_entry(table, "step/w4/m1", 2048, 4096) == table["step/w4/m1/n2048/k2048"]
+    assert tuning.nearest_entry(table, "step/w4/m16", 2048, 2048) is None
+    table["step/w4/m1/n1024/k1024"] = [32, 32, 1, 1, "packed"]
+    assert tuning.nearest_entry(table, "step/w4/m1", 1024, 1536) == table["step/w4/m1/n1024/k1024"]
+
+
+def test_unmeasured_shapes(monkeypatch):
+    """A shape missing from the table: at M = 1 the default tile where it gives every SM a program,
+    else the nearest measured shape's entry (the step's in the decode step, then the standalone
+    one); at M = 16 the nearest M = 16 entry; with no entry at all the fixed defaults."""
+    table = {"step/w4/m1/n2048/k2048": [64, 64, 1, 1, "packed"], "splitk/w4/m1/n2048/k2048": [64, 64, 1, 2, "packed"],
+             "splitk/w4/m1/n14336/k4096": [128, 128, 1, 2, "packed"],
+             "splitk/w4/m16/n4096/k4096": [64, 4, 3, 2, "tma-stream+scales"]}
+    monkeypatch.setattr(tuning, "_table_for", lambda device: table)
+    monkeypatch.setattr(tuning, "_sm_count", lambda device: 132)
+    assert tuning.programs(tuning.DEFAULT_TILE, 1536, 1536) == 6 * 12
+    assert tuning.splitk_config(4, 1536, 1536, 1, in_decode_step=True) == tuple(table["step/w4/m1/n2048/k2048"])
+    assert tuning.splitk_config(4, 1536, 1536, 1) == tuple(table["splitk/w4/m1/n2048/k2048"])
+    # 12288 x 4096: 48 x 32 programs with the default tile, which it keeps (not the nearest entry)
+    assert tuning.splitk_config(4, 12288, 4096, 1, in_decode_step=True) == tuning.DEFAULT_TILE
+    assert tuning.splitk_config(4, 3072, 3072, 16) == tuple(table["splitk/w4/m16/n4096/k4096"])
+    # weights without entries of their own: the nearest of the default weights' (w4) at M = 1
+    assert tuning.splitk_config(4, 1536, 1536, 1, group_size=32, zero_mode="float") == tuple(table["splitk/w4/m1/n2048/k2048"])
+    assert tuning.splitk_config(8, 1536, 1536, 1) == tuning.DEFAULT_TILE  # no w8 entry at all
+    assert tuning.splitk_config(8, 1536, 1536, 16) == (64, 1024, 1, 2, "frags")
+    monkeypatch.setattr(tuning, "_sm_count", lambda device: 8)  # a small card: 72 programs fill it
+    assert tuning.splitk_config(4, 1536, 1536, 1, in_decode_step=True) == tuning.DEFAULT_TILE
+
+
+def test_unmeasured_shapes_off_the_gpu_keep_the_fixed_tiles(monkeypatch):
+    """Without a CUDA device (the interpreter runs programs one after another) there are no idle SMs
+    to fill: a shape missing from the table keeps the fixed tiles."""
+    table = {"step/w4/m1/n2048/k2048": [64, 64, 1, 1, "packed"], "splitk/w4/m16/n4096/k4096": [64, 4, 3, 2, "tma-stream"]}
+    monkeypatch.setattr(tuning, "_table_for", lambda device: table)
+    assert tuning._sm_count(torch.device("cpu")) is None and tuning._sm_count(None) is None
+    assert tuning.splitk_config(4, 1536, 1536, 1, torch.device("cpu"), in_decode_step=True) == tuning.DEFAULT_TILE
+    assert tuning.splitk_config(4, 1536, 1536, 16, torch.device("cpu")) == (64, 1024, 1, 2, "frags")
