@@ -17,43 +17,37 @@ from qruntime.quantizers.packing import pack
 _LLAMA3_ROPE = RopeScaling(type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                            original_max_position_embeddings=8192)
 
+
+def _model(family: dict, vocab: int, hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int,
+           head_dim: int = 128, **rest) -> dict:
+    return dict(family, vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_layers=layers,
+                num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, **rest)
+
+
+# what a family's releases share
+_LLAMA3 = dict(family="llama", rms_norm_eps=1e-5, rope_theta=500000.0, max_position_embeddings=131072,
+               rope_scaling=_LLAMA3_ROPE, torch_dtype="bfloat16")
+_LLAMA32 = dict(_LLAMA3, rope_scaling=RopeScaling(**{**_LLAMA3_ROPE.__dict__, "factor": 32.0}), tie_word_embeddings=True)
+_LLAMA2 = dict(family="llama", rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=4096, torch_dtype="float16")
+_QWEN25 = dict(family="qwen2", rms_norm_eps=1e-6, rope_theta=1000000.0, max_position_embeddings=32768, qkv_bias=True,
+               torch_dtype="bfloat16")
+_QWEN3 = dict(family="qwen3", rms_norm_eps=1e-6, rope_theta=1000000.0, max_position_embeddings=40960, qk_norm=True,
+              torch_dtype="bfloat16")
+
+# name: (family, vocabulary, hidden, intermediate, layers, query heads, KV heads[, head_dim], ...)
 PRESETS: dict[str, dict] = {
-    "llama3.1-8b": dict(family="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32,
-                        num_heads=32, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-5, rope_theta=500000.0,
-                        max_position_embeddings=131072, rope_scaling=_LLAMA3_ROPE, torch_dtype="bfloat16"),
-    "llama3.2-1b": dict(family="llama", vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_layers=16,
-                        num_heads=32, num_kv_heads=8, head_dim=64, rms_norm_eps=1e-5, rope_theta=500000.0,
-                        max_position_embeddings=131072, rope_scaling=RopeScaling(**{**_LLAMA3_ROPE.__dict__, "factor": 32.0}),
-                        tie_word_embeddings=True, torch_dtype="bfloat16"),
-    "qwen2.5-7b": dict(family="qwen2", vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_layers=28,
-                       num_heads=28, num_kv_heads=4, head_dim=128, rms_norm_eps=1e-6, rope_theta=1000000.0,
-                       max_position_embeddings=32768, qkv_bias=True, torch_dtype="bfloat16"),
-    # shapes the tuned tables never measured (kernels.tuning.nearest_entry serves them)
-    "llama3.2-3b": dict(family="llama", vocab_size=128256, hidden_size=3072, intermediate_size=8192, num_layers=28,
-                        num_heads=24, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-5, rope_theta=500000.0,
-                        max_position_embeddings=131072, rope_scaling=RopeScaling(**{**_LLAMA3_ROPE.__dict__, "factor": 32.0}),
-                        tie_word_embeddings=True, torch_dtype="bfloat16"),
-    "llama2-7b": dict(family="llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32,
-                      num_heads=32, num_kv_heads=32, head_dim=128, rms_norm_eps=1e-5, rope_theta=10000.0,
-                      max_position_embeddings=4096, torch_dtype="float16"),
-    "qwen2.5-0.5b": dict(family="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864, num_layers=24,
-                         num_heads=14, num_kv_heads=2, head_dim=64, rms_norm_eps=1e-6, rope_theta=1000000.0,
-                         max_position_embeddings=32768, qkv_bias=True, tie_word_embeddings=True, torch_dtype="bfloat16"),
-    "qwen2.5-1.5b": dict(family="qwen2", vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_layers=28,
-                         num_heads=12, num_kv_heads=2, head_dim=128, rms_norm_eps=1e-6, rope_theta=1000000.0,
-                         max_position_embeddings=32768, qkv_bias=True, tie_word_embeddings=True, torch_dtype="bfloat16"),
-    "qwen2.5-3b": dict(family="qwen2", vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_layers=36,
-                       num_heads=16, num_kv_heads=2, head_dim=128, rms_norm_eps=1e-6, rope_theta=1000000.0,
-                       max_position_embeddings=32768, qkv_bias=True, tie_word_embeddings=True, torch_dtype="bfloat16"),
-    "qwen2.5-14b": dict(family="qwen2", vocab_size=152064, hidden_size=5120, intermediate_size=13824, num_layers=48,
-                        num_heads=40, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-5, rope_theta=1000000.0,
-                        max_position_embeddings=32768, qkv_bias=True, torch_dtype="bfloat16"),
-    "qwen3-4b": dict(family="qwen3", vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_layers=36,
-                     num_heads=32, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-6, rope_theta=1000000.0,
-                     max_position_embeddings=40960, qk_norm=True, tie_word_embeddings=True, torch_dtype="bfloat16"),
-    "qwen3-8b": dict(family="qwen3", vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_layers=36,
-                     num_heads=32, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-6, rope_theta=1000000.0,
-                     max_position_embeddings=40960, qk_norm=True, torch_dtype="bfloat16"),
+    "llama3.1-8b": _model(_LLAMA3, 128256, 4096, 14336, 32, 32, 8),
+    "llama3.2-1b": _model(_LLAMA32, 128256, 2048, 8192, 16, 32, 8, head_dim=64),
+    "qwen2.5-7b": _model(_QWEN25, 152064, 3584, 18944, 28, 28, 4),
+    # shapes the tuned tables never measured (kernels.tuning.splitk_config chooses their tiles)
+    "llama3.2-3b": _model(_LLAMA32, 128256, 3072, 8192, 28, 24, 8),
+    "llama2-7b": _model(_LLAMA2, 32000, 4096, 11008, 32, 32, 32),
+    "qwen2.5-0.5b": _model(_QWEN25, 151936, 896, 4864, 24, 14, 2, head_dim=64, tie_word_embeddings=True),
+    "qwen2.5-1.5b": _model(_QWEN25, 151936, 1536, 8960, 28, 12, 2, tie_word_embeddings=True),
+    "qwen2.5-3b": _model(_QWEN25, 151936, 2048, 11008, 36, 16, 2, tie_word_embeddings=True),
+    "qwen2.5-14b": _model(_QWEN25, 152064, 5120, 13824, 48, 40, 8, rms_norm_eps=1e-5),
+    "qwen3-4b": _model(_QWEN3, 151936, 2560, 9728, 36, 32, 8, tie_word_embeddings=True),
+    "qwen3-8b": _model(_QWEN3, 151936, 4096, 12288, 36, 32, 8),
 }
 
 
