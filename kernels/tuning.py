@@ -142,20 +142,22 @@ def nearest_entry(table: dict, prefix: str, n: int, k: int) -> list | None:
 
 
 def _shapes_under(table: dict, prefix: str) -> list[tuple[int, int, str]]:
-    """(n, k, key) of the table's entries "<prefix>/n<N>/k<K>", indexed once per table and prefix
-    (the index holds the table itself, so its id cannot be reused; redone when keys are added)."""
+    """(n, k, key) of the table's entries "<prefix>/n<N>/k<K>", indexed once per table and prefix and
+    redone when its keys change (benchmark scripts add and remove entries; the index holds the table
+    itself, so that its id cannot be reused by another)."""
+    keys = tuple(table)
     held, index = _SHAPE_INDEX.get(id(table), (None, {}))
     if held is not table:
         index = {}
         _SHAPE_INDEX[id(table)] = (table, index)
-    if prefix not in index or index[prefix][0] != len(table):
+    if prefix not in index or index[prefix][0] != keys:
         found = []
-        for key in table:
+        for key in keys:
             head, _, shape = key.partition(prefix + "/n")
             n_text, _, k_text = shape.partition("/k")
             if not head and n_text.isdigit() and k_text.isdigit():
                 found.append((int(n_text), int(k_text), key))
-        index[prefix] = (len(table), found)
+        index[prefix] = (keys, found)
     return index[prefix][1]
 
 

@@ -168,6 +168,11 @@ def test_nearest_entry_takes_the_closest_shape_in_log_scale():
     assert tuning.nearest_entry(table, "step/w4/m16", 2048, 2048) is None
     table["step/w4/m1/n1024/k1024"] = [32, 32, 1, 1, "packed"]
     assert tuning.nearest_entry(table, "step/w4/m1", 1024, 1536) == table["step/w4/m1/n1024/k1024"]
+    # a key removed and another added (as e2e_tune.py does, the table's size unchanged): both seen
+    del table["step/w4/m1/n1024/k1024"]
+    table["step/w4/m1/n1024/k2048"] = [16, 32, 1, 1, "packed"]
+    assert tuning.nearest_entry(table, "step/w4/m1", 1024, 1536) == table["step/w4/m1/n1024/k2048"]
+    assert tuning.nearest_entry(table, "step/w4/m1", 1024, 1024) == table["step/w4/m1/n1024/k2048"]
 
 
 def test_unmeasured_shapes(monkeypatch):
