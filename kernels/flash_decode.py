@@ -31,7 +31,7 @@ import triton.language as tl
 from ._common import attend_block, attend_loaded, attend_loaded_heads_last, load_block
 from .pdl import pdl_launch, release_dependents, wait_for_producer
 from .rmsnorm import DeferredNorm, deferred_rms_scale
-from .rope import rope_factors, roped_heads, write_new_position
+from .rope import head_dims_of_slots, rope_factors, roped_heads, write_new_position
 
 
 @dataclass(frozen=True)
@@ -211,7 +211,8 @@ def merge_splits(o_ptr, lse_ptr, o_offs, lse_offs, ok, o_split_stride, lse_split
 
 @triton.jit
 def _combine_kernel(o_ptr, lse_ptr, out_ptr, clear_ptr, CLEAR_N, H: tl.constexpr, HD: tl.constexpr,
-                    PIECE: tl.constexpr, NUM_SPLITS: tl.constexpr, CLEAR_CHUNK: tl.constexpr, PDL: tl.constexpr):
+                    PIECE: tl.constexpr, NUM_SPLITS: tl.constexpr, CLEAR_CHUNK: tl.constexpr, PDL: tl.constexpr,
+                    OUT_HD: tl.constexpr):
     """Grid (H, HD / PIECE): a program merges PIECE dims of one head over every split. Pieces, not
     whole heads, so that the splits' o (a 32k-position cache's 128 splits: 64 KB a head) is read
     from L2 by 4x more programs at once."""
@@ -228,7 +229,11 @@ def _combine_kernel(o_ptr, lse_ptr, out_ptr, clear_ptr, CLEAR_N, H: tl.constexpr
     # at long contexts (every split used) chunks would be dependent rounds of loads
     out = merge_splits(o_ptr, lse_ptr, (h + one[:, None]) * HD + d[None, :], h + one, one == 0, H * HD, H,
                        NUM_SPLITS, NUM_SPLITS)
-    tl.store(out_ptr + h * HD + d[None, :], out.to(out_ptr.dtype.element_ty))
+    if OUT_HD == HD:
+        tl.store(out_ptr + h * HD + d[None, :], out.to(out_ptr.dtype.element_ty))
+    else:  # heads padded to HD dims (kernels.rope.padded_head_slots): the real OUT_HD dims, packed
+        real, is_real = head_dims_of_slots(d, HD, OUT_HD)
+        tl.store(out_ptr + h * OUT_HD + real[None, :], out.to(out_ptr.dtype.element_ty), mask=is_real[None, :])
 
 
 def flash_decode_splits(q: torch.Tensor | None, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_len: torch.Tensor,
@@ -236,7 +241,7 @@ def flash_decode_splits(q: torch.Tensor | None, k_cache: torch.Tensor, v_cache: 
                         k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
                         workspace: tuple[torch.Tensor, torch.Tensor] | None = None, num_warps: int = 4,
                         rope: RopeInput | None = None, num_stages: int | None = None,
-                        heads_last: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                        heads_last: bool | None = None, head_dim: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The first launch of flash_decode alone: each split's unnormalised output and log-sum-exp,
     returned as (o [splits, H, hd] fp32, lse [splits, H] fp32) (the workspace); an empty split's o
     is left unwritten and its lse is -inf. For a consumer that merges the splits itself
@@ -280,7 +285,7 @@ def flash_decode_splits(q: torch.Tensor | None, k_cache: torch.Tensor, v_cache: 
         *((rope.qkv, rope.cos, rope.sin, rope.q_norm, rope.k_norm, rope.eps) if rope else (None,) * 5 + (0.0,)),
         *((norm.sum_squares, norm.dim, norm.eps) if norm else (None, 1, 0.0)), rope.qkv_bias if rope else None,
         0 if q is None else q.stride(0), k_cache.stride(0), k_cache.stride(1),
-        0 if k_scale is None else k_scale.stride(0), hd ** -0.5,
+        0 if k_scale is None else k_scale.stride(0), (head_dim or hd) ** -0.5,
         H=h, KV=kv, G=g, HD=hd, BLOCK_G=max(8 if heads_last else 16, triton.next_power_of_2(g)), BLOCK_S=block_s,
         NUM_SPLITS=num_splits, INT8=int8,
         PRECISION="ieee" if k_cache.dtype == torch.float32 else "tf32",  # fp32 caches: exact dots
@@ -296,10 +301,12 @@ def flash_decode(q: torch.Tensor | None, k_cache: torch.Tensor, v_cache: torch.T
                  k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
                  workspace: tuple[torch.Tensor, torch.Tensor] | None = None, num_warps: int = 4,
                  rope: RopeInput | None = None, clear: torch.Tensor | None = None,
-                 num_stages: int | None = None, heads_last: bool | None = None) -> torch.Tensor:
+                 num_stages: int | None = None, heads_last: bool | None = None,
+                 head_dim: int | None = None) -> torch.Tensor:
     """q [H, hd] over one layer's cache [KV, S, hd] for the first seq_len (int32 [1], device) positions.
 
-    out [H * hd]. `workspace` (o [splits, H, hd] fp32, lse [splits, H] fp32) can be passed to avoid
+    out [H * hd]; with head_dim (the model's head size, which hd pads: kernels.rope.padded_head_slots)
+    out [H * head_dim], the real dims only, and the scores scaled by head_dim ** -0.5. `workspace` (o [splits, H, hd] fp32, lse [splits, H] fp32) can be passed to avoid
     allocations (required under CUDA graph capture). With `rope` (the decode step), q is None: q and
     the new token's k and v come from rope.qkv at position seq_len - 1; the new k/v are written into
     the cache and attended to in the same launch. `clear`, a contiguous buffer, is zeroed by the
@@ -313,12 +320,12 @@ def flash_decode(q: torch.Tensor | None, k_cache: torch.Tensor, v_cache: torch.T
     if clear is not None and not clear.is_contiguous():
         raise ValueError("flash_decode: the buffer to clear must be contiguous")
     o, lse = flash_decode_splits(q, k_cache, v_cache, seq_len, num_splits, block_s, k_scale, v_scale, workspace,
-                                 num_warps, rope, num_stages, heads_last)
+                                 num_warps, rope, num_stages, heads_last, head_dim)
     h, hd = lse.shape[1], o.shape[2]
     clear_n = 0 if clear is None else clear.numel()
     piece = min(hd, COMBINE_PIECE)
     pieces = hd // piece
     _combine_kernel[(h, pieces)](o, lse, out, clear, clear_n, H=h, HD=hd, PIECE=piece, NUM_SPLITS=num_splits,
                                  CLEAR_CHUNK=triton.next_power_of_2(triton.cdiv(clear_n, h * pieces)) if clear_n else 0,
-                                 **pdl_launch(lse))
+                                 OUT_HD=head_dim or hd, **pdl_launch(lse))
     return out

@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 
 from ._common import attend_block
+from .rope import head_dims_of_slots
 
 
 @triton.jit
@@ -18,6 +19,7 @@ def _prefill_attention_kernel(
     q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, out_ptr,
     M, start, stride_qm, stride_qh, stride_ckv, stride_cs, stride_skv, stride_om, sm_scale,
     G: tl.constexpr, HD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, INT8: tl.constexpr, PRECISION: tl.constexpr,
+    OUT_HD: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
@@ -43,14 +45,23 @@ def _prefill_attention_kernel(
         m_i, l_i, acc = attend_block(q, m_i, l_i, acc, k_ptr, v_ptr, ks_ptr, vs_ptr, kv_base, kvh * stride_skv,
                                      j, j_ok, visible, d, stride_cs, sm_scale, INT8, PRECISION)
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-    tl.store(out_ptr + i[:, None] * stride_om + h * HD + d[None, :], out.to(out_ptr.dtype.element_ty), mask=i_ok[:, None])
+    if OUT_HD == HD:
+        tl.store(out_ptr + i[:, None] * stride_om + h * HD + d[None, :], out.to(out_ptr.dtype.element_ty), mask=i_ok[:, None])
+    else:  # heads padded to HD dims (kernels.rope.padded_head_slots): the real OUT_HD dims, packed
+        real, is_real = head_dims_of_slots(d, HD, OUT_HD)
+        tl.store(out_ptr + i[:, None] * stride_om + h * OUT_HD + real[None, :], out.to(out_ptr.dtype.element_ty),
+                 mask=i_ok[:, None] & is_real[None, :])
 
 
 def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, start: int,
                       out: torch.Tensor | None = None, k_scale: torch.Tensor | None = None,
-                      v_scale: torch.Tensor | None = None, block_m: int = 64, block_n: int = 64) -> torch.Tensor:
-    """q [M, H, hd] at positions start..start+M-1 over one layer's cache [KV, S, hd] -> [M, H * hd]."""
+                      v_scale: torch.Tensor | None = None, block_m: int = 64, block_n: int = 64,
+                      head_dim: int | None = None) -> torch.Tensor:
+    """q [M, H, hd] at positions start..start+M-1 over one layer's cache [KV, S, hd] -> [M, H * hd].
+    head_dim: the model's head size when hd pads it (kernels.rope.padded_head_slots): the scores are
+    scaled by head_dim ** -0.5 and the output is [M, H * head_dim], the real dims only."""
     m, h, hd = q.shape
+    real_hd = head_dim or hd
     kv = k_cache.shape[0]
     if h % kv:
         raise ValueError(f"prefill_attention: {h} query heads are not a multiple of {kv} KV heads")
@@ -58,13 +69,14 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     if int8 and (k_scale is None or v_scale is None):
         raise ValueError("prefill_attention: an int8 cache needs k_scale and v_scale")
     if out is None:
-        out = torch.empty((m, h * hd), device=q.device, dtype=q.dtype)
+        out = torch.empty((m, h * real_hd), device=q.device, dtype=q.dtype)
     block_m = min(block_m, max(16, triton.next_power_of_2(m)))
     _prefill_attention_kernel[(triton.cdiv(m, block_m), h)](
         q, k_cache, v_cache, k_scale, v_scale, out,
         m, start, q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1),
-        0 if k_scale is None else k_scale.stride(0), out.stride(0), hd ** -0.5,
+        0 if k_scale is None else k_scale.stride(0), out.stride(0), real_hd ** -0.5,
         G=h // kv, HD=hd, BLOCK_M=block_m, BLOCK_N=block_n, INT8=int8,
         PRECISION="ieee" if k_cache.dtype == torch.float32 else "tf32",  # fp32 caches: exact dots
+        OUT_HD=real_hd,
     )
     return out

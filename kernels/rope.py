@@ -10,6 +10,13 @@ The decode step does the same inside kernels.flash_decode with `rope_factors`, `
 `write_new_position` (one cache row) below, sharing this file's int8 quantization.
 Rotation is the "rotate_half" convention: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin).
 int8 cache: scale = max|x| / 127, stored as round(x / scale); dequantized as code * scale.
+
+Padded heads: the attention kernels lay a head out as one power-of-two range (tl.arange), so a
+model whose head_dim is not a power of two (OpenLLaMA 3B: 100) runs with heads of HD = the next
+power of two: each half of a head (x1, x2) starts a half of the padded head (padded_head_slots),
+zeros fill the rest, and the cos/sin tables get cos 1, sin 0 there. Rotation, attention and the
+int8 scale (max |x|) then see the real dims and zeros: only the softmax scale (head_dim ** -0.5)
+and the output's layout (head_dims_of_slots) need the real head_dim.
 """
 
 from __future__ import annotations
@@ -89,6 +96,24 @@ def _int8_scale(amax):
 def _int8_codes(x, scale):
     """round(x / scale), halves up, as float (the caller casts to int8)."""
     return tl.floor(x / scale + 0.5)
+
+
+def padded_head_slots(head_dim: int, padded: int) -> torch.Tensor:
+    """Where each of a head's head_dim dims sits in a head padded to `padded` dims: the first half
+    at 0.., the second at padded / 2.. (so "rotate_half" pairs stay halves apart). int64 [head_dim]."""
+    half = head_dim // 2
+    dims = torch.arange(head_dim)
+    return torch.where(dims < half, dims, dims - half + padded // 2)
+
+
+@triton.jit
+def head_dims_of_slots(d, HD: tl.constexpr, REAL_HD: tl.constexpr):
+    """padded_head_slots' inverse for slots d of a head padded to HD dims: (the real dim each slot
+    holds, whether it holds one)."""
+    HALF: tl.constexpr = HD // 2
+    REAL_HALF: tl.constexpr = REAL_HD // 2
+    in_half = d % HALF
+    return tl.where(d < HALF, d, d - HALF + REAL_HALF), in_half < REAL_HALF
 
 
 @triton.jit

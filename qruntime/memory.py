@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from qruntime.config import ModelConfig
-from qruntime.engine.kv_cache import KVCache
+from qruntime.engine.kv_cache import KVCache, padded_head_dim
 from qruntime.errors import InvalidOptionError
 
 # Reserved beside the weights and the cache: one prefill piece's activations (the triton runner
@@ -61,16 +61,18 @@ def weight_bytes_on_device(ckpt, dtype: torch.dtype) -> int:
 
 def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype, int8: bool) -> int:
     """K and V of every layer for one position: int8 codes with an fp32 scale per head (the triton
-    runner's int8 cache), or elements in `dtype` (KVCache's)."""
+    runner's int8 cache), or elements in `dtype` (KVCache's). A head_dim that is not a power of two
+    counts as the triton runner's padded heads (kv_cache.padded_head_dim): the larger of the two caches."""
+    head = padded_head_dim(cfg.head_dim)
     if int8:
-        return 2 * cfg.num_layers * cfg.num_kv_heads * (cfg.head_dim + 4)
-    return KVCache.bytes_per_token(cfg, dtype)
+        return 2 * cfg.num_layers * cfg.num_kv_heads * (head + 4)
+    return KVCache.bytes_per_token(cfg, dtype) * head // cfg.head_dim
 
 
 def cache_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype, int8: bool) -> int:
     """Bytes one position of the static cache takes: its K and V (kv_bytes_per_token) and the RoPE
     tables' row (cos and sin, fp32)."""
-    return kv_bytes_per_token(cfg, dtype, int8) + 2 * (cfg.head_dim // 2) * 4
+    return kv_bytes_per_token(cfg, dtype, int8) + 2 * (padded_head_dim(cfg.head_dim) // 2) * 4
 
 
 def format_size(nbytes: float) -> str:

@@ -280,7 +280,7 @@ def load(path: str | Path, bits: int | None = None, group_size: int = 128, devic
     when `bits` is 4 or 8), and returns a ready Model.
 
     backend: "triton" (default on a CUDA device: fused kernels, decode in a CUDA graph; for a
-    head_dim its kernels cannot lay out, the torch backend with a warning) or "torch" (the plain
+    model it cannot run, the torch backend with a warning) or "torch" (the plain
     PyTorch reference; the default on a CPU). kv_cache: "auto" (compute
     dtype) or "int8" (triton backend; per-token, per-head scales).
 

@@ -48,6 +48,9 @@ PRESETS: dict[str, dict] = {
     "qwen2.5-14b": _model(_QWEN25, 152064, 5120, 13824, 48, 40, 8, rms_norm_eps=1e-5),
     "qwen3-4b": _model(_QWEN3, 151936, 2560, 9728, 36, 32, 8, tie_word_embeddings=True),
     "qwen3-8b": _model(_QWEN3, 151936, 4096, 12288, 36, 32, 8),
+    # head_dim 100: the triton backend pads its heads to 128 (triton_runner.pad_heads)
+    "openllama-3b": _model(dict(_LLAMA2, rms_norm_eps=1e-6, max_position_embeddings=2048), 32000, 3200, 8640, 26, 32, 32,
+                           head_dim=100),
 }
 
 

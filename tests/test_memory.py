@@ -40,6 +40,18 @@ def test_estimates_match_the_loaded_model(tiny_model_dir, bits):
     assert int8 == cfg.num_layers * cfg.num_kv_heads * (2 * cfg.head_dim + 2 * 4)  # codes + an fp32 scale each
 
 
+def test_padded_heads_are_counted_padded(tiny_model_dir):
+    """A head_dim that is not a power of two takes the triton runner's padded heads' bytes (K, V and
+    the RoPE row), as its cache holds them."""
+    import dataclasses
+
+    cfg = read_checkpoint(tiny_model_dir("llama"), bits=4, group_size=32).config
+    odd = dataclasses.replace(cfg, head_dim=12)
+    padded = dataclasses.replace(cfg, head_dim=16)
+    for int8 in (False, True):
+        assert cache_bytes_per_token(odd, torch.float16, int8) == cache_bytes_per_token(padded, torch.float16, int8)
+
+
 def test_cache_sized_from_the_budget(tiny_model_dir):
     ckpt = read_checkpoint(tiny_model_dir("llama"), bits=4, group_size=32)
     weights = weight_bytes_on_device(ckpt, torch.float32)

@@ -22,3 +22,10 @@ class KVCache:
     @staticmethod
     def bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
         return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * torch.empty((), dtype=dtype).element_size()
+
+
+def padded_head_dim(head_dim: int, at_least: int = 1) -> int:
+    """The head size the triton runner's cache and attention kernels lay a head out in: head_dim
+    rounded up to a power of two (their tl.arange ranges), and at least `at_least` (a GPU's tensor
+    cores take 16 columns). Equal to head_dim for every Llama and Qwen release (64 or 128)."""
+    return max(at_least, 1 << (head_dim - 1).bit_length())

@@ -31,10 +31,15 @@ consumer of each accumulator zeroes it after reading (the gate|up one, read by e
 the fused down_proj GEMV, by the next layer's o_proj; the logits by layer 0's o_proj), and the
 residual stream is itself the accumulator of o_proj and down_proj ("h += ..." costs no extra pass). Prefill runs the same kernels
 eagerly on M rows (whole-K matmuls, causal flash attention over the cache).
+
+A head_dim that is not a power of two (OpenLLaMA 3B: 100) runs with padded heads
+(attention_head_dim, pad_heads): q|k|v, the cache and the RoPE tables in heads of the next power
+of two, the attention's output packed back to the model's head_dim for o_proj (kernels.rope).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -42,6 +47,7 @@ import torch
 
 from qruntime.checkpoint import PackedLinear, QuantizedCheckpoint
 from qruntime.config import ModelConfig
+from qruntime.engine.kv_cache import padded_head_dim
 from qruntime.kernels.argmax import greedy_advance, greedy_workspace
 from qruntime.kernels.flash_decode import RopeInput, flash_decode, flash_decode_splits
 from qruntime.kernels.gemv_dense import (DenseLinear, dense_accumulate, dense_accumulate_attention,
@@ -52,7 +58,7 @@ from qruntime.kernels.gemv_packed import (packed_gemv_serves, qmatmul_accumulate
                                           qmatmul_accumulate_deferred_norm, qmatmul_accumulate_swiglu)
 from qruntime.kernels.qmatmul import qmatmul, qmatmul_accumulate
 from qruntime.kernels.rmsnorm import DeferredNorm, embed_rmsnorm, rmsnorm
-from qruntime.kernels.rope import rope_qkv_to_cache
+from qruntime.kernels.rope import padded_head_slots, rope_qkv_to_cache
 from qruntime.kernels.sampling import SamplingPlan, SamplingWorkspace, reseed, sample_token, sampling_workspace
 from qruntime.kernels.swiglu import swiglu
 from qruntime.layers.rotary import inv_frequencies
@@ -134,13 +140,30 @@ class RunnerLinear:
         return self.weight.numel() * self.weight.element_size() + (0 if self.bias is None else self.bias.numel() * self.bias.element_size())
 
 
-def _fused(ckpt: QuantizedCheckpoint, names: list[str]) -> list[PackedLinear]:
+def _fused(lins: list[PackedLinear]) -> list[PackedLinear]:
     """The linears stacked into one when their formats agree (one launch), else as they are."""
-    lins = [ckpt.linears[n] for n in names]
     try:
         return [concat_out_features(lins)]
     except ValueError:
         return lins
+
+
+def pad_heads(lin: PackedLinear, heads: int, head_dim: int, padded: int) -> PackedLinear:
+    """q_proj, k_proj or v_proj with its `heads` heads of head_dim outputs laid out in heads of
+    `padded` (kernels.rope.padded_head_slots), the other outputs zero (zero codes, scales and bias):
+    the attention kernels' layout for a head_dim that is not a power of two."""
+    if padded == head_dim:
+        return lin
+    rows = (torch.arange(heads)[:, None] * padded + padded_head_slots(head_dim, padded)[None, :]).reshape(-1)
+
+    def spread(t: torch.Tensor | None) -> torch.Tensor | None:
+        if t is None:
+            return None
+        out = t.new_zeros((heads * padded, *t.shape[1:]))
+        out[rows.to(t.device)] = t
+        return out
+    return dataclasses.replace(lin, out_features=heads * padded, qweight=spread(lin.qweight), scales=spread(lin.scales),
+                               zeros=spread(lin.zeros), offsets=spread(lin.offsets), bias=spread(lin.bias))
 
 
 @dataclass
@@ -177,16 +200,21 @@ DECODE_ATTENTION_STAGES = 2
 PREFILL_CHUNK = 2048
 
 
+def attention_head_dim(cfg: ModelConfig, device: torch.device) -> int:
+    """The head size of the runner's cache and attention kernels: they lay a head out as one
+    power-of-two range (tl.arange), and on a GPU multiply on tensor cores, which take 16 columns.
+    Every Llama / Qwen release has head_dim 64 or 128; a few Llama-architecture models do not
+    (OpenLLaMA 3B: 100), and run with padded heads (pad_heads, kernels.rope)."""
+    return padded_head_dim(cfg.head_dim, 16 if device.type == "cuda" else 1)
+
+
 def unsupported_reason(cfg: ModelConfig, device: torch.device) -> str | None:
-    """Why this backend cannot run the model, or None. Its attention kernels (flash-decoding,
-    prefill attention, RoPE into the cache) lay a head out as one power-of-two range (tl.arange),
-    and on a GPU multiply on tensor cores, which need 16 columns: every Llama / Qwen release has
-    head_dim 64 or 128, but a few Llama-architecture models do not (OpenLLaMA 3B: 100)."""
+    """Why this backend cannot run the model, or None: per-head q/k norms (Qwen3) over padded heads
+    (attention_head_dim), which would average over the padding; no release has them."""
     hd = cfg.head_dim
-    if hd & (hd - 1):
-        return f"its attention kernels need head_dim to be a power of two, and this model's is {hd}"
-    if device.type == "cuda" and hd < 16:
-        return f"its attention kernels need head_dim of 16 or more on a GPU, and this model's is {hd}"
+    if cfg.qk_norm and attention_head_dim(cfg, device) != hd:
+        return (f"its q/k norms need head_dim to be a power of two{' of 16 or more' if hd < 16 else ''}, "
+                f"and this model's is {hd}")
     return None
 
 
@@ -202,6 +230,7 @@ class TritonRunner:
         self.cfg, self.device, self.dtype, self.max_seq_len = cfg, device, dtype, max_seq_len
         self.num_splits = num_splits
         self.prefill_chunk = PREFILL_CHUNK  # tokens a prefill piece (tests set it small)
+        self.head_dim = attention_head_dim(cfg, device)  # the model's, or padded (pad_heads)
 
         def dense(name: str) -> torch.Tensor:
             return ckpt.dense[name].to(device=device, dtype=dtype)
@@ -209,15 +238,20 @@ class TritonRunner:
         def linears(packed: list[PackedLinear]) -> list[RunnerLinear]:
             return [RunnerLinear(p, device, dtype) for p in packed]
 
+        def attention_inputs(p: str) -> list[PackedLinear]:
+            heads = {"q": cfg.num_heads, "k": cfg.num_kv_heads, "v": cfg.num_kv_heads}
+            return [pad_heads(ckpt.linears[f"{p}.self_attn.{x}_proj"], heads[x], cfg.head_dim, self.head_dim)
+                    for x in "qkv"]
+
         self.layers = []
         for i in range(cfg.num_layers):
             p = f"model.layers.{i}"
             self.layers.append(LayerWeights(
                 input_norm=dense(f"{p}.input_layernorm.weight"),
                 post_norm=dense(f"{p}.post_attention_layernorm.weight"),
-                qkv=linears(_fused(ckpt, [f"{p}.self_attn.{x}_proj" for x in "qkv"])),
+                qkv=linears(_fused(attention_inputs(p))),
                 o=RunnerLinear(ckpt.linears[f"{p}.self_attn.o_proj"], device, dtype),
-                gate_up=linears(_fused(ckpt, [f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj"])),
+                gate_up=linears(_fused([ckpt.linears[f"{p}.mlp.{x}_proj"] for x in ("gate", "up")])),
                 down=RunnerLinear(ckpt.linears[f"{p}.mlp.down_proj"], device, dtype),
                 q_norm=dense(f"{p}.self_attn.q_norm.weight") if cfg.qk_norm else None,
                 k_norm=dense(f"{p}.self_attn.k_norm.weight") if cfg.qk_norm else None,
@@ -233,13 +267,15 @@ class TritonRunner:
             self.lm_head = RunnerLinear(PackedLinear(cfg.hidden_size, cfg.vocab_size, 16, -1, self.embed), device, dtype)
 
         freqs = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_frequencies(cfg)).to(device)
-        self.cos, self.sin = freqs.cos().contiguous(), freqs.sin().contiguous()
+        pad = (self.head_dim - cfg.head_dim) // 2  # padded heads: the padding rotates by 0
+        self.cos = torch.nn.functional.pad(freqs.cos(), (0, pad), value=1.0).contiguous()
+        self.sin = torch.nn.functional.pad(freqs.sin(), (0, pad), value=0.0).contiguous()
 
         int8 = kv_cache_dtype == "int8"
         if kv_cache_dtype not in ("auto", "int8", "fp16", "bf16"):
             raise ValueError(f"kv_cache_dtype={kv_cache_dtype!r}; choose auto, fp16, bf16 or int8")
         cache_dtype = torch.int8 if int8 else dtype
-        shape = (cfg.num_layers, cfg.num_kv_heads, max_seq_len, cfg.head_dim)
+        shape = (cfg.num_layers, cfg.num_kv_heads, max_seq_len, self.head_dim)
         self.k_cache = torch.zeros(shape, device=device, dtype=cache_dtype)
         self.v_cache = torch.zeros(shape, device=device, dtype=cache_dtype)
         self.k_scale = torch.zeros(shape[:3], device=device, dtype=torch.float32) if int8 else None
@@ -248,9 +284,11 @@ class TritonRunner:
         # layer); whoever zeroes the q|k|v accumulator after flash-decoding then zeroes the gate|up
         # one too, in place of the swiglu kernel. Likewise o_proj merges flash-decoding's splits
         # itself when every layer's can (no combine launch) and does that zeroing.
-        # Neither in fp32 mode, which exists to match the reference without fp16 activations.
+        # Neither in fp32 mode, which exists to match the reference without fp16 activations, nor
+        # the merge over padded heads (o_proj reads heads of its own K / H columns).
         self.fused_swiglu = dtype != torch.float32 and all(lw.down.forms_own_input() for lw in self.layers)
-        self.fused_merge = dtype != torch.float32 and all(lw.o.forms_own_input() for lw in self.layers)
+        self.fused_merge = dtype != torch.float32 and self.head_dim == cfg.head_dim and \
+            all(lw.o.forms_own_input() for lw in self.layers)
         # The RMSNorms inside the layers cost no launch when the GEMV after them (one fused linear)
         # multiplies h by the norm's weight and sums h^2 as it reads it, and the kernel reading that
         # GEMV's output applies the scale: flash-decoding for q|k|v (and adds q|k|v's bias after it),
@@ -290,7 +328,7 @@ class TritonRunner:
         # the tensor-core paths convert to fp16 anyway
         # (an fp32 model keeps fp32 inputs: that mode exists to compare against the reference)
         act = dict(device=dev, dtype=torch.float32 if self.dtype == torch.float32 else torch.float16)
-        qkv_width = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
+        qkv_width = (cfg.num_heads + 2 * cfg.num_kv_heads) * self.head_dim
         self.token = torch.zeros(1, device=dev, dtype=torch.long)
         self.pos = torch.zeros(1, device=dev, dtype=torch.int32)       # position of `token`
         self.seq_len = torch.ones(1, device=dev, dtype=torch.int32)    # pos + 1
@@ -315,7 +353,7 @@ class TritonRunner:
         # silu(gate) * up for a down_proj that cannot form it itself (fused_swiglu: none is needed)
         self.act = None if self.fused_swiglu else torch.zeros((1, cfg.intermediate_size), **act)
         self.greedy_ws = greedy_workspace(dev)  # argmax key and finish counter; the kernel resets them
-        self.workspace = (torch.empty((self.num_splits, cfg.num_heads, cfg.head_dim), **f32),
+        self.workspace = (torch.empty((self.num_splits, cfg.num_heads, self.head_dim), **f32),
                           torch.empty((self.num_splits, cfg.num_heads), **f32))
 
     def cache_nbytes(self) -> int:
@@ -335,7 +373,7 @@ class TritonRunner:
         cfg, lw = self.cfg, self.layers[layer_idx]
         rope_qkv_to_cache(
             qkv, positions, self.cos, self.sin, q_out, self.k_cache[layer_idx], self.v_cache[layer_idx],
-            cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, q_norm=lw.q_norm, k_norm=lw.k_norm, eps=cfg.rms_norm_eps,
+            cfg.num_heads, cfg.num_kv_heads, self.head_dim, q_norm=lw.q_norm, k_norm=lw.k_norm, eps=cfg.rms_norm_eps,
             k_scale=None if self.k_scale is None else self.k_scale[layer_idx],
             v_scale=None if self.v_scale is None else self.v_scale[layer_idx],
         )
@@ -367,7 +405,7 @@ class TritonRunner:
             clear = clears[0 if i == 0 else 1]
             warps = DECODE_ATTENTION_WARPS_INT8 if self.k_cache[i].dtype == torch.int8 else DECODE_ATTENTION_WARPS
             attention = dict(rope=self.rope_inputs[i], num_splits=self.num_splits, block_s=DECODE_ATTENTION_BLOCK,
-                             num_warps=warps, num_stages=DECODE_ATTENTION_STAGES,
+                             num_warps=warps, num_stages=DECODE_ATTENTION_STAGES, head_dim=cfg.head_dim,
                              workspace=self.workspace, **self._scales(i))
             if self.fused_merge:
                 splits = flash_decode_splits(None, self.k_cache[i], self.v_cache[i], self.seq_len, **attention)
@@ -479,12 +517,12 @@ class TritonRunner:
         m = ids.numel()
         positions = torch.arange(start, start + m, device=self.device, dtype=torch.int32)
         h = self.embed.index_select(0, ids).float()
-        q = torch.empty((m, cfg.num_heads, cfg.head_dim), device=self.device, dtype=self.dtype)
+        q = torch.empty((m, cfg.num_heads, self.head_dim), device=self.device, dtype=self.dtype)
         for i, lw in enumerate(self.layers):
             xn = rmsnorm(h, lw.input_norm, cfg.rms_norm_eps, out_dtype=self.dtype)
             qkv = torch.cat([lin.matmul(xn) for lin in lw.qkv], dim=1) if len(lw.qkv) > 1 else lw.qkv[0].matmul(xn)
             self._qkv_to_cache(i, qkv, positions, q)
-            attn = prefill_attention(q, self.k_cache[i], self.v_cache[i], start, **self._scales(i))
+            attn = prefill_attention(q, self.k_cache[i], self.v_cache[i], start, head_dim=cfg.head_dim, **self._scales(i))
             lw.o.matmul(attn, residual=h, out=h)
             xn = rmsnorm(h, lw.post_norm, cfg.rms_norm_eps, out_dtype=self.dtype)
             gu = torch.cat([lin.matmul(xn) for lin in lw.gate_up], dim=1) if len(lw.gate_up) > 1 else lw.gate_up[0].matmul(xn)

@@ -176,11 +176,39 @@ def test_triton_backend_runs_per_channel_weights_of_uneven_width(tmp_path):
     check_fp16_decode_steps(ckpt)
 
 
-def test_head_dims_the_kernels_cannot_lay_out_are_refused_or_left_to_torch(tmp_path):
-    """A head_dim that is not a power of two (OpenLLaMA 3B's 100; here 24) fails in the attention
-    kernels' layouts: backend="triton" says so at load and names the backend that runs it; left to
-    choose on a GPU, Model takes the torch backend with a warning that says why. Power-of-two head
-    dims under 16 run in the interpreter but not on tensor cores, so only a GPU refuses those."""
+@pytest.mark.parametrize("variant,geometry", [
+    ("llama", dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=24)),
+    ("qwen2", dict(hidden_size=48, num_attention_heads=3, num_key_value_heads=1, head_dim=20)),  # q|k|v bias
+], ids=["llama-24", "qwen2-20"])
+def test_triton_backend_pads_heads_that_are_not_a_power_of_two(tmp_path, variant, geometry):
+    """A head_dim that is not a power of two (OpenLLaMA 3B's 100; here 24 and 20) runs with heads
+    padded to the next one (triton_runner.pad_heads, kernels.rope.padded_head_slots): q|k|v's rows,
+    the cache and the RoPE tables padded, the softmax scaled by the real head_dim, the attention's
+    output packed back for o_proj. Logits and greedy tokens as the torch backend's (fp16 and int8
+    caches), and fused fp16 decode steps (o_proj not merging the splits: flash-decoding's combine
+    packs them)."""
+    import tiny_models
+    import qruntime
+    from qruntime.engine.triton_runner import unsupported_reason
+
+    ckpt = read_checkpoint(tiny_models.build_model(tmp_path / variant, variant, **geometry), bits=4, group_size=16)
+    assert unsupported_reason(ckpt.config, torch.device("cuda")) is None
+    check_logits_and_greedy(ckpt)
+    check_logits_and_greedy(ckpt, kv="int8")
+    check_fp16_decode_steps(ckpt, fused=False)
+    runner = qruntime.Model(ckpt, device="cpu", backend="triton", dtype=torch.float16).runner
+    hd = geometry["head_dim"]
+    assert runner.head_dim == 32 and runner.k_cache.shape[-1] == 32 and runner.cos.shape[-1] == 16
+    assert runner.fused_swiglu and runner.defer_attention_norm and not runner.fused_merge
+    assert runner.attn.shape == (1, geometry["num_attention_heads"] * hd)  # o_proj's input, packed
+    assert (runner.rope_inputs[0].qkv_bias is not None) == (variant == "qwen2")
+
+
+def test_qk_norms_over_padded_heads_are_refused_or_left_to_torch(tmp_path):
+    """Per-head q/k norms (Qwen3) over heads that would need padding (not a power of two, or under
+    16 on a GPU's tensor cores) would average over the padding: backend="triton" says so at load
+    and names the backend that runs it; left to choose on a GPU, Model takes the torch backend with
+    a warning that says why. No Qwen3 release has such heads (all 128)."""
     import tiny_models
     import qruntime
     from qruntime.engine.triton_runner import unsupported_reason
@@ -189,7 +217,7 @@ def test_head_dims_the_kernels_cannot_lay_out_are_refused_or_left_to_torch(tmp_p
 
     geometry = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=24)
     ckpt = read_checkpoint(tiny_models.build_model(tmp_path / "qwen3", "qwen3", **geometry), bits=4, group_size=32)
-    with pytest.raises(UnsupportedArchitectureError, match=r"head_dim to be a power of two, and this model's is 24.*backend='torch'"):
+    with pytest.raises(UnsupportedArchitectureError, match=r"q/k norms need head_dim to be a power of two, and this model's is 24.*backend='torch'"):
         qruntime.Model(ckpt, device="cpu", backend="triton")
     gpu = torch.device("cuda")
     with pytest.warns(UserWarning, match="power of two.*24.*torch backend"):
@@ -200,6 +228,9 @@ def test_head_dims_the_kernels_cannot_lay_out_are_refused_or_left_to_torch(tmp_p
     ckpt.config.head_dim = 128
     assert unsupported_reason(ckpt.config, gpu) is None and _default_backend(gpu, ckpt.config) == "triton"
     assert _default_backend(torch.device("cpu"), ckpt.config) == "torch"
+    ckpt.config.qk_norm = False
+    ckpt.config.head_dim = 100
+    assert unsupported_reason(ckpt.config, gpu) is None
 
 
 @pytest.mark.parametrize("variant,biases", [("llama", dict(attention_bias=True, mlp_bias=True)),

@@ -9,7 +9,7 @@ from qruntime.kernels import reference as R
 from qruntime.kernels.flash_decode import RopeInput, flash_decode
 from qruntime.kernels.prefill_attention import prefill_attention
 from qruntime.kernels.rmsnorm import DeferredNorm
-from qruntime.kernels.rope import rope_qkv_to_cache
+from qruntime.kernels.rope import padded_head_slots, rope_qkv_to_cache
 from tolerances import assert_close
 
 S, HD = 96, 16
@@ -70,6 +70,48 @@ def test_prefill_attention(int8, start, m):
     prefill_attention(q, cache["k_cache"], cache["v_cache"], start, out=out, k_scale=cache.get("k_scale"),
                       v_scale=cache.get("v_scale"), block_m=16, block_n=16)
     assert_close(out, R.attention_over_cache(q, k, v, start), "fp16_dot")
+
+
+def _padded(x: torch.Tensor, real: int, padded: int) -> torch.Tensor:
+    """x [..., real] laid out in heads of `padded` dims (kernels.rope.padded_head_slots), zeros elsewhere."""
+    out = x.new_zeros((*x.shape[:-1], padded))
+    out[..., padded_head_slots(real, padded)] = x
+    return out
+
+
+def test_padded_head_slots_put_each_half_at_a_half():
+    assert padded_head_slots(6, 8).tolist() == [0, 1, 2, 4, 5, 6]
+    assert padded_head_slots(100, 128).tolist()[48:52] == [48, 49, 64, 65]
+    assert padded_head_slots(16, 16).tolist() == list(range(16))
+
+
+@pytest.mark.parametrize("int8", [False, True], ids=["fp32-cache", "int8-cache"])
+def test_attention_over_padded_heads(int8):
+    """Heads of 12 dims padded to 16 (a head_dim that is not a power of two): flash_decode and
+    prefill_attention given head_dim=12 scale by 12 ** -0.5 and return the real dims packed,
+    [*, H * 12], as attention over the unpadded heads does. The padding's outputs are never written
+    (outputs poisoned)."""
+    real, heads, kv, length = 12, 8, 2, 77
+    g = torch.Generator().manual_seed(11)
+    k, v = torch.randn(kv, S, real, generator=g), torch.randn(kv, S, real, generator=g)
+    kp, vp = _padded(k, real, HD), _padded(v, real, HD)
+    if int8:
+        (kc, ks), (vc, vs) = R.quantize_kv_int8(kp), R.quantize_kv_int8(vp)
+        cache = dict(k_cache=kc, v_cache=vc, k_scale=ks, v_scale=vs)
+        k = (kc.float() * ks[..., None])[..., padded_head_slots(real, HD)]  # what the cache holds
+        v = (vc.float() * vs[..., None])[..., padded_head_slots(real, HD)]
+    else:
+        cache = dict(k_cache=kp, v_cache=vp)
+    q = torch.randn(heads, real, generator=g)
+    out = torch.full((heads * real,), float("nan"))
+    flash_decode(_padded(q, real, HD), cache["k_cache"], cache["v_cache"], torch.tensor([length], dtype=torch.int32), out,
+                 num_splits=4, block_s=16, k_scale=cache.get("k_scale"), v_scale=cache.get("v_scale"), head_dim=real)
+    assert_close(out, R.attention_over_cache(q[None], k, v, length - 1)[0], "fp16_dot")
+    qm = torch.randn(20, heads, real, generator=g)
+    out = torch.full((20, heads * real), float("nan"))
+    prefill_attention(_padded(qm, real, HD), cache["k_cache"], cache["v_cache"], 5, out=out, k_scale=cache.get("k_scale"),
+                      v_scale=cache.get("v_scale"), block_m=16, block_n=16, head_dim=real)
+    assert_close(out, R.attention_over_cache(qm, k, v, 5), "fp16_dot")
 
 
 @pytest.mark.parametrize("int8", [False, True], ids=["fp32-cache", "int8-cache"])
