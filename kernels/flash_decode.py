@@ -306,8 +306,9 @@ def flash_decode(q: torch.Tensor | None, k_cache: torch.Tensor, v_cache: torch.T
     """q [H, hd] over one layer's cache [KV, S, hd] for the first seq_len (int32 [1], device) positions.
 
     out [H * hd]; with head_dim (the model's head size, which hd pads: kernels.rope.padded_head_slots)
-    out [H * head_dim], the real dims only, and the scores scaled by head_dim ** -0.5. `workspace` (o [splits, H, hd] fp32, lse [splits, H] fp32) can be passed to avoid
-    allocations (required under CUDA graph capture). With `rope` (the decode step), q is None: q and
+    out [H * head_dim], the real dims only, and the scores scaled by head_dim ** -0.5. `workspace`
+    (o [splits, H, hd] fp32, lse [splits, H] fp32) can be passed to avoid allocations (required
+    under CUDA graph capture). With `rope` (the decode step), q is None: q and
     the new token's k and v come from rope.qkv at position seq_len - 1; the new k/v are written into
     the cache and attended to in the same launch. `clear`, a contiguous buffer, is zeroed by the
     second launch (after every read of the first): the decode step's split-K accumulators.
