@@ -39,8 +39,6 @@ def test_sliding_window_refused():
 
 def test_v4_config_file_and_sharded_checkpoint_load(tiny_model_dir, tmp_path):
     """A sharded checkpoint with an index json, and a config.json written in the v4 style."""
-    import transformers
-
     src = tiny_model_dir("llama")
     hf = tiny_models.hf_model(src)
     out = tmp_path / "sharded"

@@ -4,7 +4,6 @@ with one clear line and no traceback."""
 import json
 import pickle
 import shutil
-import struct
 
 import pytest
 import torch
