@@ -100,6 +100,8 @@ def parse_weights_key(weights: str) -> tuple[int, int | None, str]:
 # the packed path won every measured M = 1 shape but the smallest int8 one
 # (benchmarks/results/gemv_sweep_w4.json, gemv_sweep_w8.json), mostly with this tile
 DEFAULT_TILE = (256, 128, 1, 2, "packed")
+# M > 1: the fragment kernel beat the slot kernel on every M = 16 shape measured (H200, gemv_sweep_m16_frags.json)
+FEW_ROWS_DEFAULT_TILE = (64, 1024, 1, 2, "frags")
 # Below this many programs an SM (i.e. with SMs left idle), a shape no table measured takes its
 # nearest measured shape's entry instead of DEFAULT_TILE. H100, models of unmeasured shapes, ms/token
 # with the nearest entry against DEFAULT_TILE, one role's GEMV at a time in one process
@@ -134,34 +136,24 @@ def nearest_entry(table: dict, prefix: str, n: int, k: int) -> list | None:
     |log2| of the two ratios (ties: the smaller shape), or None when `prefix` has none: what a
     shape no table measured takes where DEFAULT_TILE would leave SMs idle (splitk_config)."""
     best = None
-    for n2, k2, key in _shapes_under(table, prefix):
+    for n2, k2, key in _shapes_under(tuple(table), prefix):
         dist = abs(math.log2(n / n2)) + abs(math.log2(k / k2))
         if best is None or (dist, n2 * k2) < best[:2]:
             best = (dist, n2 * k2, key)
     return None if best is None else table[best[2]]
 
 
-def _shapes_under(table: dict, prefix: str) -> list[tuple[int, int, str]]:
-    """(n, k, key) of the table's entries "<prefix>/n<N>/k<K>", indexed once per table and prefix and
-    redone when its keys change (benchmark scripts add and remove entries; the index holds the table
-    itself, so that its id cannot be reused by another)."""
-    keys = tuple(table)
-    held, index = _SHAPE_INDEX.get(id(table), (None, {}))
-    if held is not table:
-        index = {}
-        _SHAPE_INDEX[id(table)] = (table, index)
-    if prefix not in index or index[prefix][0] != keys:
-        found = []
-        for key in keys:
-            head, _, shape = key.partition(prefix + "/n")
-            n_text, _, k_text = shape.partition("/k")
-            if not head and n_text.isdigit() and k_text.isdigit():
-                found.append((int(n_text), int(k_text), key))
-        index[prefix] = (keys, found)
-    return index[prefix][1]
-
-
-_SHAPE_INDEX: dict[int, tuple[dict, dict]] = {}
+@lru_cache(maxsize=64)
+def _shapes_under(keys: tuple[str, ...], prefix: str) -> tuple[tuple[int, int, str], ...]:
+    """(n, k, key) of the keys "<prefix>/n<N>/k<K>"; memoized on the keys themselves, so a table
+    whose keys change (benchmark scripts add and remove entries) is parsed again."""
+    found = []
+    for key in keys:
+        head, _, shape = key.partition(prefix + "/n")
+        n_text, _, k_text = shape.partition("/k")
+        if not head and n_text.isdigit() and k_text.isdigit():
+            found.append((int(n_text), int(k_text), key))
+    return tuple(found)
 
 
 def splitk_config(bits: int, n: int, k: int, m: int = 1, device: torch.device | None = None,
@@ -194,14 +186,14 @@ def splitk_config(bits: int, n: int, k: int, m: int = 1, device: torch.device | 
             return tuple(hit)
     # a shape no table measured: M = 1 takes DEFAULT_TILE where it gives every SM a program, the
     # entry of the nearest measured shape where it would not; M > 1 the nearest entry (the TMA
-    # kernels' tiles), else the fragment kernel (it beat the slot kernel on every M = 16 shape
-    # measured, H200, gemv_sweep_m16_frags.json)
+    # kernels' tiles), else FEW_ROWS_DEFAULT_TILE
+    fixed = DEFAULT_TILE if m == 1 else FEW_ROWS_DEFAULT_TILE
     sms = _sm_count(device)
     if sms is None or (m == 1 and programs(DEFAULT_TILE, n, k) >= UNDERFILLED_PROGRAMS_PER_SM * sms):
-        return DEFAULT_TILE if m == 1 else (64, 1024, 1, 2, "frags")
+        return fixed
     for weights in keys:
         for kind in ("step", "splitk") if in_decode_step else ("splitk",):
             hit = nearest_entry(table, f"{kind}/{weights}/m{rows}", n, k)
             if hit:
                 return tuple(hit)
-    return DEFAULT_TILE if m == 1 else (64, 1024, 1, 2, "frags")
+    return fixed
