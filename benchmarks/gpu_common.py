@@ -97,11 +97,20 @@ def kv_caches(kv: int, context: int, hd: int, int8: bool, copies: int) -> list[d
 
 
 def synthetic_model(spec: str, bits: int, max_seq_len: int = 512, kv_cache: str = "auto", group_size: int = 128,
-                    dtype: torch.dtype = torch.bfloat16, lm_head_scale: float = 1.0) -> "qruntime.Model":
+                    dtype: torch.dtype = torch.bfloat16, lm_head_scale: float = 1.0,
+                    zero_mode: str = "int") -> "qruntime.Model":
     """A random-weight model of `spec`'s exact shapes (dense parts and activations in `dtype`) on the
     triton backend: what the decode benchmarks time. lm_head_scale multiplies the quantized lm_head's
-    scales, so its logits (flat in a random model) have a few tokens standing out."""
+    scales, so its logits (flat in a random model) have a few tokens standing out. zero_mode
+    "symmetric" or "float" gives every quantized linear the zero points of GGUF's Q8_0 / Q4_0 or the
+    float offsets of its K types, as gemv_workload does (other weights, the same shapes and bytes)."""
     ckpt = synthetic_checkpoint(spec, bits=bits, group_size=group_size, dtype=dtype)
+    for name, packed in list(ckpt.linears.items()) if bits != 16 else []:
+        if zero_mode == "symmetric":
+            ckpt.linears[name] = dataclasses.replace(packed, zeros=None)
+        elif zero_mode == "float":
+            ckpt.linears[name] = dataclasses.replace(
+                packed, offsets=(-packed.scales.float() * packed.zeros.float()).half(), zeros=None)
     if lm_head_scale != 1.0:
         ckpt.linears["lm_head"].scales.mul_(lm_head_scale)
     return qruntime.Model(ckpt, device="cuda", backend="triton", dtype=dtype, max_seq_len=max_seq_len, kv_cache=kv_cache)
