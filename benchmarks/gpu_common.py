@@ -36,6 +36,11 @@ def measure_read_bandwidth(gib: float = 2.0, repeats: int = 20) -> float:
     return bench_read_bandwidth(torch.device("cuda"), gib=gib, repeats=repeats)
 
 
+def as_float_offsets(packed):
+    """The same weights as scales * q + offsets (GGUF's K types' form) instead of integer zero points."""
+    return dataclasses.replace(packed, offsets=(-packed.scales.float() * packed.zeros.float()).half(), zeros=None)
+
+
 def gemv_workload(k: int, n: int, m: int, bits: int, total_bytes: float = 300e6, group: int = 128,
                   zero_mode: str = "int"):
     """Distinct copies of one random int4/int8 linear (g128 with integer zero points unless told:
@@ -44,8 +49,8 @@ def gemv_workload(k: int, n: int, m: int, bits: int, total_bytes: float = 300e6,
     zeros or offsets + x)."""
     count = max(2, math.ceil(total_bytes / (n * k * bits // 8)))
     packed = quantize_rtn(torch.randn(n, k, device="cuda") * 0.02, bits, group, zero_mode == "symmetric")
-    if zero_mode == "float":  # the same weights as scales * q + offsets
-        packed = dataclasses.replace(packed, offsets=(-packed.scales.float() * packed.zeros.float()).half(), zeros=None)
+    if zero_mode == "float":
+        packed = as_float_offsets(packed)
     lins = [prepare(packed, torch.device("cuda"), torch.float16) for _ in range(count)]
     xs = [torch.randn(m, k, device="cuda", dtype=torch.float16) for _ in range(count)]
     outs = [torch.zeros(m, n, device="cuda") for _ in range(count)]
@@ -105,12 +110,9 @@ def synthetic_model(spec: str, bits: int, max_seq_len: int = 512, kv_cache: str 
     "symmetric" or "float" gives every quantized linear the zero points of GGUF's Q8_0 / Q4_0 or the
     float offsets of its K types, as gemv_workload does (other weights, the same shapes and bytes)."""
     ckpt = synthetic_checkpoint(spec, bits=bits, group_size=group_size, dtype=dtype)
-    for name, packed in list(ckpt.linears.items()) if bits != 16 else []:
-        if zero_mode == "symmetric":
-            ckpt.linears[name] = dataclasses.replace(packed, zeros=None)
-        elif zero_mode == "float":
-            ckpt.linears[name] = dataclasses.replace(
-                packed, offsets=(-packed.scales.float() * packed.zeros.float()).half(), zeros=None)
+    for name, packed in list(ckpt.linears.items()):
+        if zero_mode != "int" and packed.zeros is not None:
+            ckpt.linears[name] = as_float_offsets(packed) if zero_mode == "float" else dataclasses.replace(packed, zeros=None)
     if lm_head_scale != 1.0:
         ckpt.linears["lm_head"].scales.mul_(lm_head_scale)
     return qruntime.Model(ckpt, device="cuda", backend="triton", dtype=dtype, max_seq_len=max_seq_len, kv_cache=kv_cache)
