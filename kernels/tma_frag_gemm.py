@@ -102,6 +102,7 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 from ._common import INTERPRET
 from .frag_gemm import _add_rows, _chunk_mma, add_scaled_block, zero_point_operands
 from .pdl import pdl_launch
+from .tuning import multiprocessors
 
 TMA_FRAG_PATH = "tma-frags"  # the tuned configs' names of this kernel: split-K grid,
 TMA_STREAM_PATH = "tma-stream"  # and equal runs of units, a tuned number of programs an SM
@@ -633,11 +634,6 @@ def _x_descriptor(x2: torch.Tensor) -> TensorDescriptor:
 
 
 @functools.lru_cache(maxsize=None)
-def _multiprocessors(index: int | None) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-@functools.lru_cache(maxsize=None)
 def _has_tma(index: int | None) -> bool:
     return torch.cuda.get_device_capability(index)[0] >= 9
 
@@ -711,7 +707,7 @@ def try_tma_frag_gemm(x2: torch.Tensor, lin, out2: torch.Tensor, config: tuple) 
     group = lin.group_size_eff
     if stream:
         units = triton.cdiv(n, bn) * triton.cdiv(k, 128)
-        grid = (min(units, k_field * _multiprocessors(x2.device.index)),)
+        grid = (min(units, k_field * multiprocessors(x2.device.index)),)
     else:
         grid = (triton.cdiv(n, bn), triton.cdiv(k, k_field))
     s_desc, z_desc = _scales_descriptors(lin, bn) if staged else (None, None)

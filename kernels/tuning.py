@@ -119,7 +119,8 @@ def programs(config: tuple, n: int, k: int) -> int:
 
 
 @lru_cache(maxsize=None)
-def _sm_count_of(device_index: int) -> int:
+def multiprocessors(device_index: int) -> int:
+    """SMs of CUDA device `device_index` (also the TMA kernel's stream grid: kernels.tma_frag_gemm)."""
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
@@ -128,7 +129,7 @@ def _sm_count(device: torch.device | None) -> int | None:
     after another: there more programs only cost time, 3x on the engine's tests)."""
     if device is None or device.type != "cuda":
         return None
-    return _sm_count_of(device.index if device.index is not None else torch.cuda.current_device())
+    return multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def nearest_entry(table: dict, prefix: str, n: int, k: int) -> list | None:
